@@ -1,0 +1,1 @@
+"""The clpt command line (installed as clpt_cli)."""

@@ -1,0 +1,3 @@
+from clpt_cli.main import main
+
+main()

@@ -1,0 +1,275 @@
+"""`clpt`: the command line. Thin: parse, build a typed config, call one library function, print.
+
+Machine-readable output (`--json`) goes to stdout; progress and logs go to stderr.
+Every error is one line on stderr (`error: ...; fix: ...`) with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from clpt.errors import ClptError
+
+app = typer.Typer(
+    name="clpt",
+    help="Continual learning with pre-trained models: SLCA, staged and resumable on a run folder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)  # stdout: results
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr: logs, progress, errors
+
+RunArg = Annotated[Path, typer.Argument(help="The run folder.", show_default=False)]
+TaskOpt = Annotated[int, typer.Option("--task", "-t", help="Task index (0-based).", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is done.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Config file (.yaml/.yml/.toml).", show_default=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override, e.g. --set train.lr=0.001 (repeatable).", show_default=False),
+]
+
+
+def guarded(fn):
+    """Turn ClptError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ClptError as e:
+            err.print(f"[bold red]error:[/] {e.one_line()}", markup=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: finished stages are kept; re-run the same command to continue")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _setup(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
+    logger = logging.getLogger("clpt")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def _open(run_dir: Path):
+    from clpt import distributed as dist
+    from clpt.run import open_run
+
+    run = open_run(run_dir)
+    dist.init_from_env(run.cfg.system.device)
+    return run
+
+
+def _stage(run_dir: Path, stage: str, task: int, force: bool) -> None:
+    from clpt.run import run_stage
+
+    run = _open(run_dir)
+    res = run_stage(run, stage, task, force=force)
+    if res.skipped:
+        err.print(f"{stage} task {task}: already done (use --force to redo)")
+    else:
+        err.print(f"{stage} task {task}: done in {res.marker['seconds']:.1f} s")
+
+
+@app.command()
+@guarded
+def init(run_dir: RunArg, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Create a run folder from a config file and overrides (defaults: the built-in benchmark)."""
+    from clpt import config as C
+    from clpt.run import create_run
+
+    cfg = C.resolve(config, set_ or [])
+    run = create_run(run_dir, cfg)
+    err.print(
+        f"created run {run.root}: {run.info.benchmark}, {run.info.n_tasks} tasks, method {cfg.method.value}"
+    )
+
+
+@app.command("train-task")
+@guarded
+def train_task(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False) -> None:
+    """Stage 1, the Slow Learner: train the backbone and a new head on one task."""
+    _stage(run_dir, "train", task, force)
+
+
+@app.command()
+@guarded
+def extract(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False) -> None:
+    """Cache features of the task's training images and of all seen test images (zarr)."""
+    _stage(run_dir, "extract", task, force)
+
+
+@app.command("fit-stats")
+@guarded
+def fit_stats(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False) -> None:
+    """Stage 2: per-class count, mean and covariance (+ ridge) of the task's classes."""
+    _stage(run_dir, "stats", task, force)
+
+
+@app.command()
+@guarded
+def align(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, set_: SetOpt = None) -> None:
+    """Stage 3: Classifier Alignment on the cached statistics (no images; seconds).
+
+    --set align.KEY=VALUE changes the run's alignment settings first; stages that
+    depend on them become stale and are redone by `clpt run`.
+    """
+    if set_:
+        from clpt.run import edit_config, open_run
+
+        edit_config(open_run(run_dir), set_)
+    _stage(run_dir, "align", task, force)
+
+
+@app.command("eval")
+@guarded
+def eval_(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, json_: JsonOpt = False) -> None:
+    """Accuracy of the aligned classifier on all seen classes: row TASK of the accuracy matrix."""
+    from clpt.evaluate import report
+    from clpt.run import run_stage
+
+    run = _open(run_dir)
+    run_stage(run, "eval", task, force=force)
+    _print_report(report(run, task), json_)
+
+
+@app.command("run")
+@guarded
+def run_(
+    run_dir: RunArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Every stage not yet done (or stale), for every task, in order; creates the run if needed."""
+    from clpt import config as C
+    from clpt.evaluate import report
+    from clpt.run import STAGES, create_run, run_all
+
+    if not (run_dir / "config.yaml").exists():
+        create_run(run_dir, C.resolve(config, set_ or []))
+    elif config is not None or set_:
+        raise ClptError(
+            f"{run_dir} already holds a run; --config/--set only apply when creating one",
+            hint=f"use `clpt config {run_dir} --set ...` for editable keys, or a new run folder",
+        )
+    run = _open(run_dir)
+    n = run.info.n_tasks
+
+    def on_stage(res) -> None:
+        what = "done already" if res.skipped else f"{res.marker['seconds']:.1f} s"
+        err.print(f"[{res.task + 1}/{n}] {res.stage:<7} {what}")
+
+    err.print(
+        f"run {run.root}: {run.info.benchmark}, {n} tasks x {len(STAGES)} stages, method {run.cfg.method.value}"
+    )
+    run_all(run, force=force, on_stage=on_stage)
+    _print_report(report(run), json_)
+
+
+@app.command()
+@guarded
+def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
+    """Which stages are done, stale or missing for which task, with their wall time."""
+    from clpt.run import STAGES, open_run
+    from clpt.run import status as run_status
+
+    doc = run_status(open_run(run_dir))
+    if json_:
+        print(json.dumps(doc))
+        return
+    table = Table(title=f"{doc['run']} ({doc['benchmark']}, {doc['method']})")
+    table.add_column("task", justify="right")
+    table.add_column("classes")
+    for s in STAGES:
+        table.add_column(s)
+    style = {"done": "green", "stale": "yellow", "missing": "dim"}
+    for row in doc["tasks"]:
+        cells = []
+        for s in STAGES:
+            st = row["stages"][s]
+            txt = f"{st['seconds']:.1f}s" if st["state"] == "done" else st["state"]
+            cells.append(f"[{style[st['state']]}]{txt}[/]")
+        table.add_row(str(row["task"]), f"{row['classes'][0]}-{row['classes'][1] - 1}", *cells)
+    out.print(table)
+
+
+@app.command("config")
+@guarded
+def config_(run_dir: RunArg, set_: SetOpt = None) -> None:
+    """Show the run's resolved config; --set changes editable keys (align.*, stats.*, system.*)."""
+    from clpt import config as C
+    from clpt.run import edit_config, open_run
+
+    run = open_run(run_dir)
+    if set_:
+        run = edit_config(run, set_)
+    print(C.dump_yaml(run.cfg), end="")
+
+
+@app.command("pretrain-builtin")
+@guarded
+def pretrain_builtin(force: ForceOpt = False) -> None:
+    """Pre-train the built-in backbone on the built-in pre-training classes (cached; runs once)."""
+    from clpt.backbone import builtin_weights_path
+    from clpt.pretrain import pretrain_builtin as pretrain
+
+    path = builtin_weights_path()
+    if path.is_file() and not force:
+        err.print(f"built-in backbone already cached at {path} (use --force to redo)")
+        return
+    info = pretrain(path)
+    print(json.dumps(info))
+
+
+def _print_report(rep: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rep))
+        return
+    t = rep["task"]
+    table = Table(title=f"accuracy (%) after each task: {rep['method']}")
+    table.add_column("after task", justify="right")
+    for j in range(t + 1):
+        table.add_column(f"T{j}", justify="right")
+    table.add_column("all seen", justify="right")
+    for i, row in enumerate(rep["acc_matrix"]):
+        table.add_row(
+            str(i), *[f"{100 * v:.1f}" for v in row], *[""] * (t - i), f"{100 * rep['accuracies'][i]:.2f}"
+        )
+    out.print(table)
+    out.print(
+        f"Last-Acc {100 * rep['last_acc']:.2f}  Inc-Acc {100 * rep['inc_acc']:.2f}  "
+        f"Forgetting {100 * rep['forgetting']:.2f}  (after task {t} of {rep['n_tasks']})"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

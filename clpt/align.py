@@ -1,0 +1,158 @@
+"""Stage 3: Classifier Alignment on the cached class statistics (METHOD.md).
+
+Only for tasks after the first; the backbone is not used. Each epoch draws
+`samples_per_class` features per seen class from N(mu_c', Sigma_c), shuffles
+them and makes one pass in mini-batches, training all heads with a
+logit-normalised cross-entropy. Each Sigma_c is factored once (Cholesky in
+float64, then float32) and all classes are sampled with one batched matmul.
+The aligned heads are what `eval` scores; the next task trains from the
+pre-alignment heads, and alignment is redone from scratch for each task.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clpt import distributed as dist
+from clpt.config import RunConfig
+from clpt.errors import ClptError
+from clpt.io import torch_save
+from clpt.model import Heads
+from clpt.stats import load_stats
+
+log = logging.getLogger("clpt")
+
+HEADS_FORMAT = "clpt-heads-v1"
+
+
+def ca_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: list[int], tau: float) -> torch.Tensor:
+    """CE(z / (n * tau), y), n = per-sample mean over tasks of each task block's L2 logit norm."""
+    norms = torch.stack([b.norm(p=2, dim=1) + 1e-7 for b in logits.split(sizes, dim=1)], dim=1)  # (B, T)
+    n = norms.mean(dim=1, keepdim=True)  # (B, 1)
+    return F.cross_entropy(logits / (n * tau), labels)
+
+
+def mean_scale_slca(task_of_class: torch.Tensor, current_task: int) -> torch.Tensor:
+    """SLCA's mean shrink: 0.9 + 0.1 * (t_c + 1) / (T + 1) per class."""
+    return 0.9 + 0.1 * (task_of_class.to(torch.float64) + 1) / (current_task + 1)
+
+
+class GaussianSampler:
+    """Samples features of C classes from N(mu_c, Sigma_c) via Cholesky factors."""
+
+    def __init__(self, means: torch.Tensor, covs: torch.Tensor, device: torch.device):
+        chol, info = torch.linalg.cholesky_ex(covs.to(torch.float64))
+        bad = torch.nonzero(info).flatten().tolist()
+        if bad:
+            raise ClptError(
+                f"covariance of class(es) {bad[:10]} is not positive definite",
+                hint="raise stats.ridge (published: 1e-4) and re-run `clpt fit-stats ... --force`",
+            )
+        self.mean = means.to(device=device, dtype=torch.float32)  # (C, d)
+        self.chol = chol.to(device=device, dtype=torch.float32)  # (C, d, d), lower
+        self.device = device
+
+    def sample(self, per_class: int, generator: torch.Generator, mean_scale: torch.Tensor | None = None):
+        """(C * per_class, d) features and (C * per_class,) class indices, grouped by class."""
+        c, d = self.mean.shape
+        mu = self.mean if mean_scale is None else self.mean * mean_scale.to(self.mean)[:, None]
+        z = torch.randn(c, per_class, d, generator=generator, device=self.device)  # (C, S, d)
+        x = mu[:, None, :] + torch.bmm(z, self.chol.transpose(1, 2))  # (C, S, d)
+        labels = torch.arange(c, device=self.device).repeat_interleave(per_class)
+        return x.reshape(c * per_class, d), labels
+
+
+def align_heads(
+    heads: Heads,
+    means: torch.Tensor,
+    covs: torch.Tensor,
+    task_of_class: torch.Tensor,
+    current_task: int,
+    cfg: RunConfig,
+    device: torch.device,
+    seed: int,
+) -> list[float]:
+    """Train all heads in place on sampled features; returns the mean loss per epoch."""
+    a = cfg.align
+    heads.to(device).train()
+    heads.requires_grad_(True)
+    sampler = GaussianSampler(means, covs, device)
+    shrink = mean_scale_slca(task_of_class, current_task) if a.mean_shrink else None
+    opt = torch.optim.SGD(
+        heads.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=cfg.align_weight_decay
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sizes = heads.sizes
+    losses = []
+    for _ in range(a.epochs):
+        x, y = sampler.sample(a.samples_per_class, gen, shrink)
+        perm = torch.randperm(len(y), generator=gen, device=device)
+        x, y = x[perm], y[perm]
+        total = 0.0
+        for start in range(0, len(y), a.batch_size):
+            xb, yb = x[start : start + a.batch_size], y[start : start + a.batch_size]
+            loss = ca_loss(heads(xb), yb, sizes, a.tau)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(yb)
+        sched.step()
+        losses.append(total / len(y))
+    heads.eval()
+    return losses
+
+
+def save_heads(path: Path, heads: Heads, task: int) -> None:
+    torch_save(
+        path,
+        {
+            "format": HEADS_FORMAT,
+            "task": task,
+            "dim": heads.dim,
+            "head_sizes": heads.sizes,
+            "heads": heads.state_dict(),
+        },
+    )
+
+
+def load_aligned_heads(path: Path) -> Heads:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != HEADS_FORMAT:
+        raise ClptError(f"{path} is not a clpt heads file", hint="re-run `clpt align` with --force")
+    heads = Heads(ckpt["dim"], ckpt["head_sizes"])
+    heads.load_state_dict(ckpt["heads"])
+    return heads
+
+
+def align_stage(run, t: int) -> tuple[list[Path], dict]:
+    from clpt.train import load_heads, task_seed
+
+    cfg = run.cfg
+    out = run.aligned_path(t)
+    heads = load_heads(run.model_path(t))
+    if t == 0 or not cfg.align_enabled:
+        reason = "first task" if t == 0 else f"method {cfg.method.value} has no alignment"
+        if dist.is_main():
+            save_heads(out, heads, t)
+        return [out], {"aligned": False, "reason": reason}
+    device = dist.resolve_device(cfg.system.device)
+    stats = [load_stats(run.stats_path, i) for i in range(t + 1)]
+    means = torch.cat([torch.from_numpy(s["mean"]) for s in stats])
+    covs = torch.cat([torch.from_numpy(s["cov"]) for s in stats])
+    task_of_class = torch.cat(
+        [torch.full((len(s["classes"]),), i, dtype=torch.int64) for i, s in enumerate(stats)]
+    )
+    if len(means) != heads.n_classes:
+        raise ClptError(
+            f"statistics cover {len(means)} classes but the heads have {heads.n_classes}",
+            hint=f"re-run `clpt fit-stats {run.root} --task N --force` for the tasks 0..{t}",
+        )
+    losses = align_heads(heads, means, covs, task_of_class, t, cfg, device, task_seed(cfg, t, salt=2))
+    if dist.is_main():
+        save_heads(out, heads.cpu(), t)
+    return [out], {"aligned": True, "epoch_loss": [round(v, 6) for v in losses]}

@@ -1,0 +1,41 @@
+"""Atomic file writes: a temporary file in the same folder, then `os.replace`."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def torch_save(path: Path, obj: Any) -> None:
+    _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

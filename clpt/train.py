@@ -1,0 +1,218 @@
+"""Stage 1: the Slow Learner (METHOD.md), one task at a time.
+
+Task t starts from the pre-alignment model of task t-1 (or the pre-trained
+backbone at t = 0), adds a head for its classes, freezes the older heads, and
+minimises cross-entropy over the *current* head's logits only
+(`CE(logits[:, seen_before:], y - seen_before)`). SGD with momentum and two
+learning-rate groups: the head at `lr`, the backbone at `lr * backbone_lr_scale`
+(0 freezes it), MultiStepLR at the milestones.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clpt import distributed as dist
+from clpt.backbone import create_backbone, weights_digest
+from clpt.config import RunConfig
+from clpt.data.benchmark import Benchmark, load_benchmark
+from clpt.data.loader import batches
+from clpt.errors import DataError
+from clpt.io import torch_save
+from clpt.model import CLModel, Heads
+
+log = logging.getLogger("clpt")
+
+CHECKPOINT_FORMAT = "clpt-model-v1"
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def task_seed(cfg: RunConfig, t: int, salt: int = 0) -> int:
+    return cfg.seed * 1000 + 17 * t + salt
+
+
+# --- checkpoints --------------------------------------------------------------
+
+
+def save_model(path: Path, model: CLModel, cfg: RunConfig, task: int, extra: dict | None = None) -> None:
+    torch_save(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "task": task,
+            "backbone_name": cfg.backbone.name,
+            "reset_final_norm": cfg.backbone.reset_final_norm,
+            "dim": model.dim,
+            "head_sizes": model.heads.sizes,
+            "backbone": model.backbone.state_dict(),
+            "heads": model.heads.state_dict(),
+            **(extra or {}),
+        },
+    )
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise DataError(
+            f"cannot read checkpoint {path}: {e}", hint="re-run the stage that wrote it with --force"
+        ) from None
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(
+            f"{path} is not a clpt model checkpoint", hint="re-run the stage that wrote it with --force"
+        )
+    return ckpt
+
+
+def load_heads(path: Path, key: str = "heads") -> Heads:
+    ckpt = _load_checkpoint(path)
+    heads = Heads(ckpt["dim"], ckpt["head_sizes"])
+    heads.load_state_dict(ckpt[key])
+    return heads
+
+
+def load_model(path: Path, cfg: RunConfig, device: torch.device) -> CLModel:
+    ckpt = _load_checkpoint(path)
+    backbone = create_backbone(cfg.backbone, pretrained=False)
+    backbone.load_state_dict(ckpt["backbone"], strict=True)
+    heads = Heads(backbone.embed_dim, ckpt["head_sizes"])
+    heads.load_state_dict(ckpt["heads"])
+    return CLModel(backbone, heads).to(device)
+
+
+def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, str]:
+    """The pre-trained backbone with no heads, and the digest of the weights it starts from."""
+    backbone = create_backbone(cfg.backbone)
+    return CLModel(backbone, Heads(backbone.embed_dim)).to(device), weights_digest(backbone)
+
+
+# --- optimisation -------------------------------------------------------------
+
+
+def param_groups(model: CLModel, cfg: RunConfig) -> list[dict]:
+    """SGD groups for the current task: the newest head, and the backbone unless frozen.
+
+    Sets `requires_grad` accordingly (older heads and a frozen backbone get False).
+    """
+    t = cfg.train
+    scale = float(t.backbone_lr_scale or 0.0)
+    for h in model.heads.heads[:-1]:
+        h.requires_grad_(False)
+    head = model.heads.heads[-1]
+    head.requires_grad_(True)
+    groups = [{"name": "head", "params": list(head.parameters()), "lr": t.lr}]
+    model.backbone.requires_grad_(scale > 0)
+    if scale > 0:
+        groups.append({"name": "backbone", "params": list(model.backbone.parameters()), "lr": t.lr * scale})
+    return groups
+
+
+class _TaskNet(nn.Module):
+    """Backbone + the current head: what one SL step differentiates (wrapped in DDP when distributed)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, train_backbone: bool):
+        super().__init__()
+        self.backbone, self.head, self.train_backbone = backbone, head, train_backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.train_backbone:
+            return self.head(self.backbone(x))
+        with torch.no_grad():
+            feats = self.backbone(x)
+        return self.head(feats)
+
+
+def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device: torch.device) -> dict:
+    """Slow Learner on task t: adds its head and trains in place. Returns a summary."""
+    classes = bench.tasks[t]
+    torch.manual_seed(task_seed(cfg, t))
+    model.heads.add(len(classes))
+    model.to(device)
+    groups = param_groups(model, cfg)
+    train_backbone = any(g["name"] == "backbone" for g in groups)
+    opt = torch.optim.SGD(
+        groups, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.train.milestones, gamma=cfg.train.gamma)
+    net: nn.Module = _TaskNet(model.backbone, model.heads.heads[-1], train_backbone)
+    world = dist.world_size()
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    per_rank_batch = -(-cfg.train.batch_size // world)
+    gen = torch.Generator().manual_seed(task_seed(cfg, t, salt=1))
+    loader = batches(
+        bench,
+        bench.train,
+        bench.train.indices_of(classes),
+        per_rank_batch,
+        device,
+        train=True,
+        generator=gen,
+        rank=dist.rank(),
+        world_size=world,
+    )
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        total, correct, loss_sum = 0, 0, 0.0
+        for x, y in loader:
+            y_local = y - classes.start  # labels within the current task
+            logits = net(x)  # (B, |task|): the current task's logits only
+            loss = F.cross_entropy(logits, y_local)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(y)
+            total += len(y)
+            correct += (logits.argmax(1) == y_local).sum().item()
+        sched.step()
+        losses.append(loss_sum / max(total, 1))
+        log.info(
+            "task %d epoch %d/%d: loss %.4f, train acc %.3f (%.0f s)",
+            t,
+            epoch + 1,
+            cfg.train.epochs,
+            losses[-1],
+            correct / max(total, 1),
+            time.perf_counter() - t0,
+        )
+    model.eval()
+    return {"epoch_loss": [round(v, 6) for v in losses], "train_images": int(len(loader.indices))}
+
+
+def train_stage(run, t: int) -> tuple[list[Path], dict]:
+    cfg = run.cfg
+    seed_everything(task_seed(cfg, t), cfg.system.deterministic)
+    device = dist.resolve_device(cfg.system.device)
+    bench = load_benchmark(cfg.benchmark)
+    extra = {}
+    if t == 0:
+        model, digest = initial_model(cfg, device)
+        extra["pretrained_digest"] = digest
+    else:
+        model = load_model(run.model_path(t - 1), cfg, device)
+    summary = train_task(model, bench, cfg, t, device)
+    summary.update(extra)
+    out = run.model_path(t)
+    if dist.is_main():
+        save_model(out, model, cfg, t, extra)
+    return [out], summary

@@ -1,0 +1,1 @@
+"""Kernels (installed as clpt_kernels)."""
