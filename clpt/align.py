@@ -129,7 +129,7 @@ def load_aligned_heads(path: Path) -> Heads:
     return heads
 
 
-def align_stage(run, t: int) -> tuple[list[Path], dict]:
+def align_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     from clpt.train import load_heads, task_seed
 
     cfg = run.cfg

@@ -44,7 +44,7 @@ def metrics(acc_matrix: list[list[float]], accuracies: list[float]) -> dict:
     }
 
 
-def eval_stage(run, t: int) -> tuple[list[Path], dict]:
+def eval_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     from clpt.align import load_aligned_heads
     from clpt.features import open_features
 

@@ -38,11 +38,11 @@ def group_name(t: int, split: str) -> str:
 
 
 def _prepare(
-    store: Path, name: str, n: int, d: int, chunk_rows: int, source: str
+    store: Path, name: str, n: int, d: int, chunk_rows: int, source: str, resume: bool
 ) -> tuple[zarr.Array, zarr.Array, int]:
     """Arrays for a group, reusing committed rows when they come from the same source model."""
     root = zarr.open_group(store, mode="a")
-    if name in root:
+    if resume and name in root:
         g = root[name]
         try:
             feats, labels = g["feats"], g["labels"]
@@ -70,13 +70,18 @@ def extract_split(
     batch_size: int,
     chunk_rows: int,
     device: torch.device,
+    resume: bool = True,
 ) -> int:
-    """Write features of `split[rows]` to `store/name`; returns the number of rows."""
+    """Write features of `split[rows]` to `store/name`; returns the number of rows.
+
+    With `resume`, rows already committed by an interrupted attempt with the same
+    source model are kept; otherwise the arrays are written afresh.
+    """
     n, d = len(rows), model.dim
     feats_arr = labels_arr = None
     done = 0
     if dist.is_main():
-        feats_arr, labels_arr, done = _prepare(store, name, n, d, chunk_rows, source)
+        feats_arr, labels_arr, done = _prepare(store, name, n, d, chunk_rows, source, resume)
     done = dist.broadcast_object(done)
     dist.barrier()
     if not dist.is_main():
@@ -102,7 +107,7 @@ def extract_split(
     return n
 
 
-def extract_stage(run, t: int) -> tuple[list[Path], dict]:
+def extract_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     from clpt.train import load_model
 
     cfg = run.cfg
@@ -127,6 +132,7 @@ def extract_stage(run, t: int) -> tuple[list[Path], dict]:
             cfg.system.extract_batch_size,
             cfg.system.feature_chunk_rows,
             device,
+            resume,
         )
     seconds = time.perf_counter() - t0
     n = counts["train"] + counts["test"]

@@ -60,15 +60,14 @@ def pretrain_builtin(out: Path, epochs: int = PRETRAIN_EPOCHS, seed: int = PRETR
     gen = torch.Generator().manual_seed(seed)
     loader = ArrayBatches(bench, bench.train, np.arange(len(y_tr)), 128, device, train=True, generator=gen)
     steps = epochs * len(loader)
-    warmup = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
-        ),
-    )
+    warmup = min(len(loader), steps // 2)  # one epoch of linear warm-up, then cosine to 0
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         model.train()

@@ -287,7 +287,9 @@ def open_run(root: Path) -> Run:
 # Executing stages
 # ---------------------------------------------------------------------------
 
-StageFn = Callable[["Run", int], tuple[list[Path], dict]]
+# stage(run, task, resume) -> (outputs, summary). `resume` is False under --force:
+# a stage that can pick up an interrupted attempt (extraction) then starts afresh.
+StageFn = Callable[["Run", int, bool], tuple[list[Path], dict]]
 
 
 def _stage_impl(stage: str) -> StageFn:
@@ -323,7 +325,7 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
         run.invalidate(stage, t)  # first: a killed stage must not look finished
     dist.barrier()
     t0 = time.perf_counter()
-    outputs, summary = _stage_impl(stage)(run, t)
+    outputs, summary = _stage_impl(stage)(run, t, not force)
     dist.barrier()
     marker = None
     if dist.is_main():

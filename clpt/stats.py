@@ -171,7 +171,7 @@ def load_stats(store: Path, t: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(g[k][...]) for k in ("classes", "count", "mean", "cov")}
 
 
-def stats_stage(run, t: int) -> tuple[list[Path], dict]:
+def stats_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     from clpt import distributed as dist
     from clpt.features import open_features
 

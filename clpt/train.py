@@ -199,7 +199,7 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     return {"epoch_loss": [round(v, 6) for v in losses], "train_images": int(len(loader.indices))}
 
 
-def train_stage(run, t: int) -> tuple[list[Path], dict]:
+def train_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     cfg = run.cfg
     seed_everything(task_seed(cfg, t), cfg.system.deterministic)
     device = dist.resolve_device(cfg.system.device)

@@ -1,0 +1,232 @@
+"""End-to-end through the CLI on the built-in benchmark with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from clpt.run import STAGES, open_run
+from clpt_cli.main import app
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def markers(root: Path) -> dict:
+    run = open_run(root)
+    return {(s, t): (run.marker(s, t) or {}).get("id") for t in range(run.info.n_tasks) for s in STAGES}
+
+
+def report(root: Path) -> dict:
+    res = cli("eval", root, "--task", 4, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    doc.pop("run")
+    return doc
+
+
+def test_every_stage_leaves_its_artifacts(finished_run):
+    root = finished_run
+    assert (root / "config.yaml").is_file() and (root / "benchmark.json").is_file()
+    info = json.loads((root / "benchmark.json").read_text())
+    np.random.seed(1993)
+    assert info["class_order"] == np.random.permutation(50).tolist()
+    feats = zarr.open_group(root / "features.zarr", mode="r")  # plain zarr reads the cache
+    stats = zarr.open_group(root / "stats.zarr", mode="r")
+    for t in range(5):
+        tdir = root / "tasks" / f"{t:03d}"
+        for f in ("model.pt", "heads_aligned.pt", "eval.json", *(f"{s}.done.json" for s in STAGES)):
+            assert (tdir / f).is_file(), f
+        tr, te = feats[f"task_{t:03d}/train"], feats[f"task_{t:03d}/test"]
+        assert tr["feats"].shape == (1200, 128) and tr["feats"].attrs["rows_done"] == 1200
+        assert te["feats"].shape == (400 * (t + 1), 128)
+        assert set(np.unique(tr["labels"][:])) == set(range(10 * t, 10 * t + 10))
+        assert set(np.unique(te["labels"][:])) == set(range(10 * t + 10))
+        g = stats[f"task_{t:03d}"]
+        assert g["cov"].shape == (10, 128, 128) and g["count"][:].tolist() == [120] * 10
+        assert g["classes"][:].tolist() == list(range(10 * t, 10 * t + 10))
+        # the stored statistics are those of the stored features
+        x = torch.from_numpy(tr["feats"][:]).double()
+        y = tr["labels"][:]
+        c0 = 10 * t
+        ref = torch.cov(x[y == c0].T) + 1e-4 * torch.eye(128, dtype=torch.float64)
+        torch.testing.assert_close(torch.from_numpy(g["cov"][0]), ref, rtol=1e-7, atol=1e-9)
+
+
+def test_json_outputs(finished_run):
+    res = cli("status", finished_run, "--json")
+    assert res.exit_code == 0
+    doc = json.loads(res.stdout)
+    assert doc["n_tasks"] == 5 and all(
+        st["state"] == "done" and st["seconds"] >= 0 for row in doc["tasks"] for st in row["stages"].values()
+    )
+    rep = report(finished_run)
+    for key in ("task", "accuracy", "acc_matrix", "last_acc", "inc_acc", "forgetting"):
+        assert key in rep
+    assert rep["task"] == 4 and [len(r) for r in rep["acc_matrix"]] == [1, 2, 3, 4, 5]
+    assert rep["last_acc"] == rep["accuracy"] == rep["accuracies"][4]
+    assert rep["inc_acc"] == pytest.approx(np.mean(rep["accuracies"]))
+    assert rep["accuracy"] > 0.3  # 50 classes: chance is 0.02
+    res = cli("eval", finished_run, "--task", 1, "--json")
+    assert json.loads(res.stdout)["acc_matrix"] == rep["acc_matrix"][:2]
+
+
+def test_run_redoes_only_what_was_deleted(run_copy):
+    before, rep_before = markers(run_copy), report(run_copy)
+    (run_copy / "tasks" / "002" / "heads_aligned.pt").unlink()
+    st = json.loads(cli("status", run_copy, "--json").stdout)["tasks"][2]["stages"]
+    assert (
+        st["align"]["state"] == "missing"
+        and st["eval"]["state"] == "stale"
+        and st["stats"]["state"] == "done"
+    )
+    assert cli("run", run_copy).exit_code == 0
+    after = markers(run_copy)
+    redone = {k for k in before if before[k] != after[k]}
+    assert redone == {("align", 2), ("eval", 2)}
+    assert report(run_copy) == rep_before  # alignment is seeded: the same heads again
+
+    shutil.rmtree(run_copy / "features.zarr" / "task_003")
+    assert cli("run", run_copy).exit_code == 0
+    again = markers(run_copy)
+    redone = {k for k in after if after[k] != again[k]}
+    assert redone == {("extract", 3), ("stats", 3), ("align", 3), ("align", 4), ("eval", 3), ("eval", 4)}
+    assert report(run_copy) == rep_before
+
+
+def test_same_seed_gives_identical_metrics(finished_run, tmp_path, tiny):
+    args = ["run", tmp_path / "again"]
+    for o in tiny:
+        args += ["--set", o]
+    assert cli(*args).exit_code == 0
+    assert report(tmp_path / "again") == report(finished_run)
+
+
+def test_killed_extraction_is_not_taken_for_finished_work_and_resumes(run_copy, finished_run):
+    assert (
+        cli(
+            "config",
+            run_copy,
+            "--set",
+            "system.feature_chunk_rows=32",
+            "--set",
+            "system.extract_batch_size=32",
+        ).exit_code
+        == 0
+    )
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clpt_cli", "extract", str(run_copy), "--task", "4", "--force"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    group = run_copy / "features.zarr" / "task_004" / "train" / "feats"
+    deadline = time.time() + 120
+    killed_at = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                arr = zarr.open_array(group, mode="r")
+                done = int(arr.attrs.get("rows_done", 0))
+                if arr.chunks[0] == 32 and 0 < done < arr.shape[0]:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = done
+                    break
+            except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
+                pass
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed_at is not None, "extraction finished before it could be killed"
+    run = open_run(run_copy)
+    assert run.state("extract", 4) == "missing"
+    for s in ("stats", "align", "eval"):
+        assert run.state(s, 4) != "done"
+    res = cli("fit-stats", run_copy, "--task", 4)
+    assert res.exit_code == 3 and "clpt extract" in res.stderr
+    res = cli("extract", run_copy, "--task", 4)
+    assert res.exit_code == 0
+    assert "resuming at row" in res.stderr
+    assert cli("run", run_copy).exit_code == 0
+    a = zarr.open_group(run_copy / "features.zarr", mode="r")["task_004/train/feats"][:]
+    b = zarr.open_group(finished_run / "features.zarr", mode="r")["task_004/train/feats"][:]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # batch size differs: BLAS may round differently
+    assert report(run_copy)["acc_matrix"] == report(finished_run)["acc_matrix"]
+
+
+def test_editing_alignment_settings_makes_alignment_stale(run_copy):
+    before = markers(run_copy)
+    res = cli("align", run_copy, "--task", 1, "--set", "align.tau=0.2")
+    assert res.exit_code == 0
+    assert "tau: 0.2" in (run_copy / "config.yaml").read_text()
+    st = json.loads(cli("status", run_copy, "--json").stdout)["tasks"]
+    assert st[1]["stages"]["align"]["state"] == "done"
+    assert st[3]["stages"]["align"]["state"] == "stale" and st[3]["stages"]["train"]["state"] == "done"
+    assert cli("run", run_copy).exit_code == 0
+    after = markers(run_copy)
+    assert {s for (s, t) in before if before[(s, t)] != after[(s, t)]} == {"align", "eval"}
+    res = cli("config", run_copy, "--set", "train.lr=1")
+    assert res.exit_code == 2 and "cannot be changed in an existing run" in res.stderr
+
+
+def test_missing_inputs_name_the_command(tmp_path, tiny):
+    root = tmp_path / "fresh"
+    assert cli("init", root, *sum((["--set", o] for o in tiny), [])).exit_code == 0
+    res = cli("align", root, "--task", 1)
+    assert res.exit_code == 3
+    assert "clpt train-task" in res.stderr and "--task 1" in res.stderr
+    res = cli("eval", root, "--task", 0)
+    assert res.exit_code == 3 and "clpt align" in res.stderr
+    res = cli("train-task", root, "--task", 2)
+    assert res.exit_code == 3 and "clpt train-task" in res.stderr and "task 1" in res.stderr
+    res = cli("train-task", root, "--task", 9)
+    assert res.exit_code == 1 and "tasks 0..4" in res.stderr
+    res = cli("status", tmp_path / "nothing")
+    assert res.exit_code == 3 and "clpt init" in res.stderr
+    for r in (res,):
+        assert len(r.stderr.strip().splitlines()) == 1  # one line
+
+
+def test_bad_config_is_rejected_before_anything_is_written(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  lr: -1\n  epocs: 3\nalign:\n  tau: zero\n")
+    res = cli("init", tmp_path / "r", "--config", cfg)
+    assert res.exit_code == 2
+    assert "train.lr: must be > 0" in res.stderr and "train.epocs: unknown key" in res.stderr
+    assert "align.tau: expected a number" in res.stderr
+    assert not (tmp_path / "r").exists()
+    res = cli("init", tmp_path / "r2", "--set", "benchmark.name=mnist")
+    assert res.exit_code == 2 and "benchmark.name" in res.stderr
+
+
+def test_existing_run_is_not_overwritten(finished_run):
+    res = cli("init", finished_run)
+    assert res.exit_code == 1 and "already holds a run" in res.stderr
+    res = cli("run", finished_run, "--set", "train.lr=0.5")
+    assert res.exit_code == 1 and "already holds a run" in res.stderr
+
+
+def test_done_stage_is_skipped_unless_forced(run_copy):
+    before = markers(run_copy)
+    res = cli("fit-stats", run_copy, "--task", 0)
+    assert res.exit_code == 0 and "already done" in res.stderr and markers(run_copy) == before
+    res = cli("fit-stats", run_copy, "--task", 0, "--force")
+    assert res.exit_code == 0 and markers(run_copy)[("stats", 0)] != before[("stats", 0)]
+    assert open_run(run_copy).state("align", 1) == "stale"

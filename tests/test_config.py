@@ -1,0 +1,91 @@
+import pytest
+
+from clpt import config as C
+from clpt.errors import ConfigError
+
+
+def test_defaults_are_the_published_settings():
+    cfg = C.resolve(overrides=["benchmark.name=cifar100", "benchmark.root=/data"])
+    assert (cfg.train.epochs, cfg.train.milestones, cfg.train.batch_size) == (20, [18], 128)
+    assert (cfg.train.lr, cfg.train.backbone_lr_scale, cfg.train.momentum, cfg.train.weight_decay) == (
+        0.01,
+        0.01,
+        0.9,
+        5e-4,
+    )
+    assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.reset_final_norm
+    assert (cfg.align.epochs, cfg.align.lr, cfg.align.samples_per_class, cfg.align.tau) == (5, 0.01, 256, 0.1)
+    assert cfg.align_enabled and cfg.align_weight_decay == 5e-4 and cfg.stats.ridge == 1e-4
+    assert cfg.benchmark.seed == 1993
+    cars = C.resolve(overrides=["benchmark.name=cars196", "benchmark.root=/d"])
+    assert (cars.train.epochs, cars.train.milestones, cars.align.tau) == (50, [40], 0.05)
+    assert (cars.benchmark.init_classes, cars.benchmark.increment) == (20, 20)
+
+
+@pytest.mark.parametrize(
+    "method,scale,align",
+    [("slca", 0.01, True), ("seqft", 1.0, False), ("seqft_sl", 0.01, False), ("frozen_ca", 0.0, True)],
+)
+def test_method_presets(method, scale, align):
+    cfg = C.resolve(overrides=[f"method={method}"])
+    assert cfg.train.backbone_lr_scale == scale and cfg.align_enabled is align
+
+
+def test_file_then_overrides_take_precedence(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("method: seqft\ntrain:\n  lr: 0.05\n  epochs: 3\n  milestones: [2]\n")
+    cfg = C.resolve(y, ["train.lr=0.02"])
+    assert cfg.method == C.Method.seqft and cfg.train.lr == 0.02 and cfg.train.epochs == 3
+    assert cfg.train.backbone_lr_scale == 1.0  # method preset, not overridden
+    t = tmp_path / "c.toml"
+    t.write_text('method = "frozen_ca"\n[train]\nepochs = 2\nmilestones = [1]\n')
+    cfg = C.resolve(t)
+    assert cfg.method == C.Method.frozen_ca and cfg.train.epochs == 2 and cfg.train.backbone_lr_scale == 0.0
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        C.resolve(
+            overrides=[
+                "train.lrr=1",
+                "train.epochs=x",
+                "method=foo",
+                "align.tau=-1",
+                "bogus.key=1",
+                "train.milestones=[50]",
+            ]
+        )
+    probs = "\n".join(e.value.problems)
+    for needle in (
+        "train.lrr: unknown key",
+        "train.epochs: expected an integer",
+        "method: 'foo' is not one of",
+        "align.tau: must be > 0",
+        "bogus: unknown key",
+    ):
+        assert needle in probs
+    assert len(e.value.problems) == 5
+    assert "fix:" in e.value.one_line() and "\n" not in e.value.one_line()
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        C.resolve(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        C.resolve(bad)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        C.resolve(overrides=["train.lr"])
+
+
+def test_real_benchmarks_need_a_root():
+    with pytest.raises(ConfigError, match="benchmark.root: required"):
+        C.resolve(overrides=["benchmark.name=cub200"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = C.resolve(overrides=["method=seqft_sl", "train.epochs=7", "train.milestones=[3,6]"])
+    p = tmp_path / "config.yaml"
+    p.write_text(C.dump_yaml(cfg))
+    assert C.load_resolved(p) == cfg

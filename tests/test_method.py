@@ -1,0 +1,241 @@
+"""Reference checks of the method's pieces against METHOD.md's formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clpt import config as C
+from clpt.align import GaussianSampler, ca_loss, mean_scale_slca
+from clpt.data.benchmark import class_order, load_benchmark, remap_labels, task_ranges
+from clpt.evaluate import accuracy_row, metrics
+from clpt.stats import ClassMoments, TorchAccumulator, chunk_moments
+
+
+def test_class_order_is_the_reference_codes():
+    for seed in (1993, 1996, 1997):
+        np.random.seed(seed)
+        expected = np.random.permutation(100)
+        np.random.seed(123)
+        before = np.random.rand()
+        np.random.seed(123)
+        got = class_order(100, seed)
+        assert np.array_equal(got, expected)
+        assert np.random.rand() == before  # the caller's global stream is left alone
+
+
+def test_labels_are_remapped_to_order_positions():
+    order = class_order(50, 1993)
+    labels = np.arange(50)
+    new = remap_labels(labels, order)
+    assert np.array_equal(new[order], np.arange(50))  # class order[i] becomes label i
+
+
+def test_builtin_benchmark_uses_the_run_seed():
+    b = load_benchmark(C.BenchmarkConfig(name="builtin", seed=1996))
+    np.random.seed(1996)
+    assert np.array_equal(b.order, np.random.permutation(50))
+    assert [len(r) for r in b.tasks] == [10] * 5
+    assert sorted(np.unique(b.train.labels)) == list(range(50))
+    assert (
+        np.bincount(b.train.labels).tolist() == [120] * 50
+        and np.bincount(b.test.labels).tolist() == [40] * 50
+    )
+
+
+@pytest.mark.parametrize(
+    "n,init,inc,sizes",
+    [
+        (100, 10, 10, [10] * 10),
+        (200, 20, 20, [20] * 10),
+        (196, 20, 20, [20] * 9 + [16]),
+        (50, 20, 10, [20, 10, 10, 10]),
+    ],
+)
+def test_task_ranges(n, init, inc, sizes):
+    ranges = task_ranges(n, init, inc)
+    assert [len(r) for r in ranges] == sizes
+    assert ranges[0].start == 0 and ranges[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+# --- statistics -----------------------------------------------------------------
+
+
+def _features(n, d, n_classes, offset, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64)
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    return (x + offset + y[:, None].double()).float(), y
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+def test_streaming_stats_equal_torch_cov(chunk):
+    n, d, c = 400, 24, 5
+    x, y = _features(n, d, c, offset=1000.0)  # large means, as ViT features have
+    acc = TorchAccumulator(c, d)
+    for s in range(0, n, chunk):
+        acc.update(x[s : s + chunk], y[s : s + chunk])
+    m = acc.result()
+    cov = m.covariance(ridge=1e-4)
+    for k in range(c):
+        rows = x[y == k].double()
+        ref = torch.cov(rows.T) + 1e-4 * torch.eye(d, dtype=torch.float64)
+        assert m.count[k] == len(rows)
+        torch.testing.assert_close(m.mean[k], rows.mean(0), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(cov[k], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_merge_of_partial_results_is_exact():
+    x, y = _features(300, 16, 4, offset=50.0, seed=1)
+    whole = chunk_moments(x, y, 4)
+    parts = ClassMoments.zeros(4, 16)
+    for s in (slice(0, 13), slice(13, 200), slice(200, 300)):  # uneven pieces, some classes absent
+        parts = parts.merge(chunk_moments(x[s], y[s], 4))
+    torch.testing.assert_close(parts.count, whole.count)
+    torch.testing.assert_close(parts.mean, whole.mean, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(parts.m2, whole.m2, rtol=1e-10, atol=1e-8)
+
+
+def test_tiny_classes_get_the_ridge():
+    x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [10.0, 10.0]])
+    y = torch.tensor([0, 0, 1])  # class 1: one row; class 2: none
+    acc = TorchAccumulator(3, 2)
+    acc.update(x, y)
+    cov = acc.result().covariance(ridge=0.5)
+    torch.testing.assert_close(cov[0], torch.cov(x[:2].T.double()) + 0.5 * torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(cov[1], 0.5 * torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(cov[2], 0.5 * torch.eye(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="labels must lie"):
+        acc.update(x, torch.tensor([0, 1, 3]))
+
+
+# --- classifier alignment ---------------------------------------------------------
+
+
+def test_ca_loss_matches_the_formula_by_hand():
+    z = torch.tensor([[1.0, -2.0, 0.5, 3.0, -1.0], [0.0, 4.0, -3.0, 1.0, 2.0]], dtype=torch.float64)
+    y = torch.tensor([3, 1])
+    sizes, tau = [2, 3], 0.1
+    expected = 0.0
+    for i in range(2):
+        # each block's L2 norm (+1e-7, as the reference code), averaged over the tasks
+        n = ((math.hypot(*z[i, :2].tolist()) + 1e-7) + (math.hypot(*z[i, 2:].tolist()) + 1e-7)) / 2
+        s = [v / (n * tau) for v in z[i].tolist()]
+        expected += -(s[y[i]] - math.log(sum(math.exp(v) for v in s)))
+    expected /= 2
+    assert ca_loss(z, y, sizes, tau).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_mean_shrink_of_slca():
+    t_c = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(
+        mean_scale_slca(t_c, 2), torch.tensor([0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0], dtype=torch.float64)
+    )
+
+
+def test_sampler_draws_from_the_class_gaussians():
+    d = 6
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, d, d, generator=g, dtype=torch.float64)
+    covs = a @ a.transpose(1, 2) + 0.1 * torch.eye(d, dtype=torch.float64)
+    means = torch.randn(2, d, generator=g, dtype=torch.float64) * 10
+    s = GaussianSampler(means, covs, torch.device("cpu"))
+    x, y = s.sample(20_000, torch.Generator().manual_seed(1), mean_scale=torch.tensor([1.0, 0.5]))
+    assert x.shape == (40_000, d) and y.tolist()[:1] == [0] and int((y == 1).sum()) == 20_000
+    for k, scale in ((0, 1.0), (1, 0.5)):
+        xs = x[y == k].double()
+        torch.testing.assert_close(xs.mean(0), means[k] * scale, atol=0.15, rtol=0)
+        torch.testing.assert_close(torch.cov(xs.T), covs[k], atol=0.25, rtol=0.05)
+
+
+def test_sampler_rejects_singular_covariances():
+    from clpt.errors import ClptError
+
+    covs = torch.zeros(1, 3, 3, dtype=torch.float64)
+    with pytest.raises(ClptError, match="not positive definite") as e:
+        GaussianSampler(torch.zeros(1, 3), covs, torch.device("cpu"))
+    assert "stats.ridge" in e.value.hint
+
+
+# --- slow learner ----------------------------------------------------------------
+
+
+def _tiny_model(sizes):
+    from clpt.backbone import create_backbone
+    from clpt.model import CLModel, Heads
+
+    bb = create_backbone(C.BackboneConfig(name="clpt_vit_micro", pretrained=False))
+    return CLModel(bb, Heads(bb.embed_dim, sizes))
+
+
+@pytest.mark.parametrize("method,scale", [("slca", 0.01), ("seqft", 1.0), ("frozen_ca", 0.0)])
+def test_slow_learner_groups_and_trainable_sets(method, scale):
+    from clpt.train import param_groups
+
+    cfg = C.resolve(overrides=[f"method={method}"])
+    model = _tiny_model([10, 10, 10])
+    groups = param_groups(model, cfg)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["head"]["lr"] == 0.01
+    assert {id(p) for p in by_name["head"]["params"]} == {id(p) for p in model.heads.heads[2].parameters()}
+    assert not any(p.requires_grad for h in model.heads.heads[:2] for p in h.parameters())
+    if scale > 0:
+        assert by_name["backbone"]["lr"] == pytest.approx(0.01 * scale)
+        assert len(by_name["backbone"]["params"]) == len(list(model.backbone.parameters()))
+        assert all(p.requires_grad for p in model.backbone.parameters())
+    else:
+        assert "backbone" not in by_name and not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_slow_learner_trains_only_the_current_task(tmp_path):
+    """Old heads stay frozen; the loss only sees the current task's logits."""
+    from clpt.train import train_task
+
+    cfg = C.resolve(overrides=["train.epochs=1", "train.milestones=[1]", "backbone.pretrained=false"])
+    bench = load_benchmark(cfg.benchmark)
+    model = _tiny_model([10])
+    old = [p.detach().clone() for p in model.heads.heads[0].parameters()]
+    bb_before = [p.detach().clone() for p in model.backbone.parameters()]
+    train_task(model, bench, cfg, 1, torch.device("cpu"))
+    assert model.heads.sizes == [10, 10]
+    assert all(torch.equal(a, b) for a, b in zip(old, model.heads.heads[0].parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(bb_before, model.backbone.parameters(), strict=True))
+
+
+def test_reset_final_norm_is_a_fresh_layernorm():
+    from clpt.backbone import create_backbone
+
+    bb = create_backbone(C.BackboneConfig(name="clpt_vit_micro", pretrained=False, reset_final_norm=True))
+    assert isinstance(bb.norm, torch.nn.LayerNorm) and bb.norm.eps == 1e-5
+    assert torch.equal(bb.norm.weight, torch.ones(128)) and torch.equal(bb.norm.bias, torch.zeros(128))
+    x = torch.randn(2, 3, 32, 32)
+    tokens = bb.forward_features(x)
+    torch.testing.assert_close(bb(x), tokens[:, 0])  # the feature: class token after the final norm
+    torch.testing.assert_close(
+        tokens[:, 0],
+        F.layer_norm(
+            bb.forward_features.__self__.blocks(bb._pos_embed(bb.patch_embed(x)))[:, 0], (128,), eps=1e-5
+        ),
+    )
+
+
+# --- metrics ---------------------------------------------------------------------
+
+
+def test_metrics_by_hand():
+    rows = [[0.9], [0.8, 0.95], [0.7, 0.85, 0.9]]
+    accs = [0.9, 0.875, 0.8167]
+    m = metrics(rows, accs)
+    assert m["last_acc"] == 0.8167 and m["inc_acc"] == pytest.approx(np.mean(accs))
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.7) + (0.95 - 0.85)) / 2)
+    assert m["old_task_acc"] == pytest.approx(0.775) and m["new_task_acc"] == 0.9
+
+
+def test_accuracy_row_uses_all_seen_classes():
+    logits = torch.tensor([[5.0, 0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0], [5.0, 0, 0, 0]])
+    labels = torch.tensor([0, 1, 3, 2])
+    row = accuracy_row(logits, labels, [[0, 2], [2, 4]])
+    assert row["accuracy"] == 0.5 and row["per_task"] == [0.5, 0.5]
