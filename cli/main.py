@@ -28,8 +28,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)  # stdout: results
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr: logs, progress, errors
+# Under torchrun only rank 0 speaks; the other ranks work silently (errors still show).
+_QUIET_RANK = int(os.environ.get("RANK", "0")) != 0
+out = Console(highlight=False, soft_wrap=True, quiet=_QUIET_RANK)  # stdout: results
+err = Console(stderr=True, highlight=False, soft_wrap=True, quiet=_QUIET_RANK)  # stderr: logs, progress
+errors = Console(stderr=True, highlight=False, soft_wrap=True)  # errors, from any rank
 
 RunArg = Annotated[Path, typer.Argument(help="The run folder.", show_default=False)]
 TaskOpt = Annotated[int, typer.Option("--task", "-t", help="Task index (0-based).", show_default=False)]
@@ -52,11 +55,15 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except ClptError as e:
-            err.print(f"[bold red]error:[/] {e.one_line()}", markup=True)
+            errors.print(f"[bold red]error:[/] {e.one_line()}", markup=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted: finished stages are kept; re-run the same command to continue")
+            errors.print("interrupted: finished stages are kept; re-run the same command to continue")
             raise typer.Exit(130) from None
+        finally:
+            from clpt import distributed as dist
+
+            dist.shutdown()  # a process group left open can abort the interpreter at exit
 
     return wrapper
 
@@ -200,7 +207,7 @@ def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
 
     doc = run_status(open_run(run_dir))
     if json_:
-        print(json.dumps(doc))
+        _print_json(doc)
         return
     table = Table(title=f"{doc['run']} ({doc['benchmark']}, {doc['method']})")
     table.add_column("task", justify="right")
@@ -242,13 +249,17 @@ def pretrain_builtin(force: ForceOpt = False) -> None:
     if path.is_file() and not force:
         err.print(f"built-in backbone already cached at {path} (use --force to redo)")
         return
-    info = pretrain(path)
-    print(json.dumps(info))
+    _print_json(pretrain(path))
+
+
+def _print_json(doc: dict) -> None:
+    if not _QUIET_RANK:
+        print(json.dumps(doc), flush=True)
 
 
 def _print_report(rep: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(rep))
+        _print_json(rep)
         return
     t = rep["task"]
     table = Table(title=f"accuracy (%) after each task: {rep['method']}")
