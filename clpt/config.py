@@ -128,7 +128,7 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
     "builtin": {
         "benchmark": {"init_classes": 10, "increment": 10},
         "backbone": {"name": "clpt_vit_micro"},
-        "train": {"epochs": 4, "milestones": [3], "batch_size": 64},
+        "train": {"epochs": 6, "milestones": [5], "batch_size": 64},
         "system": {"num_workers": 0},
     },
     "cifar100": {
