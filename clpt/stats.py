@@ -8,11 +8,11 @@ The reduction is written against a small interface:
   split of the rows into chunks or processes; `covariance` gives the unbiased
   (n - 1) covariance plus `ridge * I`, as the reference code's fp64 `torch.cov`.
 - `MomentAccumulator`: `update(x, labels)` per chunk, `result()` at the end.
-  `TorchAccumulator` is the BLAS implementation; the fused Triton kernel plugs
-  in behind the same interface (`make_accumulator`).
+  `ScatterAccumulator` implements it on `clpt_kernels.class_moments.class_scatter`:
+  the fused Triton kernel for CUDA tensors, BLAS for CPU tensors.
 
-Accumulating M2 about per-chunk class means (rather than raw sums of squares)
-keeps the result accurate when features have large means.
+Each chunk is reduced about a per-class shift (the class's first row in the
+chunk), not as raw sums of squares, so large feature means do not cancel.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Protocol
 import numpy as np
 import torch
 import zarr
+
+from clpt_kernels.class_moments import class_scatter
 
 log = logging.getLogger("clpt")
 
@@ -62,6 +64,12 @@ class ClassMoments:
         eye = torch.eye(self.m2.shape[-1], dtype=cov.dtype, device=cov.device)
         return cov + ridge * eye
 
+    def merge_rows(self, rows: torch.Tensor, other: ClassMoments) -> None:
+        """In place: merge `other` (moments of classes `rows`, in that order) into those rows only."""
+        mine = ClassMoments(self.count[rows], self.mean[rows], self.m2[rows])
+        merged = mine.merge(other)
+        self.count[rows], self.mean[rows], self.m2[rows] = merged.count, merged.mean, merged.m2
+
 
 class MomentAccumulator(Protocol):
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -70,31 +78,35 @@ class MomentAccumulator(Protocol):
     def result(self) -> ClassMoments: ...
 
 
-def chunk_moments(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> ClassMoments:
-    """Exact moments of one chunk: group rows by class, centre each group on its mean, one GEMM per class."""
-    x = x.to(torch.float64)
-    d = x.shape[1]
-    out = ClassMoments.zeros(n_classes, d, x.device)
-    order = torch.argsort(labels, stable=True)
-    xs, ls = x[order], labels[order]
-    present, counts = torch.unique_consecutive(ls, return_counts=True)
-    start = 0
-    for c, k in zip(present.tolist(), counts.tolist(), strict=True):
-        rows = xs[start : start + k]  # (k, d)
-        mu = rows.mean(0)
-        centred = rows - mu
-        out.count[c] = k
-        out.mean[c] = mu
-        out.m2[c] = centred.T @ centred
-        start += k
-    return out
+def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
+    """ClassMoments (float64) from shifted sums: mean = k + s/n, M2 = S - s s^T / n."""
+    n = count.to(torch.float64)
+    safe = n.clamp(min=1)
+    s = total.to(torch.float64)
+    mean = torch.where((n > 0)[:, None], shift.to(torch.float64) + s / safe[:, None], torch.zeros_like(s))
+    m2 = scatter.to(torch.float64) - s[:, :, None] * s[:, None, :] / safe[:, None, None]
+    return ClassMoments(n, mean, m2)
 
 
-class TorchAccumulator:
-    """Streaming accumulation with torch (BLAS on the CPU): per-chunk exact moments, Chan merges."""
+def chunk_moments(
+    x: torch.Tensor, labels: torch.Tensor, n_classes: int, backend: str | None = None
+) -> ClassMoments:
+    """Moments of one chunk through the class-segmented kernel (`clpt_kernels.class_moments`)."""
+    return moments_from_scatter(*class_scatter(x, labels, n_classes, backend=backend))
 
-    def __init__(self, n_classes: int, dim: int, device: torch.device | str = "cpu"):
-        self.n_classes, self.dim = n_classes, dim
+
+class ScatterAccumulator:
+    """Streaming accumulation behind `class_scatter` (Triton on CUDA, BLAS on CPU).
+
+    Each chunk is reduced for the classes present in it only (labels compacted
+    first), then merged into just those classes' rows with Chan's update: no
+    read-modify-write of every class's d x d accumulator per chunk.
+    """
+
+    def __init__(
+        self, n_classes: int, dim: int, device: torch.device | str = "cpu", backend: str | None = None
+    ):
+        self.n_classes, self.dim, self.backend = n_classes, dim, backend
         self._acc = ClassMoments.zeros(n_classes, dim, device)
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -106,17 +118,20 @@ class TorchAccumulator:
             return
         if int(labels.min()) < 0 or int(labels.max()) >= self.n_classes:
             raise ValueError(f"labels must lie in [0, {self.n_classes})")
-        self._acc = self._acc.merge(
-            chunk_moments(x.to(self._acc.mean.device), labels.to(self._acc.mean.device), self.n_classes)
-        )
+        device = self._acc.mean.device
+        present, compact = torch.unique(labels.to(device), return_inverse=True)
+        part = chunk_moments(x.to(device), compact, len(present), self.backend)
+        self._acc.merge_rows(present, part)
 
     def result(self) -> ClassMoments:
         return self._acc
 
 
-def make_accumulator(n_classes: int, dim: int, device: torch.device | str = "cpu") -> MomentAccumulator:
-    """The accumulator for a device: torch (BLAS) here."""
-    return TorchAccumulator(n_classes, dim, device)
+def make_accumulator(
+    n_classes: int, dim: int, device: torch.device | str = "cpu", backend: str | None = None
+) -> MomentAccumulator:
+    """The accumulator for a device (`backend` or CLPT_KERNEL_BACKEND forces torch or triton)."""
+    return ScatterAccumulator(n_classes, dim, device, backend)
 
 
 # --- the stage -----------------------------------------------------------------
@@ -182,7 +197,8 @@ def stats_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     if not dist.is_main():  # one rank reduces; the feature store is on shared disk
         return [out], {}
     feats, labels = open_features(run, t, "train")
-    moments, cov = fit_class_stats(feats, labels, classes, cfg.stats.ridge, cfg.stats.chunk_rows)
+    device = dist.resolve_device(cfg.system.device)  # CUDA -> the Triton kernel, CPU -> BLAS
+    moments, cov = fit_class_stats(feats, labels, classes, cfg.stats.ridge, cfg.stats.chunk_rows, device)
     counts = moments.count.to(torch.int64).tolist()
     few = [classes.start + i for i, k in enumerate(counts) if k < 2]
     if few:

@@ -24,6 +24,15 @@ TINY = [
 os.environ["CLPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="clpt-test-cache-")
 
 
+# Triton kernels run in Triton's interpreter where there is no GPU. The variable is
+# read when a kernel module is imported, so it is set here, before any test imports one.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 @pytest.fixture(scope="session")
 def clpt_cache() -> Path:
     """The private cache, holding a built-in backbone pre-trained for one epoch."""

@@ -11,7 +11,7 @@ from clpt import config as C
 from clpt.align import GaussianSampler, ca_loss, mean_scale_slca
 from clpt.data.benchmark import class_order, load_benchmark, remap_labels, task_ranges
 from clpt.evaluate import accuracy_row, metrics
-from clpt.stats import ClassMoments, TorchAccumulator, chunk_moments
+from clpt.stats import ClassMoments, chunk_moments, make_accumulator
 
 
 def test_class_order_is_the_reference_codes():
@@ -71,11 +71,15 @@ def _features(n, d, n_classes, offset, seed=0):
     return (x + offset + y[:, None].double()).float(), y
 
 
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
 @pytest.mark.parametrize("chunk", [7, 64, 10_000])
 def test_streaming_stats_equal_torch_cov(chunk):
     n, d, c = 400, 24, 5
     x, y = _features(n, d, c, offset=1000.0)  # large means, as ViT features have
-    acc = TorchAccumulator(c, d)
+    acc = make_accumulator(c, d)
     for s in range(0, n, chunk):
         acc.update(x[s : s + chunk], y[s : s + chunk])
     m = acc.result()
@@ -84,8 +88,9 @@ def test_streaming_stats_equal_torch_cov(chunk):
         rows = x[y == k].double()
         ref = torch.cov(rows.T) + 1e-4 * torch.eye(d, dtype=torch.float64)
         assert m.count[k] == len(rows)
-        torch.testing.assert_close(m.mean[k], rows.mean(0), rtol=1e-12, atol=1e-9)
-        torch.testing.assert_close(cov[k], ref, rtol=1e-9, atol=1e-9)
+        # float32 accumulation about a per-class shift: float32-level agreement despite means of 1000
+        torch.testing.assert_close(m.mean[k], rows.mean(0), rtol=0, atol=1e-5)
+        assert rel_err(cov[k], ref) < 2e-6
 
 
 def test_merge_of_partial_results_is_exact():
@@ -95,17 +100,19 @@ def test_merge_of_partial_results_is_exact():
     for s in (slice(0, 13), slice(13, 200), slice(200, 300)):  # uneven pieces, some classes absent
         parts = parts.merge(chunk_moments(x[s], y[s], 4))
     torch.testing.assert_close(parts.count, whole.count)
-    torch.testing.assert_close(parts.mean, whole.mean, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(parts.m2, whole.m2, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(parts.mean, whole.mean, rtol=0, atol=1e-5)
+    assert rel_err(parts.m2, whole.m2) < 2e-6
 
 
 def test_tiny_classes_get_the_ridge():
     x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [10.0, 10.0]])
     y = torch.tensor([0, 0, 1])  # class 1: one row; class 2: none
-    acc = TorchAccumulator(3, 2)
+    acc = make_accumulator(3, 2)
     acc.update(x, y)
     cov = acc.result().covariance(ridge=0.5)
-    torch.testing.assert_close(cov[0], torch.cov(x[:2].T.double()) + 0.5 * torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(
+        cov[0], torch.cov(x[:2].T.double()) + 0.5 * torch.eye(2, dtype=torch.float64), rtol=1e-6, atol=1e-6
+    )
     torch.testing.assert_close(cov[1], 0.5 * torch.eye(2, dtype=torch.float64))
     torch.testing.assert_close(cov[2], 0.5 * torch.eye(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="labels must lie"):

@@ -1,0 +1,137 @@
+"""The class-segmented moment kernel against its float64 reference.
+
+Without a GPU the Triton kernel runs in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1 before any kernel module is imported): shapes stay tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clpt.stats import ScatterAccumulator, moments_from_scatter
+from clpt_kernels import class_moments as K
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON = pytest.mark.skipif(K.triton is None, reason="triton is not installed")
+
+
+def make(n, d, n_classes, dtype=torch.float32, offset=1000.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 3.0, d) + offset
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    return x.to(dtype).to(DEVICE), y.to(DEVICE)
+
+
+def check_against_reference(out, x, y, n_classes, tol):
+    count, shift, total, scatter = out
+    ref_count, ref_mean, ref_cov = K.reference_class_moments(x.cpu(), y.cpu(), n_classes)
+    m = moments_from_scatter(count.cpu(), shift.cpu(), total.cpu(), scatter.cpu())
+    assert torch.equal(count.cpu(), ref_count)
+    cov = m.covariance()
+    for c in range(n_classes):
+        k = int(ref_count[c])
+        if k:
+            torch.testing.assert_close(m.mean[c], ref_mean[c], rtol=0, atol=1e-4)
+        if k >= 2:
+            err = float((cov[c] - ref_cov[c]).norm() / ref_cov[c].norm())
+            assert err < tol, (c, k, err)
+        if k == 0:
+            assert not scatter[c].any() and not total[c].any()
+    # upper tiles mirrored: exactly symmetric
+    assert torch.equal(scatter, scatter.transpose(1, 2))
+
+
+def awkward_labels(n, n_classes, device=DEVICE):
+    """Unsorted labels with an empty class, a single-row class and a two-row class."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(3, n_classes, (n,), generator=g)  # classes 0..2 start empty
+    y[7] = 1  # one row
+    y[3], y[n - 1] = 2, 2  # two rows, far apart
+    return y.to(device)
+
+
+@TRITON
+@pytest.mark.parametrize(
+    "n,d,block_d,block_n",
+    [(77, 96, 64, 16), (50, 40, 16, 32), (33, 17, 16, 16)],  # n % block != 0; d not a power of two
+)
+def test_triton_kernel_matches_reference_on_odd_shapes(n, d, block_d, block_n):
+    x, _ = make(n, d, 6)
+    y = awkward_labels(n, 6)
+    out = K.class_scatter_triton(
+        x, y, 6, block_d=block_d, block_n=block_n, rows_per_piece=16, precision="ieee"
+    )
+    check_against_reference(out, x, y, 6, tol=5e-6)
+
+
+@TRITON
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-6), (torch.bfloat16, 5e-6), (torch.float32, 5e-6)])
+def test_triton_kernel_input_dtypes(dtype, tol):
+    x, y = make(64, 48, 4, dtype=dtype, offset=100.0)
+    out = K.class_scatter_triton(x, y, 4, block_d=16, block_n=16, rows_per_piece=32, precision="ieee")
+    check_against_reference(out, x, y, 4, tol)  # the reference sees the same rounded inputs
+
+
+@TRITON
+def test_one_class_holding_most_rows_is_split_and_reduced():
+    x, _ = make(120, 32, 3)
+    y = torch.zeros(120, dtype=torch.int64, device=DEVICE)
+    y[:5] = 1
+    y[-3:] = 2
+    out = K.class_scatter_triton(x, y, 3, block_d=16, block_n=16, rows_per_piece=16, precision="ieee")
+    check_against_reference(out, x, y, 3, tol=5e-6)
+
+
+@TRITON
+def test_chunked_accumulation_merges_to_one_pass():
+    x, y = make(90, 24, 5, seed=3)
+    whole = ScatterAccumulator(5, 24, DEVICE, backend="triton")
+    whole.update(x, y)
+    parts = ScatterAccumulator(5, 24, DEVICE, backend="triton")
+    for s in (slice(0, 11), slice(11, 60), slice(60, 90)):
+        parts.update(x[s], y[s])
+    a, b = whole.result(), parts.result()
+    assert torch.equal(a.count, b.count)
+    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-5)
+    assert float((a.m2 - b.m2).norm() / b.m2.norm()) < 5e-6
+    torch_acc = ScatterAccumulator(5, 24, DEVICE, backend="torch")
+    torch_acc.update(x, y)
+    assert float((torch_acc.result().m2 - a.m2).norm() / a.m2.norm()) < 5e-6
+
+
+def test_torch_path_matches_reference():
+    x, _ = make(200, 96, 7, offset=1000.0)
+    y = awkward_labels(200, 7)
+    check_against_reference(K.class_scatter_torch(x.cpu(), y.cpu(), 7), x, y, 7, tol=5e-6)
+    out64 = K.class_scatter_torch(x.cpu(), y.cpu(), 7, accum_dtype=torch.float64)
+    check_against_reference(out64, x, y, 7, tol=1e-9)
+
+
+def test_dispatch(monkeypatch):
+    assert K.choose_backend(torch.device("cpu")) == "torch"
+    if K.triton is not None:
+        assert K.choose_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("CLPT_KERNEL_BACKEND", "triton")
+    assert K.choose_backend(torch.device("cpu")) == "triton"
+    monkeypatch.setenv("CLPT_KERNEL_BACKEND", "torch")
+    assert K.choose_backend(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("CLPT_KERNEL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="auto, torch or triton"):
+        K.choose_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON)])
+def test_launcher_checks_its_inputs(backend):
+    x = torch.randn(10, 8, device=DEVICE)
+    y = torch.zeros(10, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\(n, d\)"):
+        K.class_scatter(x[0], y, 2, backend=backend)
+    with pytest.raises(ValueError, match="labels must be"):
+        K.class_scatter(x, y[:5], 2, backend=backend)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        K.class_scatter(x.double(), y, 2, backend=backend)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        K.class_scatter(x, y.float(), 2, backend=backend)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        K.class_scatter(x, y + 5, 2, backend=backend)
