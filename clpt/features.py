@@ -121,6 +121,9 @@ def extract_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     counts = {}
     for split_name, split, cls in (("train", bench.train, classes), ("test", bench.test, seen)):
         rows = split.indices_of(cls)
+        rows = rows[
+            np.argsort(split.labels[rows], kind="stable")
+        ]  # grouped by class: fit-stats slices, no gather
         counts[split_name] = extract_split(
             model,
             bench,

@@ -15,8 +15,8 @@ exactly with the pairwise update of Chan, Golub and LeVeque (`clpt.stats`).
 Three implementations, tested against each other:
 - `reference_class_moments`: the reference code's way, a boolean-mask gather and
   `torch.cov` per class in float64 (slow, obviously right);
-- `class_scatter_torch`: the CPU path, rows grouped by label once, then one BLAS
-  GEMM per class on the shifted rows;
+- `class_scatter_torch`: the CPU path, per class: gather its rows (a slice when
+  labels arrive grouped), shift them, one BLAS GEMM;
 - `class_scatter_triton`: the GPU path, one fused Triton kernel. Rows are never
   copied: the kernel gathers them through the label-sorting permutation, a
   program handles one (piece of a class, tile pair) with upper-triangular
@@ -113,22 +113,31 @@ def _shifts(x: torch.Tensor, perm: torch.Tensor, counts: torch.Tensor, starts: t
 
 
 def class_scatter_torch(x: torch.Tensor, labels: torch.Tensor, n_classes: int, accum_dtype=torch.float32):
-    """count, shift, sum, scatter with torch: one gather, one GEMM per present class."""
+    """count, shift, sum, scatter with torch: per class, gather its rows, shift them, one BLAS GEMM.
+
+    Rows whose labels are already grouped (non-decreasing, as `clpt extract`
+    stores them) are used as slices, without the gather.
+    """
     _check(x, labels, n_classes)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise ValueError(f"labels must lie in [0, {n_classes})")
     n, d = x.shape
+    grouped = bool((labels[1:] >= labels[:-1]).all())
     perm, counts, starts = group_rows(labels, n_classes)
-    shift = _shifts(x, perm, counts, starts)
-    xs = x[perm].to(accum_dtype)  # (n, d), grouped by class
-    xs -= shift.to(accum_dtype)[labels[perm]]  # shift on the way in
-    total = torch.zeros(n_classes, d, dtype=accum_dtype, device=x.device)
-    scatter = torch.zeros(n_classes, d, d, dtype=accum_dtype, device=x.device)
+    shift = torch.zeros(n_classes, d, dtype=torch.float32, device=x.device)
+    # every present class's rows are written by its GEMM; only absent classes need zeros
+    total = torch.empty(n_classes, d, dtype=accum_dtype, device=x.device)
+    scatter = torch.empty(n_classes, d, d, dtype=accum_dtype, device=x.device)
     for c, (s, k) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
-        if k:
-            rows = xs[s : s + k]
-            torch.mm(rows.T, rows, out=scatter[c])
-            total[c] = rows.sum(0)
+        if not k:
+            total[c] = 0
+            scatter[c] = 0
+            continue
+        rows = x[s : s + k] if grouped else x.index_select(0, perm[s : s + k])  # (k, d)
+        shift[c] = rows[0]
+        r = rows.to(accum_dtype) - shift[c].to(accum_dtype)  # one cache-sized temporary per class
+        torch.mm(r.T, r, out=scatter[c])
+        total[c] = r.sum(0)
     return counts, shift, total, scatter
 
 
