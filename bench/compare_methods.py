@@ -1,6 +1,6 @@
 """Methods side by side on the built-in benchmark: same seed, same run of this script.
 
-    python bench/compare_methods.py                       # slca vs seqft (and the other presets)
+    python bench/compare_methods.py                       # all methods and baselines of the paper
     python bench/compare_methods.py --methods slca seqft --set train.epochs=2 --set train.milestones=[2]
 
 Prints Last-Acc, Inc-Acc and forgetting of each method, the number of trainable
@@ -24,16 +24,26 @@ from clpt import config as C
 from clpt.evaluate import report
 from clpt.run import create_run, run_all
 
-ALL = ["seqft", "seqft_sl", "frozen_ca", "slca"]
+# The paper's methods and baselines, as configs over the same code.
+VARIANTS = {
+    "seqft": ["method=seqft"],
+    "seqft_sl": ["method=seqft_sl"],
+    "frozen_ca": ["method=frozen_ca"],
+    "slca": ["method=slca"],
+    "slca_pp": ["method=slca_pp"],
+    "slca_pp_mlp": ["method=slca_pp", "lora.targets=[qkv,mlp]"],
+}
+ALL = list(VARIANTS)
 
 
 def trainable_parameters(cfg: C.RunConfig) -> int:
-    """Parameters the Slow Learner updates at task 0 (backbone if its LR scale > 0, plus the head)."""
-    from clpt.backbone import create_backbone
+    """Parameters the Slow Learner updates at task 0 (the optimizer's groups of the real code)."""
+    from clpt.train import initial_model, param_groups
 
-    bb = create_backbone(cfg.backbone, pretrained=False)
-    head = bb.embed_dim * cfg.benchmark.init_classes + cfg.benchmark.init_classes
-    return head + (sum(p.numel() for p in bb.parameters()) if (cfg.train.backbone_lr_scale or 0) > 0 else 0)
+    bare = C.build_config(C.deep_merge(C.to_dict(cfg), {"backbone": {"pretrained": False}}))
+    model, _ = initial_model(bare, torch.device("cpu"))
+    model.heads.add(cfg.benchmark.init_classes)
+    return sum(p.numel() for g in param_groups(model, bare, 0) for p in g["params"])
 
 
 def main() -> int:
@@ -49,7 +59,7 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="clpt-bench-"))
     rows = []
     for method in args.methods:
-        cfg = C.resolve(overrides=[f"method={method}", *args.overrides])
+        cfg = C.resolve(overrides=[*VARIANTS[method], *args.overrides])
         t0 = time.perf_counter()
         run = create_run(out / method, cfg)
         run_all(run)
@@ -69,13 +79,13 @@ def main() -> int:
 
     base = next((r for r in rows if r["method"] == "seqft"), None)
     print(f"built-in benchmark, seed {cfg.seed}, {torch.get_num_threads()} threads, runs in {out}")
-    head = f"{'method':<10} {'Last-Acc':>9} {'Inc-Acc':>8} {'Forget':>7} {'trainable':>10} {'wall s':>7}"
+    head = f"{'method':<12} {'Last-Acc':>9} {'Inc-Acc':>8} {'Forget':>7} {'trainable':>10} {'wall s':>7}"
     if base:
         head += f" {'Last-Acc - SeqFT':>17}"
     print(head)
     for r in rows:
         line = (
-            f"{r['method']:<10} {100 * r['last_acc']:>9.2f} {100 * r['inc_acc']:>8.2f} "
+            f"{r['method']:<12} {100 * r['last_acc']:>9.2f} {100 * r['inc_acc']:>8.2f} "
             f"{100 * r['forgetting']:>7.2f} {r['trainable_params']:>10,} {r['seconds']:>7.1f}"
         )
         if base:

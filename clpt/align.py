@@ -41,6 +41,21 @@ def mean_scale_slca(task_of_class: torch.Tensor, current_task: int) -> torch.Ten
     return 0.9 + 0.1 * (task_of_class.to(torch.float64) + 1) / (current_task + 1)
 
 
+def sample_scale_slca_pp(
+    task_of_sample: torch.Tensor, current_task: int, generator: torch.Generator
+) -> torch.Tensor:
+    """SLCA++: per-sample factor 1 / (1 + s (T - t_c)), s ~ U(0.01, 0.03) drawn per sample."""
+    s = torch.empty(task_of_sample.shape, device=task_of_sample.device).uniform_(
+        0.01, 0.03, generator=generator
+    )
+    return 1.0 / (1.0 + s * (current_task - task_of_sample).to(s.dtype))
+
+
+def head_input_scales(n_heads: int, current_task: int) -> torch.Tensor:
+    """SLCA++: fixed input scale 1 + 0.02 (T - j) of head j at inference after alignment."""
+    return 1.0 + 0.02 * (current_task - torch.arange(n_heads, dtype=torch.float32))
+
+
 class GaussianSampler:
     """Samples features of C classes from N(mu_c, Sigma_c) via Cholesky factors."""
 
@@ -80,6 +95,8 @@ def align_heads(
     a = cfg.align
     heads.to(device).train()
     heads.requires_grad_(True)
+    heads.input_scale.fill_(1.0)  # trained unscaled; SLCA++ scales old heads' inputs afterwards
+    task_of_class = task_of_class.to(device)
     sampler = GaussianSampler(means, covs, device)
     shrink = mean_scale_slca(task_of_class, current_task) if a.mean_shrink else None
     opt = torch.optim.SGD(
@@ -91,6 +108,8 @@ def align_heads(
     losses = []
     for _ in range(a.epochs):
         x, y = sampler.sample(a.samples_per_class, gen, shrink)
+        if a.sample_scale:
+            x = x * sample_scale_slca_pp(task_of_class[y], current_task, gen)[:, None]
         perm = torch.randperm(len(y), generator=gen, device=device)
         x, y = x[perm], y[perm]
         total = 0.0
@@ -104,6 +123,8 @@ def align_heads(
         sched.step()
         losses.append(total / len(y))
     heads.eval()
+    if a.head_scale:
+        heads.input_scale.copy_(head_input_scales(len(sizes), current_task).to(heads.input_scale))
     return losses
 
 

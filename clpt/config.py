@@ -30,13 +30,40 @@ class Method(enum.StrEnum):
     seqft = "seqft"  # sequential fine-tuning, backbone at the head's LR, no alignment
     seqft_sl = "seqft_sl"  # slow learner without alignment
     frozen_ca = "frozen_ca"  # frozen backbone (LR scale 0) + classifier alignment
+    slca_pp = "slca_pp"  # SLCA++: LoRA hybrid slow learner, symmetric CE, feature-scaled alignment
 
 
+class Trainable(enum.StrEnum):
+    all = "all"  # every backbone parameter
+    peft = "peft"  # only names containing norm, bias, cls_token or lora (SLCA++)
+
+
+class Schedule(enum.StrEnum):
+    multistep = "multistep"  # MultiStepLR(milestones, gamma)
+    cosine = "cosine"  # CosineAnnealingLR over the epochs, floor 1e-3 * gamma ** len(milestones)
+
+
+class Loss(enum.StrEnum):
+    ce = "ce"  # cross-entropy on the current task's logits
+    sce = "sce"  # symmetric cross-entropy: a * CE + b * reverse CE (SLCA++)
+
+
+_SLCA_ALIGN = {"mean_shrink": True, "sample_scale": False, "head_scale": False}
+_FULL_FT = {"trainable": "all", "schedule": "multistep", "loss": "ce"}
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "slca": {"train": {"backbone_lr_scale": 0.01}, "align": {"enabled": True}},
-    "seqft": {"train": {"backbone_lr_scale": 1.0}, "align": {"enabled": False}},
-    "seqft_sl": {"train": {"backbone_lr_scale": 0.01}, "align": {"enabled": False}},
-    "frozen_ca": {"train": {"backbone_lr_scale": 0.0}, "align": {"enabled": True}},
+    "slca": {"train": {"backbone_lr_scale": 0.01, **_FULL_FT}, "align": {"enabled": True, **_SLCA_ALIGN}},
+    "seqft": {"train": {"backbone_lr_scale": 1.0, **_FULL_FT}, "align": {"enabled": False, **_SLCA_ALIGN}},
+    "seqft_sl": {
+        "train": {"backbone_lr_scale": 0.01, **_FULL_FT},
+        "align": {"enabled": False, **_SLCA_ALIGN},
+    },
+    "frozen_ca": {"train": {"backbone_lr_scale": 0.0, **_FULL_FT}, "align": {"enabled": True, **_SLCA_ALIGN}},
+    # SLCA++: non-LoRA trainable backbone parameters at 1e-3 = 1e-2 x 0.1; LoRA on attn.qkv
+    "slca_pp": {
+        "train": {"backbone_lr_scale": 0.1, "trainable": "peft", "schedule": "cosine", "loss": "sce"},
+        "lora": {"targets": ["qkv"]},
+        "align": {"enabled": True, "mean_shrink": False, "sample_scale": True, "head_scale": True},
+    },
 }
 
 
@@ -69,6 +96,24 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     gamma: float = 0.1
+    trainable: Trainable = Trainable.all  # all | peft (SLCA++: norm, bias, cls_token, lora)
+    schedule: Schedule = Schedule.multistep  # multistep | cosine (SLCA++)
+    loss: Loss = Loss.ce  # ce | sce (SLCA++)
+    sce_alpha: float = 1.0  # SCE weight of CE (1.0 CIFAR/CUB, 0.5 ImageNet-R/Cars)
+    sce_beta: float = 0.1  # SCE weight of reverse CE (0.1 CIFAR/CUB, 0.5 ImageNet-R/Cars)
+
+
+@dataclass
+class LoraConfig:
+    """SLCA++'s LoRA: W + scale * B @ A on the target layers of every block."""
+
+    targets: list[str] = field(
+        default_factory=list
+    )  # [] none; [qkv] published SLCA++; [qkv, mlp] fixed variant
+    rank: int = 4
+    scale: float = 0.8
+    lr_first: float = 5e-3  # LoRA learning rate at task 0
+    lr: float = 1e-3  # LoRA learning rate at later tasks
 
 
 @dataclass
@@ -92,6 +137,8 @@ class AlignConfig:
     batch_size: int = 256
     tau: float = 0.1  # logit-normalisation temperature (0.05 for Cars-196)
     mean_shrink: bool = True  # SLCA: mu' = mu * (0.9 + 0.1 (t_c + 1) / (T + 1))
+    sample_scale: bool = False  # SLCA++: samples of task t_c times 1 / (1 + s (T - t_c)), s ~ U(0.01, 0.03)
+    head_scale: bool = False  # SLCA++: after alignment, old head t_c gets input scale 1 + 0.02 (T - t_c)
 
 
 @dataclass
@@ -110,6 +157,7 @@ class RunConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -151,7 +199,15 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
     "imagefolder": {},
 }
 
-SECTIONS = ("benchmark", "backbone", "train", "stats", "align", "system")
+SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "system")
+
+# Published SLCA++ settings that depend on the benchmark (METHOD.md, SLCA++ additions).
+METHOD_BENCHMARK_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("slca_pp", "cifar100"): {"train": {"weight_decay": 5e-4, "sce_alpha": 1.0, "sce_beta": 0.1}},
+    ("slca_pp", "cub200"): {"train": {"weight_decay": 5e-4, "sce_alpha": 1.0, "sce_beta": 0.1}},
+    ("slca_pp", "imagenet-r"): {"train": {"weight_decay": 0.0, "sce_alpha": 0.5, "sce_beta": 0.5}},
+    ("slca_pp", "cars196"): {"train": {"weight_decay": 0.0, "sce_alpha": 0.5, "sce_beta": 0.5}},
+}
 
 
 # ---------------------------------------------------------------------------
@@ -347,6 +403,15 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         check(cfg.system.num_workers >= 0, "system.num_workers: must be >= 0")
     if isinstance(a.tau, float):
         check(a.tau > 0, "align.tau: must be > 0")
+    lo = cfg.lora
+    if isinstance(lo.targets, list):
+        bad = [x for x in lo.targets if x not in ("qkv", "mlp")]
+        check(not bad, f"lora.targets: {bad} not among: qkv, mlp")
+    if isinstance(lo.rank, int):
+        check(lo.rank >= 1, "lora.rank: must be >= 1")
+    for name, val in (("lora.lr_first", lo.lr_first), ("lora.lr", lo.lr)):
+        if isinstance(val, float):
+            check(val > 0, f"{name}: must be > 0")
     if isinstance(s.ridge, float):
         check(s.ridge >= 0, "stats.ridge: must be >= 0")
     dev = cfg.system.device
@@ -396,6 +461,7 @@ def resolve(file: str | Path | None = None, overrides: list[str] | None = None) 
         base = deep_merge(base, BENCHMARK_PRESETS[bench])
     if isinstance(method, str) and method in METHOD_PRESETS:
         base = deep_merge(base, METHOD_PRESETS[method])
+    base = deep_merge(base, METHOD_BENCHMARK_PRESETS.get((method, bench), {}))
     return build_config(deep_merge(base, user), source=source)
 
 

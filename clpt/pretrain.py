@@ -102,6 +102,6 @@ def ensure_builtin_weights() -> Path:
 
     path = builtin_weights_path()
     if not path.is_file():
-        _log(f"no cached built-in backbone at {path}: pre-training it once (about a minute on 2 cores)")
+        _log(f"no cached built-in backbone at {path}: pre-training it once (about two minutes on 2 cores)")
         pretrain_builtin(path)
     return path

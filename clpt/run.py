@@ -48,7 +48,7 @@ STAGE_COMMAND = {
 # The configuration each stage's result depends on: a marker records these values,
 # and a later edit of any of them (`clpt config RUN --set ...`) makes the stage stale.
 STAGE_CONFIG_KEYS = {
-    "train": ("method", "seed", "benchmark", "backbone", "train"),
+    "train": ("method", "seed", "benchmark", "backbone", "train", "lora"),
     "extract": (),
     "stats": ("stats.ridge",),
     "align": ("align", "train.weight_decay", "seed"),

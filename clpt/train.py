@@ -22,11 +22,12 @@ from torch import nn
 
 from clpt import distributed as dist
 from clpt.backbone import create_backbone, weights_digest
-from clpt.config import RunConfig
+from clpt.config import Loss, RunConfig, Schedule, Trainable
 from clpt.data.benchmark import Benchmark, load_benchmark
 from clpt.data.loader import batches
 from clpt.errors import DataError
 from clpt.io import torch_save
+from clpt.lora import apply_lora, is_peft_trainable
 from clpt.model import CLModel, Heads
 
 log = logging.getLogger("clpt")
@@ -90,6 +91,8 @@ def load_heads(path: Path, key: str = "heads") -> Heads:
 def load_model(path: Path, cfg: RunConfig, device: torch.device) -> CLModel:
     ckpt = _load_checkpoint(path)
     backbone = create_backbone(cfg.backbone, pretrained=False)
+    if cfg.lora.targets:  # the LoRA weights come from the checkpoint
+        apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=False)
     backbone.load_state_dict(ckpt["backbone"], strict=True)
     heads = Heads(backbone.embed_dim, ckpt["head_sizes"])
     heads.load_state_dict(ckpt["heads"])
@@ -97,18 +100,26 @@ def load_model(path: Path, cfg: RunConfig, device: torch.device) -> CLModel:
 
 
 def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, str]:
-    """The pre-trained backbone with no heads, and the digest of the weights it starts from."""
+    """The pre-trained backbone (with LoRA if configured) and no heads; the digest of the pre-trained weights."""
     backbone = create_backbone(cfg.backbone)
-    return CLModel(backbone, Heads(backbone.embed_dim)).to(device), weights_digest(backbone)
+    digest = weights_digest(backbone)
+    if cfg.lora.targets:  # task 0: A from the SVD of the pre-trained weights, B = 0
+        apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=True)
+    return CLModel(backbone, Heads(backbone.embed_dim)).to(device), digest
 
 
 # --- optimisation -------------------------------------------------------------
 
 
-def param_groups(model: CLModel, cfg: RunConfig) -> list[dict]:
-    """SGD groups for the current task: the newest head, and the backbone unless frozen.
+def param_groups(model: CLModel, cfg: RunConfig, task: int) -> list[dict]:
+    """SGD groups for task `task`: the newest head; the backbone's trainable parameters; LoRA.
 
-    Sets `requires_grad` accordingly (older heads and a frozen backbone get False).
+    - head: `train.lr`;
+    - backbone: `train.lr * train.backbone_lr_scale` over all parameters
+      (`trainable: all`) or only those named norm, bias or cls_token
+      (`trainable: peft`); a scale of 0 freezes them;
+    - lora: `lora.lr_first` at task 0, `lora.lr` later.
+    Sets `requires_grad` to match (older heads and everything else get False).
     """
     t = cfg.train
     scale = float(t.backbone_lr_scale or 0.0)
@@ -116,11 +127,46 @@ def param_groups(model: CLModel, cfg: RunConfig) -> list[dict]:
         h.requires_grad_(False)
     head = model.heads.heads[-1]
     head.requires_grad_(True)
+    model.backbone.requires_grad_(False)
+    backbone, lora = [], []
+    for name, p in model.backbone.named_parameters():
+        if "lora" in name:
+            lora.append(p)
+        elif scale > 0 and (t.trainable == Trainable.all or is_peft_trainable(name)):
+            backbone.append(p)
     groups = [{"name": "head", "params": list(head.parameters()), "lr": t.lr}]
-    model.backbone.requires_grad_(scale > 0)
-    if scale > 0:
-        groups.append({"name": "backbone", "params": list(model.backbone.parameters()), "lr": t.lr * scale})
+    if backbone:
+        groups.append({"name": "backbone", "params": backbone, "lr": t.lr * scale})
+    if lora:
+        groups.append({"name": "lora", "params": lora, "lr": cfg.lora.lr_first if task == 0 else cfg.lora.lr})
+    for g in groups[1:]:
+        for p in g["params"]:
+            p.requires_grad_(True)
     return groups
+
+
+def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """a * CE(z, y) + b * mean(-sum_k p_k log q_k), p = clamp(softmax z, 1e-7, 1), q = clamp(onehot y, 1e-4, 1)."""
+    ce = F.cross_entropy(logits, labels)
+    p = F.softmax(logits, dim=1).clamp(min=1e-7, max=1.0)
+    q = F.one_hot(labels, logits.shape[1]).to(logits.dtype).clamp(min=1e-4, max=1.0)
+    rce = (-(p * torch.log(q)).sum(dim=1)).mean()
+    return alpha * ce + beta * rce
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    if cfg.train.loss == Loss.sce:
+        return sce_loss(logits, labels, cfg.train.sce_alpha, cfg.train.sce_beta)
+    return F.cross_entropy(logits, labels)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig):
+    t = cfg.train
+    if t.schedule == Schedule.cosine:  # floor of the reference code: 1e-3 * gamma ** len(milestones)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=t.epochs, eta_min=1e-3 * t.gamma ** len(t.milestones)
+        )
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=t.milestones, gamma=t.gamma)
 
 
 class _TaskNet(nn.Module):
@@ -144,12 +190,12 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     torch.manual_seed(task_seed(cfg, t))
     model.heads.add(len(classes))
     model.to(device)
-    groups = param_groups(model, cfg)
-    train_backbone = any(g["name"] == "backbone" for g in groups)
+    groups = param_groups(model, cfg, t)
+    train_backbone = any(g["name"] in ("backbone", "lora") for g in groups)
     opt = torch.optim.SGD(
         groups, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.train.milestones, gamma=cfg.train.gamma)
+    sched = make_scheduler(opt, cfg)
     net: nn.Module = _TaskNet(model.backbone, model.heads.heads[-1], train_backbone)
     world = dist.world_size()
     if world > 1:
@@ -177,7 +223,7 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         for x, y in loader:
             y_local = y - classes.start  # labels within the current task
             logits = net(x)  # (B, |task|): the current task's logits only
-            loss = F.cross_entropy(logits, y_local)
+            loss = task_loss(logits, y_local, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

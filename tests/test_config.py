@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from clpt import config as C
@@ -89,3 +91,45 @@ def test_resolved_config_round_trips(tmp_path):
     p = tmp_path / "config.yaml"
     p.write_text(C.dump_yaml(cfg))
     assert C.load_resolved(p) == cfg
+
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped_for_every_benchmark_and_method():
+    names = {p.stem for p in CONFIGS}
+    for bench in ("cifar100", "imagenet-r", "cub200", "cars196"):
+        for method in ("seqft", "slca", "slca_pp"):
+            assert f"{bench}_{method}" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_is_valid_and_equals_the_presets(path):
+    cfg = C.resolve(path)
+    preset = C.resolve(
+        overrides=[
+            f"benchmark.name={cfg.benchmark.name}",
+            f"benchmark.root={cfg.benchmark.root}",
+            f"method={cfg.method.value}",
+        ]
+    )
+    assert cfg == preset  # the file spells out exactly the published defaults
+
+
+def test_slca_pp_published_settings_per_benchmark():
+    def pp(bench):
+        return C.resolve(overrides=["method=slca_pp", f"benchmark.name={bench}", "benchmark.root=/d"])
+
+    for bench, wd, ab in (
+        ("cifar100", 5e-4, (1.0, 0.1)),
+        ("cub200", 5e-4, (1.0, 0.1)),
+        ("imagenet-r", 0.0, (0.5, 0.5)),
+        ("cars196", 0.0, (0.5, 0.5)),
+    ):
+        cfg = pp(bench)
+        assert cfg.train.weight_decay == wd and (cfg.train.sce_alpha, cfg.train.sce_beta) == ab
+        assert cfg.align_weight_decay == wd
+        assert cfg.lora.targets == ["qkv"] and (cfg.lora.rank, cfg.lora.scale) == (4, 0.8)
+        assert cfg.train.trainable == C.Trainable.peft and cfg.train.schedule == C.Schedule.cosine
+        assert not cfg.align.mean_shrink and cfg.align.sample_scale and cfg.align.head_scale
+    assert pp("cars196").align.tau == 0.05

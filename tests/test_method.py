@@ -184,7 +184,7 @@ def test_slow_learner_groups_and_trainable_sets(method, scale):
 
     cfg = C.resolve(overrides=[f"method={method}"])
     model = _tiny_model([10, 10, 10])
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg, 1)
     by_name = {g["name"]: g for g in groups}
     assert by_name["head"]["lr"] == 0.01
     assert {id(p) for p in by_name["head"]["params"]} == {id(p) for p in model.heads.heads[2].parameters()}
