@@ -9,9 +9,13 @@ bias 0, eps 1e-5) that trains with the backbone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -21,6 +25,8 @@ from torch import nn
 
 from clpt.config import BackboneConfig
 from clpt.errors import DataError
+
+log = logging.getLogger("clpt")
 
 BUILTIN_NAME = "clpt_vit_micro"
 BUILTIN_TAG = "builtin"
@@ -68,12 +74,9 @@ def builtin_weights_path() -> Path:
     return cache_dir() / f"{BUILTIN_NAME}.{BUILTIN_TAG}.pth"
 
 
-def _architecture(name: str, reset_final_norm: bool, pretrained: bool, file: str | None) -> nn.Module:
-    overlay = {"file": file} if file else None
+def _architecture(name: str) -> VisionTransformer:
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained, num_classes=0, global_pool="token", pretrained_cfg_overlay=overlay
-        )
+        model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="token")
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         if "Unknown model" in str(e):
             raise DataError(
@@ -83,31 +86,146 @@ def _architecture(name: str, reset_final_norm: bool, pretrained: bool, file: str
         raise
     if not isinstance(model, VisionTransformer):
         raise DataError(f"backbone.name {name!r} is not a ViT", hint="use a timm VisionTransformer")
-    if reset_final_norm:
-        model.norm = nn.LayerNorm(model.embed_dim, eps=1e-5)
     return model
+
+
+# Classifier and distillation-head weights a backbone checkpoint may carry and we drop.
+_NOT_BACKBONE = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
+
+
+def load_weights_file(model: VisionTransformer, path: Path) -> dict:
+    """Load a local checkpoint into `model`, checking that every backbone weight was loaded.
+
+    Formats: `.npz` (Google AugReg / JAX, through timm's loader), `.safetensors`,
+    and torch files (`.pth`, `.pt`, `.bin`, `.tar`): a plain state dict, or one
+    under `state_dict` or `model` (MoCo v3 converted checkpoints), in timm or
+    DeiT naming, with or without a `module.` prefix.
+    """
+    from timm.models import load_state_dict
+
+    if not path.is_file():
+        raise DataError(f"backbone.checkpoint {str(path)!r} does not exist", hint="point backbone.checkpoint at a weights file")
+    if path.suffix.lower() == ".npz":
+        from timm.models.vision_transformer import _load_weights
+
+        try:
+            _load_weights(model, str(path))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise DataError(f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[0][:200]}",
+                            hint="use the .npz that matches backbone.name") from None
+        return {"format": "npz"}
+    try:
+        sd = load_state_dict(str(path), use_ema=False)
+    except Exception as e:  # pickle, zip and safetensors errors all mean an unreadable file
+        raise DataError(f"cannot read {path} as a checkpoint ({type(e).__name__})",
+                        hint="give a .safetensors, .pth/.pt state dict or an AugReg .npz") from None
+    sd = {k: v for k, v in checkpoint_filter_fn(sd, model).items() if not k.startswith(_NOT_BACKBONE)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(_NOT_BACKBONE)]
+    if missing:
+        raise DataError(
+            f"{path} lacks {len(missing)} of the backbone's weights (e.g. {', '.join(missing[:3])})",
+            hint="check that the checkpoint was made for backbone.name",
+        )
+    if unexpected:
+        log.warning("%s: %d entries are not backbone weights and were ignored (e.g. %s)", path, len(unexpected), unexpected[0])
+    return {"format": path.suffix.lower().lstrip("."), "ignored": len(unexpected)}
+
+
+@contextlib.contextmanager
+def _local_cache_only_unless_reachable(timeout: float = 3.0):
+    """Without a route to the hub, use the local cache only: one quick probe, not minutes of retries."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    reachable = constants.HF_HUB_OFFLINE is False
+    if reachable:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError:
+            reachable = False
+            log.info("%s is not reachable: looking for the weights in the local cache only", host)
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _from_hub(name: str) -> VisionTransformer:
+    """timm's pre-trained weights: from the local Hugging Face cache, or downloaded when the network allows."""
+    try:
+        with _local_cache_only_unless_reachable():
+            return timm.create_model(name, pretrained=True, num_classes=0, global_pool="token")
+    except Exception as e:  # offline, missing in the cache, HTTP errors: no weights for us
+        if isinstance(e, DataError):
+            raise
+        hub = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) if timm.is_model(name) else None
+        where = f"the Hugging Face repo {hub} (model.safetensors)" if hub else "its weights file"
+        raise DataError(
+            f"pre-trained weights for {name} are not in the local cache and could not be downloaded ({type(e).__name__})",
+            hint=f"download {where} where there is network and copy ~/.cache/huggingface here, "
+            "or set backbone.checkpoint=/path/to/weights (.safetensors, .pth, .npz)",
+        ) from None
+
+
+def _builtin_name(name: str) -> str:
+    return f"{BUILTIN_NAME}.{BUILTIN_TAG}" if name == BUILTIN_NAME else name
 
 
 def create_backbone(cfg: BackboneConfig, pretrained: bool | None = None) -> nn.Module:
     """The backbone of `cfg`, with pre-trained weights unless `pretrained=False`.
 
-    `pretrained=False` builds the bare architecture, for loading a run's own
-    checkpoint into it.
+    Order: architecture, then weights (backbone.checkpoint, the built-in cache, or
+    timm's hub), then (reset_final_norm) a fresh final LayerNorm. `pretrained=False`
+    builds the bare architecture for loading a run's own checkpoint into it.
     """
     load = cfg.pretrained if pretrained is None else pretrained
-    file = cfg.checkpoint
-    if load and file is None and cfg.name.split(".")[0] == BUILTIN_NAME:
+    name = _builtin_name(cfg.name)
+    if not load:
+        model = _architecture(name)
+    elif cfg.checkpoint is not None:
+        model = _architecture(name)
+        load_weights_file(model, Path(cfg.checkpoint).expanduser())
+    elif name.split(".")[0] == BUILTIN_NAME:
         from clpt.pretrain import ensure_builtin_weights
 
-        file = str(ensure_builtin_weights())
-    if load and file is not None and not Path(file).is_file():
-        raise DataError(
-            f"backbone.checkpoint {file!r} does not exist", hint="point backbone.checkpoint at a weights file"
-        )
-    name = cfg.name
-    if name.split(".")[0] == BUILTIN_NAME and "." not in name:
-        name = f"{BUILTIN_NAME}.{BUILTIN_TAG}"
-    return _architecture(name, cfg.reset_final_norm, load, file)
+        model = _architecture(name)
+        load_weights_file(model, ensure_builtin_weights())
+    else:
+        if "." not in name:
+            resolved = timm.models.get_pretrained_cfg(name)
+            tag = getattr(resolved, "tag", None) if resolved is not None else None
+            log.warning(
+                "backbone.name %r has no pretrained tag: timm resolves it to %s.%s, which may not be the "
+                "weights a paper used (SLCA: vit_base_patch16_224.augreg_in21k)", name, name, tag,
+            )
+        model = _from_hub(name)
+    if cfg.reset_final_norm:
+        model.norm = nn.LayerNorm(model.embed_dim, eps=1e-5)
+    return model
+
+
+def weights_record(cfg: BackboneConfig, model: nn.Module) -> dict:
+    """Which weights a run starts from: the resolved timm tag, their source and a digest."""
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    arch, tag = pcfg.get("architecture"), pcfg.get("tag")
+    if not cfg.pretrained:
+        source = "random initialisation"
+    elif cfg.checkpoint:
+        source = f"file {Path(cfg.checkpoint).expanduser().resolve()}"
+    elif cfg.name.split(".")[0] == BUILTIN_NAME:
+        source = f"file {builtin_weights_path()} (built-in pre-training)"
+    else:
+        source = f"timm hub {pcfg.get('hf_hub_id') or pcfg.get('url') or '?'}"
+    return {
+        "requested": cfg.name,
+        "resolved": f"{arch}.{tag}" if tag else arch,
+        "source": source,
+        "sha256": weights_digest(model),
+        "reset_final_norm": cfg.reset_final_norm,
+    }
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -74,6 +74,9 @@ class BenchmarkConfig:
     init_classes: int = 10  # classes in the first task
     increment: int = 10  # classes in each later task (a remainder forms a last, smaller task)
     seed: int = 1993  # class order: np.random.seed(seed); np.random.permutation(n_classes)
+    image_size: int | None = None  # model input size; None -> 224 (32 for builtin)
+    download: bool = True  # CIFAR-100: download when missing and the network allows
+    split_seed: int = 0  # ImageNet-R: seed of the deterministic 80/20 per-class split
 
 
 @dataclass
@@ -369,6 +372,8 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         check(b.root is not None, f"benchmark.root: required for benchmark {b.name!r} (the dataset folder)")
     if isinstance(b.init_classes, int):
         check(b.init_classes >= 1, "benchmark.init_classes: must be >= 1")
+    if isinstance(b.image_size, int):
+        check(b.image_size >= 8, "benchmark.image_size: must be >= 8")
     if isinstance(b.increment, int):
         check(b.increment >= 1, "benchmark.increment: must be >= 1")
     if isinstance(t.epochs, int):

@@ -25,7 +25,7 @@ import torch
 import zarr
 
 from clpt import distributed as dist
-from clpt.data.benchmark import Benchmark, Split, load_benchmark
+from clpt.data.benchmark import Benchmark, Split
 from clpt.data.loader import batches
 from clpt.errors import MissingInputError
 from clpt.model import CLModel
@@ -71,6 +71,7 @@ def extract_split(
     chunk_rows: int,
     device: torch.device,
     resume: bool = True,
+    num_workers: int = 0,
 ) -> int:
     """Write features of `split[rows]` to `store/name`; returns the number of rows.
 
@@ -95,7 +96,9 @@ def extract_split(
     for start in mine:
         stop = min(start + chunk_rows, n)
         out = []
-        for x, _ in batches(bench, split, rows[start:stop], batch_size, device, train=False):
+        for x, _ in batches(
+            bench, split, rows[start:stop], batch_size, device, train=False, num_workers=num_workers
+        ):
             out.append(model.features(x).float().cpu())
         feats_arr[start:stop] = torch.cat(out).numpy()
         labels_arr[start:stop] = split.labels[rows[start:stop]]
@@ -112,7 +115,7 @@ def extract_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
 
     cfg = run.cfg
     device = dist.resolve_device(cfg.system.device)
-    bench = load_benchmark(cfg.benchmark)
+    bench = run.benchmark()
     model = load_model(run.model_path(t), cfg, device)
     source = run.marker("train", t)["id"]
     classes = bench.tasks[t]
@@ -121,9 +124,8 @@ def extract_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     counts = {}
     for split_name, split, cls in (("train", bench.train, classes), ("test", bench.test, seen)):
         rows = split.indices_of(cls)
-        rows = rows[
-            np.argsort(split.labels[rows], kind="stable")
-        ]  # grouped by class: fit-stats slices, no gather
+        # grouped by class, so fit-stats reads each class as one slice
+        rows = rows[np.argsort(split.labels[rows], kind="stable")]
         counts[split_name] = extract_split(
             model,
             bench,
@@ -136,6 +138,7 @@ def extract_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
             cfg.system.feature_chunk_rows,
             device,
             resume,
+            cfg.system.num_workers,
         )
     seconds = time.perf_counter() - t0
     n = counts["train"] + counts["test"]

@@ -90,6 +90,25 @@ class Run:
         self.root = Path(root)
         self.cfg = cfg
         self.info = info
+        self._bench = None
+
+    def benchmark(self):
+        """The benchmark's images, checked once per process against the run's manifest."""
+        if self._bench is None:
+            from clpt.data import manifest
+            from clpt.data.benchmark import load_benchmark
+
+            bench = load_benchmark(self.cfg.benchmark)
+            if bench.raw is not None:
+                path = self.root / "manifest.json"
+                if not path.is_file():
+                    raise MissingInputError(
+                        f"{self.root} has no manifest.json",
+                        hint=f"re-create the run with `clpt init {self.root}`",
+                    )
+                manifest.verify(bench.raw, read_json(path))
+            self._bench = bench
+        return self._bench
 
     # --- paths -------------------------------------------------------------
     def task_dir(self, t: int) -> Path:
@@ -240,6 +259,10 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
     bench = load_benchmark(cfg.benchmark)
     info = _info_from_benchmark(bench)
     root.mkdir(parents=True, exist_ok=True)
+    if bench.raw is not None:  # what was read: files, labels, checksums
+        from clpt.data.manifest import build_manifest
+
+        write_json(root / "manifest.json", build_manifest(bench.raw))
     write_json(root / "benchmark.json", dataclasses.asdict(info))
     write_text(cfg_path, text)  # written last: a folder without it is not a run
     return Run(root, cfg, info)

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpt import distributed as dist
-from clpt.backbone import create_backbone, weights_digest
+from clpt.backbone import create_backbone, weights_record
 from clpt.config import Loss, RunConfig, Schedule, Trainable
-from clpt.data.benchmark import Benchmark, load_benchmark
+from clpt.data.benchmark import Benchmark
 from clpt.data.loader import batches
 from clpt.errors import DataError
-from clpt.io import torch_save
+from clpt.io import torch_save, write_json
 from clpt.lora import apply_lora, is_peft_trainable
 from clpt.model import CLModel, Heads
 
@@ -99,13 +99,13 @@ def load_model(path: Path, cfg: RunConfig, device: torch.device) -> CLModel:
     return CLModel(backbone, heads).to(device)
 
 
-def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, str]:
-    """The pre-trained backbone (with LoRA if configured) and no heads; the digest of the pre-trained weights."""
+def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, dict]:
+    """The pre-trained backbone (with LoRA if configured) and no heads; the record of its weights."""
     backbone = create_backbone(cfg.backbone)
-    digest = weights_digest(backbone)
+    record = weights_record(cfg.backbone, backbone)
     if cfg.lora.targets:  # task 0: A from the SVD of the pre-trained weights, B = 0
         apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=True)
-    return CLModel(backbone, Heads(backbone.embed_dim)).to(device), digest
+    return CLModel(backbone, Heads(backbone.embed_dim)).to(device), record
 
 
 # --- optimisation -------------------------------------------------------------
@@ -214,6 +214,7 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         generator=gen,
         rank=dist.rank(),
         world_size=world,
+        num_workers=cfg.system.num_workers,
     )
     model.train()
     losses = []
@@ -249,11 +250,13 @@ def train_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
     cfg = run.cfg
     seed_everything(task_seed(cfg, t), cfg.system.deterministic)
     device = dist.resolve_device(cfg.system.device)
-    bench = load_benchmark(cfg.benchmark)
+    bench = run.benchmark()
     extra = {}
     if t == 0:
-        model, digest = initial_model(cfg, device)
-        extra["pretrained_digest"] = digest
+        model, record = initial_model(cfg, device)
+        extra["pretrained"] = record  # which weights the run started from
+        if dist.is_main():
+            write_json(run.root / "backbone.json", record)
     else:
         model = load_model(run.model_path(t - 1), cfg, device)
     summary = train_task(model, bench, cfg, t, device)

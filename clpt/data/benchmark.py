@@ -18,7 +18,24 @@ from clpt.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
 HALF = (0.5, 0.5, 0.5)
+
+# Per benchmark (METHOD.md, Transforms): transform family and normalisation.
+#   builtin       pad-crop-flip at native size (in memory)
+#   cifar         RandomResizedCrop + flip + brightness 63/255, on the device (in memory)
+#   rrc           RandomResizedCrop + flip (files)
+#   fixed_resize  Resize((300, 300)) + RandomCrop + flip (files)
+# Test images: Resize(256) + CenterCrop(224) (scaled with image_size), except builtin.
+FAMILY = {
+    "builtin": ("builtin", HALF, HALF),
+    "cifar100": ("cifar", CIFAR_MEAN, CIFAR_STD),
+    "imagenet-r": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
+    "imagefolder": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
+    "cub200": ("fixed_resize", IMAGENET_MEAN, IMAGENET_STD),
+    "cars196": ("fixed_resize", IMAGENET_MEAN, IMAGENET_STD),
+}
 
 
 def class_order(n_classes: int, seed: int) -> np.ndarray:
@@ -73,7 +90,9 @@ class Benchmark:
     image_size: int  # model input resolution
     mean: tuple[float, float, float] = HALF
     std: tuple[float, float, float] = HALF
+    family: str = "builtin"  # transform family (FAMILY)
     info: dict = field(default_factory=dict)  # recorded in the run (split, sources)
+    raw: object = None  # the RawDataset read from disk (None for the built-in benchmark)
 
     @property
     def n_classes(self) -> int:
@@ -102,29 +121,60 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
 
     Memoised per process: the stages of one `clpt run` share the loaded images.
     """
-    return _load_benchmark(cfg.name, cfg.root, cfg.init_classes, cfg.increment, cfg.seed)
+    return _load_benchmark(
+        cfg.name,
+        cfg.root,
+        cfg.init_classes,
+        cfg.increment,
+        cfg.seed,
+        cfg.image_size,
+        cfg.download,
+        cfg.split_seed,
+    )
 
 
 @functools.lru_cache(maxsize=2)
-def _load_benchmark(name: str, root: str | None, init_classes: int, increment: int, seed: int) -> Benchmark:
-    cfg = BenchmarkConfig(name=name, root=root, init_classes=init_classes, increment=increment, seed=seed)
-    if cfg.name == "builtin":
+def _load_benchmark(
+    name: str,
+    root: str | None,
+    init_classes: int,
+    increment: int,
+    seed: int,
+    image_size: int | None,
+    download: bool,
+    split_seed: int,
+) -> Benchmark:
+    if name == "builtin":
         from clpt.data import builtin
 
         x_tr, y_tr = builtin.make_split("benchmark", "train")
         x_te, y_te = builtin.make_split("benchmark", "test")
         names = builtin.class_names("benchmark")
-        order = class_order(len(names), cfg.seed)
-        return Benchmark(
-            name="builtin",
-            class_names=[names[i] for i in order],
-            order=order,
-            tasks=task_ranges(len(names), cfg.init_classes, cfg.increment),
-            train=Split(labels=remap_labels(y_tr, order), images=x_tr),
-            test=Split(labels=remap_labels(y_te, order), images=x_te),
-            image_size=builtin.IMAGE_SIZE,
-            info={"source": "built-in procedural images (clpt.data.builtin)"},
-        )
-    raise ConfigError(
-        [f"benchmark.name: {cfg.name!r} is not available in this version; use 'builtin'"],
+        train, test = Split(labels=y_tr, images=x_tr), Split(labels=y_te, images=x_te)
+        raw, size, info = None, image_size or builtin.IMAGE_SIZE, {"source": "built-in procedural images"}
+    else:
+        from clpt.data.readers import read_dataset
+
+        raw = read_dataset(name, root, download, split_seed)
+        names = raw.class_names
+        train = Split(labels=raw.train.labels, images=raw.train.images, paths=raw.train.paths)
+        test = Split(labels=raw.test.labels, images=raw.test.images, paths=raw.test.paths)
+        size, info = image_size or 224, {"source": str(raw.root), **raw.info}
+    order = class_order(len(names), seed)
+    train.labels = remap_labels(train.labels, order)
+    test.labels = remap_labels(test.labels, order)
+    family, mean, std = FAMILY[name]
+    return Benchmark(
+        name=name,
+        class_names=[names[i] for i in order],
+        order=order,
+        tasks=task_ranges(len(names), init_classes, increment),
+        train=train,
+        test=test,
+        image_size=size,
+        mean=mean,
+        std=std,
+        family=family,
+        info=info,
+        raw=raw,
     )

@@ -1,4 +1,15 @@
-"""Mini-batches of a split's rows, on the compute device, with the right transform."""
+"""Mini-batches of a split's rows, on the compute device, with the right transform.
+
+- In-memory uint8 splits (built-in, CIFAR-100) are indexed and augmented a whole
+  batch at a time on the device: no worker process decodes or crops one image.
+- File splits (ImageNet-R, CUB-200, Cars-196, image folders) are decoded and
+  augmented by `system.num_workers` DataLoader workers into uint8 batches
+  (pinned when the device is a GPU), then normalised on the device.
+
+Both follow the same epoch order: a seeded permutation when training, sharded
+across ranks the way `DistributedSampler` does it (padded by wrapping, so every
+rank runs the same number of steps).
+"""
 
 from __future__ import annotations
 
@@ -6,68 +17,113 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from clpt.data import transforms as T
 from clpt.data.benchmark import Benchmark, Split
 
+CIFAR_BRIGHTNESS = 63 / 255
 
-class ArrayBatches:
-    """Batches of an in-memory uint8 split, transformed on `device`.
 
-    `train=True` shuffles (with `generator`) and augments; otherwise rows come in
-    the given order with the test transform. With `world_size > 1` each rank
-    sees a disjoint, equally sized shard of every epoch's permutation (the
-    `DistributedSampler` recipe: the permutation is padded by wrapping).
-    """
+def epoch_order(
+    indices: np.ndarray, train: bool, generator: torch.Generator, rank: int, world_size: int
+) -> torch.Tensor:
+    idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    if train:
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+    if world_size > 1:
+        per_rank = -(-len(idx) // world_size)
+        idx = torch.cat([idx, idx[: per_rank * world_size - len(idx)]])
+        idx = idx[rank::world_size]
+    return idx
 
+
+class _Batches:
     def __init__(
-        self,
-        bench: Benchmark,
-        split: Split,
-        indices: np.ndarray,
-        batch_size: int,
-        device: torch.device,
-        train: bool,
-        generator: torch.Generator | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
+        self, bench, split, indices, batch_size, device, train, generator=None, rank=0, world_size=1
     ):
-        if split.images is None:
-            raise TypeError("ArrayBatches needs an in-memory split")
         self.bench, self.split = bench, split
         self.indices = np.asarray(indices, dtype=np.int64)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self._images = torch.from_numpy(split.images)  # (N, H, W, 3) uint8, shared, not copied
-        self._labels = torch.from_numpy(split.labels)
-
-    def _order(self) -> torch.Tensor:
-        idx = torch.from_numpy(self.indices)
-        if self.train:
-            idx = idx[torch.randperm(len(idx), generator=self.generator)]
-        if self.world_size > 1:
-            per_rank = -(-len(idx) // self.world_size)
-            idx = torch.cat([idx, idx[: per_rank * self.world_size - len(idx)]])
-            idx = idx[self.rank :: self.world_size]
-        return idx
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        n = -(-len(self.indices) // self.world_size)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        per_rank = -(-len(self.indices) // self.world_size)  # ceil
+        return -(-per_rank // self.batch_size)
+
+    def _finish(self, x_uint8_nchw: torch.Tensor) -> torch.Tensor:
+        return T.normalize(
+            x_uint8_nchw.to(self.device, non_blocking=True).float().div_(255.0),
+            self.bench.mean,
+            self.bench.std,
+        )
+
+
+class ArrayBatches(_Batches):
+    """Batches of an in-memory uint8 split, transformed on the device."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order()
+        images, labels = torch.from_numpy(self.split.images), torch.from_numpy(self.split.labels)
+        order = epoch_order(self.indices, self.train, self.generator, self.rank, self.world_size)
+        size, fam = self.bench.image_size, self.bench.family
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            if self.drop_last and len(rows) < self.batch_size:
-                break
-            x = T.to_float(self._images[rows].to(self.device, non_blocking=True))
-            if self.train:
-                x = T.pad_crop_flip(x, pad=x.shape[-1] // 8, generator=self.generator)
-            x = T.normalize(x, self.bench.mean, self.bench.std)
-            yield x, self._labels[rows].to(self.device, non_blocking=True)
+            x = T.to_float(images[rows].to(self.device, non_blocking=True))  # (B, 3, H, W) in [0, 1]
+            if fam == "builtin":
+                if self.train:
+                    x = T.pad_crop_flip(x, pad=x.shape[-1] // 8, generator=self.generator)
+                if x.shape[-1] != size:
+                    x = T.resize_center_crop(x, size, size)
+            elif self.train:  # CIFAR-100
+                x = T.random_resized_crop_flip(x, size, self.generator)
+                x = T.brightness_jitter(x, CIFAR_BRIGHTNESS, self.generator)
+            else:
+                x = T.resize_center_crop(x, round(size * 256 / 224), size)
+            yield (
+                T.normalize(x, self.bench.mean, self.bench.std),
+                labels[rows].to(self.device, non_blocking=True),
+            )
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], labels: np.ndarray, transform):
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")), int(self.labels[i])
+
+
+class FileBatches(_Batches):
+    """Batches of image files, decoded and augmented by DataLoader workers."""
+
+    def __init__(self, *args, num_workers: int = 0):
+        super().__init__(*args)
+        self.num_workers = num_workers
+        tf = T.file_transform(self.bench.family, self.train, self.bench.image_size)
+        self.dataset = _FileDataset(self.split.paths, self.split.labels, tf)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(self.indices, self.train, self.generator, self.rank, self.world_size)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order.tolist(),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),  # seeds the workers' augmentation
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        if self.num_workers == 0:  # augmentation in this process: seed it from the run's generator
+            torch.manual_seed(seed)
+        for x, y in loader:
+            yield self._finish(x), y.to(self.device, non_blocking=True)
 
 
 def batches(
@@ -80,6 +136,10 @@ def batches(
     generator: torch.Generator | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> ArrayBatches:
-    """The batch iterator for a split (in-memory splits are augmented on the device)."""
-    return ArrayBatches(bench, split, indices, batch_size, device, train, generator, rank, world_size)
+    num_workers: int = 0,
+) -> _Batches:
+    """The batch iterator for a split: in memory -> on-device transforms; files -> worker processes."""
+    args = (bench, split, indices, batch_size, device, train, generator, rank, world_size)
+    if split.images is not None:
+        return ArrayBatches(*args)
+    return FileBatches(*args, num_workers=num_workers)

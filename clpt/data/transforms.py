@@ -8,6 +8,8 @@ has to decode or crop single images. Randomness comes from a CPU
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +43,90 @@ def pad_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torc
     bi = torch.arange(b, device=x.device)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[bi, iy, ix]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+# --- in-memory small images (CIFAR-100), batched on the device --------------------
+
+
+def _rrc_boxes(b: int, h: int, w: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box sampling, vectorised: 10 tries per image, then a centre crop."""
+    area = h * w
+    tries = 10
+    s = torch.empty(b, tries).uniform_(scale[0], scale[1], generator=generator) * area
+    log_r = torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = torch.exp(log_r)
+    cw = torch.sqrt(s * r).round()
+    ch = torch.sqrt(s / r).round()
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1))
+    # fallback: the whole image clamped to the ratio range (torchvision's centre crop)
+    in_ratio = w / h
+    fw, fh = (
+        (w, round(w / ratio[0]))
+        if in_ratio < ratio[0]
+        else ((round(h * ratio[1]), h) if in_ratio > ratio[1] else (w, h))
+    )
+    idx = first.clamp(min=0)
+    cw = torch.where(first >= 0, cw.gather(1, idx[:, None])[:, 0], torch.full((b,), float(fw)))
+    ch = torch.where(first >= 0, ch.gather(1, idx[:, None])[:, 0], torch.full((b,), float(fh)))
+    u = torch.rand(b, 2, generator=generator)
+    x0 = torch.where(first >= 0, torch.floor(u[:, 0] * (w - cw + 1)), (w - cw) // 2)
+    y0 = torch.where(first >= 0, torch.floor(u[:, 1] * (h - ch + 1)), (h - ch) // 2)
+    return x0, y0, cw, ch
+
+
+def random_resized_crop_flip(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(size, bicubic) + RandomHorizontalFlip on a (B, C, H, W) float batch, on its device."""
+    b, _, h, w = x.shape
+    x0, y0, cw, ch = _rrc_boxes(b, h, w, generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    sx = (cw / w) * torch.where(flip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = (x0 + cw / 2) / w * 2 - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (y0 + ch / 2) / h * 2 - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+
+def brightness_jitter(x: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """ColorJitter(brightness=amount): each image times a factor drawn from U[max(0, 1 - a), 1 + a]."""
+    f = torch.empty(x.shape[0]).uniform_(max(0.0, 1 - amount), 1 + amount, generator=generator)
+    return (x * f.to(x.device, x.dtype).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    """Resize(resize, bicubic) of the shorter side, then CenterCrop(size)."""
+    h, w = x.shape[-2:]
+    nh, nw = (
+        (resize, max(resize, round(w * resize / h)))
+        if h <= w
+        else (max(resize, round(h * resize / w)), resize)
+    )
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h).clamp_(0, 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+# --- files: per-image torchvision pipelines in DataLoader workers (uint8 out) -----
+
+
+def file_transform(family: str, train: bool, size: int):
+    """METHOD.md's table. Outputs uint8 CHW; normalisation happens on the device."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    bicubic = InterpolationMode.BICUBIC
+    resize = round(size * 256 / 224)
+    if not train:
+        steps = [v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+    elif family == "fixed_resize":  # CUB-200, Cars-196
+        big = round(size * 300 / 224)
+        steps = [
+            v2.Resize((big, big), interpolation=bicubic, antialias=True),
+            v2.RandomCrop(size),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:  # ImageNet-R, image folders
+        steps = [v2.RandomResizedCrop(size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.uint8)])

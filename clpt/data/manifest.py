@@ -1,0 +1,122 @@
+"""The manifest of what a run read: every image, its label, its split and a checksum.
+
+Written to `RUN/manifest.json` when the run is created and checked each time a
+stage loads the benchmark, so a changed, missing or added file is reported
+instead of silently shifting the split. Two runs, or a run and a paper's split,
+are compared by their manifests (`digest` summarises one).
+
+Entries are `[path, label, size, mtime_ns, blake2b]` for files (paths relative
+to the dataset root, labels in the dataset's own numbering) and
+`[index, label, blake2b]` for in-memory images (CIFAR-100). Verification
+re-hashes only files whose size or modification time differ from the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from clpt.errors import DataError
+
+FORMAT = "clpt-manifest-v1"
+
+
+def _hash_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _split_entries(raw_split, root: Path) -> list[list]:
+    if raw_split.images is not None:
+        return [
+            [i, int(y), _hash_bytes(img.tobytes())]
+            for i, (img, y) in enumerate(zip(raw_split.images, raw_split.labels, strict=True))
+        ]
+    out = []
+    for p, y in zip(raw_split.paths, raw_split.labels, strict=True):
+        st = os.stat(p)
+        out.append([os.path.relpath(p, root), int(y), st.st_size, st.st_mtime_ns, _hash_file(p)])
+    return out
+
+
+def build_manifest(raw) -> dict:
+    """The manifest of a RawDataset (see clpt.data.readers)."""
+    splits = {s: _split_entries(getattr(raw, s), raw.root) for s in ("train", "test")}
+    return {
+        "format": FORMAT,
+        "dataset": raw.name,
+        "root": str(raw.root),
+        "classes": list(raw.class_names),
+        "info": dict(raw.info),
+        "counts": {s: len(v) for s, v in splits.items()},
+        "digest": digest(splits),
+        "splits": splits,
+    }
+
+
+def digest(splits: dict) -> str:
+    """One checksum over the file list, labels and content hashes (not sizes or times)."""
+    h = hashlib.sha256()
+    for s in ("train", "test"):
+        for e in splits[s]:
+            h.update(f"{s}\t{e[0]}\t{e[1]}\t{e[-1]}\n".encode())
+    return h.hexdigest()
+
+
+def verify(raw, manifest: dict) -> None:
+    """Raise DataError if the dataset on disk differs from the run's manifest."""
+    problems = []
+    if list(raw.class_names) != manifest["classes"]:
+        problems.append("the class list differs")
+    for s in ("train", "test"):
+        split = getattr(raw, s)
+        recorded = manifest["splits"][s]
+        if split.images is not None:
+            now = _split_entries(split, raw.root)
+            changed = [str(e[0]) for e, r in zip(now, recorded, strict=False) if e != r]
+            if len(now) != len(recorded):
+                problems.append(f"{s}: {len(now)} images instead of {len(recorded)}")
+            if changed:
+                problems.append(f"{s}: {len(changed)} images changed (e.g. index {changed[0]})")
+            continue
+        current = {
+            os.path.relpath(p, raw.root): int(y) for p, y in zip(split.paths, split.labels, strict=True)
+        }
+        rec = {e[0]: e for e in recorded}
+        missing = [p for p in rec if p not in current]
+        added = [p for p in current if p not in rec]
+        relabeled = [p for p, y in current.items() if p in rec and rec[p][1] != y]
+        changed = []
+        for p in current:
+            if p not in rec:
+                continue
+            _, _, size, mtime, h = rec[p]
+            full = str(raw.root / p)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                missing.append(p)
+                continue
+            if st.st_size != size or (st.st_mtime_ns != mtime and _hash_file(full) != h):
+                changed.append(p)
+        for what, items in (
+            ("missing", missing),
+            ("added", added),
+            ("changed", changed),
+            ("relabelled", relabeled),
+        ):
+            if items:
+                problems.append(f"{s}: {len(items)} files {what} (e.g. {items[0]})")
+    if problems:
+        raise DataError(
+            f"the dataset under {raw.root} differs from the run's manifest: " + "; ".join(problems),
+            hint="restore the files the run was created with, or start a new run on the changed data",
+        )

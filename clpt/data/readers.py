@@ -1,0 +1,276 @@
+"""Readers for the published benchmarks, in the layouts they are distributed in.
+
+Each reader returns a `RawDataset`: class names, and for each split either the
+uint8 images in memory (CIFAR-100) or file paths, with labels 0..C-1 in the
+dataset's own class numbering (the run's class order is applied later).
+
+| name        | layout under `benchmark.root`                                              |
+|-------------|----------------------------------------------------------------------------|
+| cifar100    | `cifar-100-python/{train,test,meta}` (the python pickles torchvision reads) |
+| imagenet-r  | `imagenet-r/<wnid>/*.jpg`, 200 classes; deterministic 80/20 split per class |
+| cub200      | `CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,      |
+|             | classes.txt,images/}`                                                      |
+| cars196     | `stanford_cars/{devkit/,cars_train/,cars_test/,cars_test_annos_withlabels.mat}` |
+|             | (the devkit layout torchvision reads), or `train/<class>/`, `test/<class>/` |
+| imagefolder | `train/<class>/*`, and `test/<class>/*` or `val/<class>/*`                  |
+
+`root` may name the dataset folder itself or its parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clpt.errors import DataError
+
+log = logging.getLogger("clpt")
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class RawSplit:
+    labels: np.ndarray  # (N,) int64, the dataset's own class ids
+    images: np.ndarray | None = None  # (N, H, W, 3) uint8, in memory
+    paths: list[str] | None = None  # absolute file paths
+
+
+@dataclass
+class RawDataset:
+    name: str
+    root: Path  # the folder the files are relative to
+    class_names: list[str]
+    train: RawSplit
+    test: RawSplit
+    info: dict = field(default_factory=dict)
+
+
+def _find(root: Path, *candidates: str) -> Path:
+    """The first of root/candidate (or root itself when it is the named folder) that exists."""
+    for c in candidates:
+        if (root / c).exists():
+            return root / c
+    return root
+
+
+def _missing(what: str, root: Path, hint: str) -> DataError:
+    return DataError(f"{what} not found under benchmark.root={root}", hint=hint)
+
+
+# --- CIFAR-100 ------------------------------------------------------------------
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def read_cifar100(root: Path, download: bool) -> RawDataset:
+    base = _find(root, "cifar-100-python")
+    if not all((base / f).is_file() for f in ("train", "test", "meta")):
+        if download:
+            base = _download_cifar(root)
+        else:
+            raise _missing(
+                "CIFAR-100 (cifar-100-python/{train,test,meta})",
+                root,
+                f"extract {CIFAR_URL} into {root}, or set benchmark.download=true",
+            )
+    meta = _unpickle(base / "meta")
+    splits = {}
+    for split in ("train", "test"):
+        d = _unpickle(base / split)
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        splits[split] = RawSplit(
+            labels=np.asarray(d["fine_labels"], dtype=np.int64), images=np.ascontiguousarray(x)
+        )
+    return RawDataset(
+        "cifar100",
+        base,
+        list(meta["fine_label_names"]),
+        splits["train"],
+        splits["test"],
+        {"layout": "cifar-100-python pickles"},
+    )
+
+
+def _download_cifar(root: Path) -> Path:
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    log.info("CIFAR-100 not found under %s: downloading %s", root, CIFAR_URL)
+    try:
+        download_and_extract_archive(CIFAR_URL, str(root), md5=CIFAR_MD5)
+    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "no download here"
+        raise DataError(
+            f"CIFAR-100 is not under benchmark.root={root} and could not be downloaded ({type(e).__name__})",
+            hint=f"download {CIFAR_URL} elsewhere and extract it into {root}",
+        ) from None
+    return root / "cifar-100-python"
+
+
+# --- folder layouts --------------------------------------------------------------
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_folders(base: Path) -> list[str]:
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_imagenet_r(root: Path, split_seed: int, train_fraction: float = 0.8) -> RawDataset:
+    """ImageNet-R as distributed, with a deterministic per-class train/test split.
+
+    Per class, files sorted by name are permuted by `np.random.default_rng([split_seed, class])`;
+    the first round(train_fraction * n) are training images.
+    """
+    base = _find(root, "imagenet-r")
+    if not base.is_dir() or not _class_folders(base):
+        raise _missing(
+            "ImageNet-R (imagenet-r/<wnid>/*.jpg)", root, "extract imagenet-r.tar into benchmark.root"
+        )
+    classes = _class_folders(base)
+    tr_p, tr_y, te_p, te_y = [], [], [], []
+    for c, wnid in enumerate(classes):
+        files = _image_files(base / wnid)
+        order = np.random.default_rng([split_seed, c]).permutation(len(files))
+        n_train = int(round(train_fraction * len(files)))
+        for rank, i in enumerate(order):
+            (tr_p if rank < n_train else te_p).append(str(files[i]))
+            (tr_y if rank < n_train else te_y).append(c)
+    return RawDataset(
+        "imagenet-r",
+        base,
+        classes,
+        RawSplit(np.asarray(tr_y, dtype=np.int64), paths=tr_p),
+        RawSplit(np.asarray(te_y, dtype=np.int64), paths=te_p),
+        {"layout": "imagenet-r/<wnid>/", "split": f"per class {train_fraction:.0%} train, seed {split_seed}"},
+    )
+
+
+def read_imagefolder(root: Path, name: str = "imagefolder") -> RawDataset:
+    """`train/<class>/` and `test/<class>/` (or `val/<class>/`), classes matched by folder name."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise _missing(
+            "train/<class>/ and test/<class>/ (or val/<class>/)",
+            root,
+            "arrange the images as train/<class>/* and test/<class>/*",
+        )
+    classes, to_idx = find_classes(str(root / "train"))
+    test_classes, _ = find_classes(str(test_dir))
+    if test_classes != classes:
+        extra = sorted(set(test_classes) ^ set(classes))[:5]
+        raise DataError(
+            f"train/ and {test_dir.name}/ have different class folders (e.g. {extra})",
+            hint="give both splits the same class folders",
+        )
+    splits = []
+    for d in (root / "train", test_dir):
+        samples = make_dataset(str(d), to_idx, extensions=IMAGE_SUFFIXES)
+        splits.append(
+            RawSplit(np.asarray([y for _, y in samples], dtype=np.int64), paths=[p for p, _ in samples])
+        )
+    return RawDataset(name, root, classes, splits[0], splits[1], {"layout": f"train/, {test_dir.name}/"})
+
+
+def read_cub200(root: Path) -> RawDataset:
+    base = _find(root, "CUB_200_2011")
+    need = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "images")
+    if not all((base / f).exists() for f in need):
+        raise _missing(
+            "CUB-200-2011 (images.txt, image_class_labels.txt, train_test_split.txt, images/)",
+            root,
+            "extract CUB_200_2011.tgz into benchmark.root",
+        )
+
+    def table(name: str) -> dict[int, str]:
+        rows = [line.split(maxsplit=1) for line in (base / name).read_text().splitlines() if line.strip()]
+        return {int(k): v.strip() for k, v in rows}
+
+    images, labels, is_train = (
+        table("images.txt"),
+        table("image_class_labels.txt"),
+        table("train_test_split.txt"),
+    )
+    if (base / "classes.txt").is_file():
+        names_by_id = table("classes.txt")
+    else:
+        names_by_id = {int(v): f"class_{v}" for v in set(labels.values())}
+    ids = sorted(names_by_id)
+    index = {cid: i for i, cid in enumerate(ids)}
+    out = {True: ([], []), False: ([], [])}
+    for img_id, rel in sorted(images.items()):
+        paths, ys = out[is_train[img_id] == "1"]
+        paths.append(str(base / "images" / rel))
+        ys.append(index[int(labels[img_id])])
+    split = {k: RawSplit(np.asarray(v[1], dtype=np.int64), paths=v[0]) for k, v in out.items()}
+    return RawDataset(
+        "cub200",
+        base,
+        [names_by_id[i] for i in ids],
+        split[True],
+        split[False],
+        {"layout": "CUB_200_2011 txt files", "split": "train_test_split.txt"},
+    )
+
+
+def read_cars196(root: Path) -> RawDataset:
+    """Stanford Cars: the devkit layout (through torchvision's StanfordCars) or train/ test/ folders."""
+    if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
+        ds = read_imagefolder(root, name="cars196")
+        ds.info["layout"] = "train/<class>/, test/<class>/"
+        return ds
+    from torchvision.datasets import StanfordCars
+
+    parent = root.parent if root.name == "stanford_cars" else root
+    try:
+        splits = [StanfordCars(str(parent), split=s) for s in ("train", "test")]
+    except RuntimeError:
+        raise _missing(
+            "Stanford Cars (stanford_cars/devkit/, cars_train/, cars_test/, cars_test_annos_withlabels.mat, "
+            "or train/<class>/ and test/<class>/)",
+            root,
+            "extract the devkit, the images and cars_test_annos_withlabels.mat into benchmark.root",
+        ) from None
+    raws = [
+        RawSplit(np.asarray([y for _, y in d._samples], dtype=np.int64), paths=[p for p, _ in d._samples])
+        for d in splits
+    ]
+    return RawDataset(
+        "cars196",
+        parent / "stanford_cars",
+        list(splits[0].classes),
+        raws[0],
+        raws[1],
+        {"layout": "stanford_cars devkit"},
+    )
+
+
+def read_dataset(name: str, root: str, download: bool, split_seed: int) -> RawDataset:
+    r = Path(root).expanduser()
+    if name != "cifar100" and not r.exists():
+        raise DataError(
+            f"benchmark.root={r} does not exist", hint="point benchmark.root at the dataset folder"
+        )
+    if name == "cifar100":
+        return read_cifar100(r, download)
+    if name == "imagenet-r":
+        return read_imagenet_r(r, split_seed)
+    if name == "cub200":
+        return read_cub200(r)
+    if name == "cars196":
+        return read_cars196(r)
+    if name == "imagefolder":
+        return read_imagefolder(r)
+    raise ValueError(name)
