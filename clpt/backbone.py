@@ -104,21 +104,28 @@ def load_weights_file(model: VisionTransformer, path: Path) -> dict:
     from timm.models import load_state_dict
 
     if not path.is_file():
-        raise DataError(f"backbone.checkpoint {str(path)!r} does not exist", hint="point backbone.checkpoint at a weights file")
+        raise DataError(
+            f"backbone.checkpoint {str(path)!r} does not exist",
+            hint="point backbone.checkpoint at a weights file",
+        )
     if path.suffix.lower() == ".npz":
         from timm.models.vision_transformer import _load_weights
 
         try:
             _load_weights(model, str(path))
         except (KeyError, ValueError, RuntimeError) as e:
-            raise DataError(f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[0][:200]}",
-                            hint="use the .npz that matches backbone.name") from None
+            raise DataError(
+                f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[0][:200]}",
+                hint="use the .npz that matches backbone.name",
+            ) from None
         return {"format": "npz"}
     try:
         sd = load_state_dict(str(path), use_ema=False)
     except Exception as e:  # pickle, zip and safetensors errors all mean an unreadable file
-        raise DataError(f"cannot read {path} as a checkpoint ({type(e).__name__})",
-                        hint="give a .safetensors, .pth/.pt state dict or an AugReg .npz") from None
+        raise DataError(
+            f"cannot read {path} as a checkpoint ({type(e).__name__})",
+            hint="give a .safetensors, .pth/.pt state dict or an AugReg .npz",
+        ) from None
     sd = {k: v for k, v in checkpoint_filter_fn(sd, model).items() if not k.startswith(_NOT_BACKBONE)}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(_NOT_BACKBONE)]
@@ -128,7 +135,12 @@ def load_weights_file(model: VisionTransformer, path: Path) -> dict:
             hint="check that the checkpoint was made for backbone.name",
         )
     if unexpected:
-        log.warning("%s: %d entries are not backbone weights and were ignored (e.g. %s)", path, len(unexpected), unexpected[0])
+        log.warning(
+            "%s: %d entries are not backbone weights and were ignored (e.g. %s)",
+            path,
+            len(unexpected),
+            unexpected[0],
+        )
     return {"format": path.suffix.lower().lstrip("."), "ignored": len(unexpected)}
 
 
@@ -161,7 +173,9 @@ def _from_hub(name: str) -> VisionTransformer:
     except Exception as e:  # offline, missing in the cache, HTTP errors: no weights for us
         if isinstance(e, DataError):
             raise
-        hub = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) if timm.is_model(name) else None
+        hub = (
+            getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) if timm.is_model(name) else None
+        )
         where = f"the Hugging Face repo {hub} (model.safetensors)" if hub else "its weights file"
         raise DataError(
             f"pre-trained weights for {name} are not in the local cache and could not be downloaded ({type(e).__name__})",
@@ -199,7 +213,10 @@ def create_backbone(cfg: BackboneConfig, pretrained: bool | None = None) -> nn.M
             tag = getattr(resolved, "tag", None) if resolved is not None else None
             log.warning(
                 "backbone.name %r has no pretrained tag: timm resolves it to %s.%s, which may not be the "
-                "weights a paper used (SLCA: vit_base_patch16_224.augreg_in21k)", name, name, tag,
+                "weights a paper used (SLCA: vit_base_patch16_224.augreg_in21k)",
+                name,
+                name,
+                tag,
             )
         model = _from_hub(name)
     if cfg.reset_final_norm:

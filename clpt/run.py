@@ -343,6 +343,8 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
     if not force and run.state(stage, t) == "done":
         return StageResult(stage, t, True, run.marker(stage, t))
     inputs = run.require(stage, t)
+    if stage in ("train", "extract"):
+        run.benchmark()  # a changed dataset fails here, before a finished stage's marker is removed
     dist.barrier()  # every rank has checked the markers before rank 0 removes one
     if dist.is_main():
         run.invalidate(stage, t)  # first: a killed stage must not look finished

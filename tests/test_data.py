@@ -1,0 +1,244 @@
+"""Dataset readers on tiny files in each published layout; transforms; the split manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from fake_data import (
+    make_cars_devkit,
+    make_cifar100,
+    make_cub,
+    make_imagefolder,
+    make_imagenet_r,
+    make_learnable_imagefolder,
+)
+from PIL import Image
+from typer.testing import CliRunner
+
+from clpt.config import BenchmarkConfig
+from clpt.data import manifest as M
+from clpt.data.benchmark import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    class_order,
+    load_benchmark,
+)
+from clpt.data.loader import batches
+from clpt.data.readers import read_cars196, read_cifar100, read_cub200, read_imagefolder, read_imagenet_r
+from clpt.errors import DataError
+
+
+def test_cifar100_pickles(tmp_path):
+    written = make_cifar100(tmp_path)
+    for root in (tmp_path, tmp_path / "cifar-100-python"):  # the parent or the folder itself
+        ds = read_cifar100(root, download=False)
+        assert len(ds.class_names) == 100 and ds.class_names[7] == "class_07"
+        for split in ("train", "test"):
+            hwc, labels = written[split]
+            raw = getattr(ds, split)
+            assert np.array_equal(raw.images, hwc) and np.array_equal(raw.labels, labels)
+            assert raw.images.dtype == np.uint8 and raw.images.shape[1:] == (32, 32, 3)
+
+
+def test_cifar100_missing_without_download(tmp_path):
+    with pytest.raises(DataError, match="CIFAR-100") as e:
+        read_cifar100(tmp_path, download=False)
+    assert "cifar-100-python.tar.gz" in e.value.hint
+
+
+def test_imagenet_r_split_is_deterministic_and_80_20(tmp_path):
+    wnids = make_imagenet_r(tmp_path, n_classes=4, per_class=10)
+    a, b = read_imagenet_r(tmp_path, split_seed=0), read_imagenet_r(tmp_path / "imagenet-r", split_seed=0)
+    assert a.class_names == sorted(wnids)
+    assert a.train.paths == b.train.paths and np.array_equal(a.train.labels, b.train.labels)
+    assert np.bincount(a.train.labels).tolist() == [8] * 4 and np.bincount(a.test.labels).tolist() == [2] * 4
+    assert not set(a.train.paths) & set(a.test.paths)
+    assert len(set(a.train.paths) | set(a.test.paths)) == 40
+    for p, y in zip(a.train.paths, a.train.labels, strict=True):
+        assert os.path.basename(os.path.dirname(p)) == a.class_names[y]
+    other = read_imagenet_r(tmp_path, split_seed=1)
+    assert other.train.paths != a.train.paths  # the seed is what fixes the split
+    assert "seed 0" in a.info["split"]
+
+
+def test_cub200(tmp_path):
+    make_cub(tmp_path, n_classes=3, per_class=4)
+    ds = read_cub200(tmp_path)
+    assert ds.class_names == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
+    assert np.bincount(ds.train.labels).tolist() == [2, 2, 2] and np.bincount(ds.test.labels).tolist() == [
+        2,
+        2,
+        2,
+    ]
+    assert all(
+        f"Bird_{y + 1}_" in os.path.basename(p) for p, y in zip(ds.train.paths, ds.train.labels, strict=True)
+    )
+    assert all(
+        int(os.path.basename(p).split("_")[-1][0]) % 2 == 0 for p in ds.train.paths
+    )  # is_training_image=1
+
+
+def test_cars196_devkit_and_folders(tmp_path):
+    written = make_cars_devkit(tmp_path / "a", n_classes=3)
+    for root in (tmp_path / "a", tmp_path / "a" / "stanford_cars"):
+        ds = read_cars196(root)
+        assert ds.class_names == ["Make Model 0 2012", "Make Model 1 2012", "Make Model 2 2012"]
+        assert ds.train.labels.tolist() == written["train"] and ds.test.labels.tolist() == written["test"]
+        assert all(os.path.isfile(p) for p in ds.train.paths + ds.test.paths)
+    make_imagefolder(tmp_path / "b", classes=("audi", "bmw"))
+    ds = read_cars196(tmp_path / "b")
+    assert ds.class_names == ["audi", "bmw"] and len(ds.train.paths) == 12 and len(ds.test.paths) == 4
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DataError, match="Stanford Cars"):
+        read_cars196(tmp_path / "c")
+
+
+def test_imagefolder_train_and_val(tmp_path):
+    make_imagefolder(tmp_path, test_dir="val")
+    ds = read_imagefolder(tmp_path)
+    assert ds.class_names == ["cat", "dog", "eel"]
+    assert np.bincount(ds.train.labels).tolist() == [6, 6, 6] and np.bincount(ds.test.labels).tolist() == [
+        2,
+        2,
+        2,
+    ]
+    (tmp_path / "val" / "fox").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "fox" / "x.png")
+    with pytest.raises(DataError, match="different class folders"):
+        read_imagefolder(tmp_path)
+
+
+def test_benchmark_applies_the_class_order(tmp_path):
+    make_imagenet_r(tmp_path, n_classes=4, per_class=10)
+    cfg = BenchmarkConfig(name="imagenet-r", root=str(tmp_path), init_classes=2, increment=1, seed=5)
+    b = load_benchmark(cfg)
+    raw = b.raw
+    order = class_order(4, 5)
+    assert np.array_equal(b.order, order) and b.class_names == [raw.class_names[i] for i in order]
+    assert np.array_equal(order[b.train.labels], raw.train.labels)  # remapped label i is class order[i]
+    assert [len(r) for r in b.tasks] == [2, 1, 1]
+    assert (b.family, b.image_size, b.mean, b.std) == ("rrc", 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _constant_batch(bench, split, train, value):
+    gen = torch.Generator().manual_seed(0)
+    x, _ = next(iter(batches(bench, split, np.arange(len(split))[:4], 4, torch.device("cpu"), train, gen)))
+    return x
+
+
+@pytest.mark.parametrize("name,family", [("imagenet-r", "rrc"), ("cub200", "fixed_resize")])
+def test_file_transforms_shapes_and_normalisation(tmp_path, name, family):
+    if name == "imagenet-r":
+        root = tmp_path / "imagenet-r" / "n01"
+        root.mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (60 + i, 45), (200, 100, 50)).save(root / f"{i}.jpg", quality=100)
+    else:
+        make_cub(tmp_path, n_classes=2, per_class=4)
+        for p in (tmp_path / "CUB_200_2011" / "images").rglob("*.jpg"):
+            Image.new("RGB", (50, 70), (200, 100, 50)).save(p, quality=100)
+    b = load_benchmark(
+        BenchmarkConfig(name=name, root=str(tmp_path), init_classes=1, increment=1, image_size=48)
+    )
+    assert b.family == family
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    for train in (True, False):
+        x = _constant_batch(b, b.train, train, None)
+        assert x.shape[1:] == (3, 48, 48) and x.dtype == torch.float32
+        torch.testing.assert_close(x.mean(dim=(0, 2, 3)), expected, atol=0.03, rtol=0)
+
+
+def test_cifar_transforms_on_the_device(tmp_path):
+    make_cifar100(tmp_path)
+    b = load_benchmark(BenchmarkConfig(name="cifar100", root=str(tmp_path), download=False))
+    assert (b.family, b.image_size, b.mean, b.std) == ("cifar", 224, CIFAR_MEAN, CIFAR_STD)
+    b.train.images[:4] = (120, 60, 30)  # constant images: normalisation is checkable
+    expected = (torch.tensor([120, 60, 30]) / 255 - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)
+    x_test = _constant_batch(b, b.train, False, None)
+    assert x_test.shape == (4, 3, 224, 224)
+    torch.testing.assert_close(x_test, expected.view(1, 3, 1, 1).expand_as(x_test), atol=1e-4, rtol=0)
+    x_train = _constant_batch(b, b.train, True, None)  # brightness jitter scales each image by one factor
+    assert x_train.shape == (4, 3, 224, 224)
+    raw = x_train * torch.tensor(CIFAR_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    ratio = raw[:, 0] / raw[:, 2]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 4.0), atol=1e-3, rtol=0)
+    f = raw[:, 2].mean(dim=(1, 2)) / (30 / 255)
+    assert f.min() >= 1 - 63 / 255 - 1e-4 and f.max() <= 1 + 63 / 255 + 1e-4
+
+
+def test_manifest_reports_changed_missing_and_added_files(tmp_path):
+    make_imagefolder(tmp_path)
+    raw = read_imagefolder(tmp_path)
+    man = M.build_manifest(raw)
+    assert man["counts"] == {"train": 18, "test": 6} and len(man["digest"]) == 64
+    M.verify(raw, man)  # unchanged
+    p = tmp_path / "train" / "dog" / "dog_1.png"
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(p)
+    with pytest.raises(DataError, match="1 files changed"):
+        M.verify(read_imagefolder(tmp_path), man)
+    p.unlink()
+    with pytest.raises(DataError, match="1 files missing"):
+        M.verify(read_imagefolder(tmp_path), man)
+    Image.new("RGB", (4, 4)).save(tmp_path / "test" / "eel" / "new.png")
+    with pytest.raises(DataError, match="added"):
+        M.verify(read_imagefolder(tmp_path), man)
+
+
+def test_full_run_on_a_tiny_image_folder(tmp_path, clpt_cache):
+    from clpt_cli.main import app
+
+    data = tmp_path / "data"
+    make_learnable_imagefolder(data, n_classes=6)
+    root = tmp_path / "run"
+    sets = [
+        "benchmark.name=imagefolder",
+        f"benchmark.root={data}",
+        "benchmark.init_classes=2",
+        "benchmark.increment=2",
+        "benchmark.image_size=32",
+        "backbone.name=clpt_vit_micro",
+        "train.epochs=2",
+        "train.milestones=[2]",
+        "train.batch_size=8",
+        "system.num_workers=2",
+        "align.samples_per_class=16",
+    ]
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(root), "--json", *sum((["--set", s] for s in sets), [])])
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["n_tasks"] == 3 and rep["task"] == 2 and rep["last_acc"] > 1 / 6
+    man = json.loads((root / "manifest.json").read_text())
+    assert man["dataset"] == "imagefolder" and man["counts"] == {"train": 72, "test": 24}
+    record = json.loads((root / "backbone.json").read_text())
+    assert record["resolved"] == "clpt_vit_micro.builtin" and len(record["sha256"]) == 64
+    # a changed image is reported, and nothing is overwritten
+    before = (root / "tasks" / "002" / "train.done.json").read_text()
+    Image.new("RGB", (36, 36), (9, 9, 9)).save(data / "train" / "class_0" / "0.png")
+    res = runner.invoke(app, ["train-task", str(root), "--task", "2", "--force"])
+    assert (
+        res.exit_code == 4
+        and "differs from the run's manifest" in res.stderr
+        and "1 files changed" in res.stderr
+    )
+    assert (root / "tasks" / "002" / "train.done.json").read_text() == before
+
+
+def test_cifar100_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", no_network)
+    with pytest.raises(DataError, match="could not be downloaded") as e:
+        read_cifar100(tmp_path, download=True)
+    assert "cifar-100-python.tar.gz" in e.value.hint
