@@ -44,10 +44,6 @@ class Heads(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, n_classes)
         return torch.cat([h(feats * s) for h, s in zip(self.heads, self.input_scale, strict=True)], dim=1)
 
-    def block_logits(self, feats: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of each head separately (the per-task blocks)."""
-        return [h(feats * s) for h, s in zip(self.heads, self.input_scale, strict=True)]
-
 
 class CLModel(nn.Module):
     def __init__(self, backbone: nn.Module, heads: Heads):

@@ -102,13 +102,6 @@ class Benchmark:
     def n_tasks(self) -> int:
         return len(self.tasks)
 
-    def task_of_class(self) -> np.ndarray:
-        """(n_classes,) true task index of each remapped class."""
-        out = np.empty(self.n_classes, dtype=np.int64)
-        for t, r in enumerate(self.tasks):
-            out[r.start : r.stop] = t
-        return out
-
 
 def remap_labels(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
     position = np.empty_like(order)
