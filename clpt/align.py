@@ -142,12 +142,9 @@ def save_heads(path: Path, heads: Heads, task: int) -> None:
 
 
 def load_aligned_heads(path: Path) -> Heads:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != HEADS_FORMAT:
-        raise ClptError(f"{path} is not a clpt heads file", hint="re-run `clpt align` with --force")
-    heads = Heads(ckpt["dim"], ckpt["head_sizes"])
-    heads.load_state_dict(ckpt["heads"])
-    return heads
+    from clpt.train import load_heads
+
+    return load_heads(path, HEADS_FORMAT)
 
 
 def align_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:

@@ -184,6 +184,10 @@ def _from_hub(name: str) -> VisionTransformer:
         ) from None
 
 
+def _is_builtin(name: str) -> bool:
+    return name.split(".")[0] == BUILTIN_NAME
+
+
 def _builtin_name(name: str) -> str:
     return f"{BUILTIN_NAME}.{BUILTIN_TAG}" if name == BUILTIN_NAME else name
 
@@ -202,7 +206,7 @@ def create_backbone(cfg: BackboneConfig, pretrained: bool | None = None) -> nn.M
     elif cfg.checkpoint is not None:
         model = _architecture(name)
         load_weights_file(model, Path(cfg.checkpoint).expanduser())
-    elif name.split(".")[0] == BUILTIN_NAME:
+    elif _is_builtin(name):
         from clpt.pretrain import ensure_builtin_weights
 
         model = _architecture(name)
@@ -232,7 +236,7 @@ def weights_record(cfg: BackboneConfig, model: nn.Module) -> dict:
         source = "random initialisation"
     elif cfg.checkpoint:
         source = f"file {Path(cfg.checkpoint).expanduser().resolve()}"
-    elif cfg.name.split(".")[0] == BUILTIN_NAME:
+    elif _is_builtin(cfg.name):
         source = f"file {builtin_weights_path()} (built-in pre-training)"
     else:
         source = f"timm hub {pcfg.get('hf_hub_id') or pcfg.get('url') or '?'}"

@@ -67,24 +67,26 @@ def save_model(path: Path, model: CLModel, cfg: RunConfig, task: int, extra: dic
     )
 
 
-def _load_checkpoint(path: Path) -> dict:
+def _load_checkpoint(path: Path, fmt: str = CHECKPOINT_FORMAT) -> dict:
+    """A clpt file of format `fmt` (model checkpoint or aligned heads), or a one-line DataError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, ValueError) as e:
         raise DataError(
             f"cannot read checkpoint {path}: {e}", hint="re-run the stage that wrote it with --force"
         ) from None
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise DataError(
-            f"{path} is not a clpt model checkpoint", hint="re-run the stage that wrote it with --force"
+            f"{path} is not a clpt {fmt} file", hint="re-run the stage that wrote it with --force"
         )
     return ckpt
 
 
-def load_heads(path: Path, key: str = "heads") -> Heads:
-    ckpt = _load_checkpoint(path)
+def load_heads(path: Path, fmt: str = CHECKPOINT_FORMAT) -> Heads:
+    """The heads stored in a model checkpoint (pre-alignment) or an aligned-heads file."""
+    ckpt = _load_checkpoint(path, fmt)
     heads = Heads(ckpt["dim"], ckpt["head_sizes"])
-    heads.load_state_dict(ckpt[key])
+    heads.load_state_dict(ckpt["heads"])
     return heads
 
 

@@ -85,14 +85,17 @@ def _check(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> None:
         raise ValueError(f"x is on {x.device} but labels are on {labels.device}")
     if n_classes < 1:
         raise ValueError("n_classes must be >= 1")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes})")
 
 
 def group_rows(labels: torch.Tensor, n_classes: int):
-    """perm sorting rows by label (stable), per-class counts and start offsets in sorted order."""
+    """perm sorting rows by label (stable), per-class counts and start offsets in sorted order.
+
+    Labels must lie in [0, n_classes) (the launchers' `_check` ensures it).
+    """
     labels = labels.to(torch.int64)
     counts = torch.bincount(labels, minlength=n_classes)
-    if counts.numel() > n_classes:
-        raise ValueError(f"labels must lie in [0, {n_classes})")
     perm = torch.argsort(labels, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     return perm, counts, starts
@@ -119,8 +122,6 @@ def class_scatter_torch(x: torch.Tensor, labels: torch.Tensor, n_classes: int, a
     stores them) are used as slices, without the gather.
     """
     _check(x, labels, n_classes)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes})")
     n, d = x.shape
     grouped = bool((labels[1:] >= labels[:-1]).all())
     perm, counts, starts = group_rows(labels, n_classes)
@@ -243,8 +244,6 @@ def class_scatter_triton(
         raise ValueError("block_d and block_n must be powers of two >= 16 (tl.dot)")
     if x.shape[0] >= 2**31:
         raise ValueError("more than 2**31 rows in one chunk: split it")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes})")
     n, d = x.shape
     perm, counts, starts = group_rows(labels, n_classes)
     shift = _shifts(x, perm, counts, starts)
