@@ -5,7 +5,8 @@ The reduction is written against a small interface:
 - `ClassMoments`: a mergeable partial result for C classes: count (C,),
   mean (C, d) and M2 (C, d, d), the scatter about the mean, all float64.
   `merge` is the pairwise update of Chan, Golub and LeVeque, exact for any
-  split of the rows into chunks or processes; `covariance` gives the unbiased
+  split of the rows into chunks or processes, and M2 is exactly symmetric
+  (see `moments_from_scatter`); `covariance` gives the unbiased
   (n - 1) covariance plus `ridge * I`, as the reference code's fp64 `torch.cov`.
 - `MomentAccumulator`: `update(x, labels)` per chunk, `result()` at the end.
   `ScatterAccumulator` implements it on `clpt_kernels.class_moments.class_scatter`:
@@ -54,7 +55,8 @@ class ClassMoments:
         delta = other.mean - self.mean  # (C, d)
         mean = self.mean + delta * (nb / safe)[:, None]
         coef = (na * nb / safe)[:, None, None]
-        m2 = self.m2 + other.m2 + coef * delta[:, :, None] * delta[:, None, :]
+        # coef * (d_i d_j), not (coef d_i) d_j: each term stays exactly symmetric, so M2 does
+        m2 = self.m2 + other.m2 + coef * (delta[:, :, None] * delta[:, None, :])
         return ClassMoments(n, mean, m2)
 
     def covariance(self, ridge: float = 0.0) -> torch.Tensor:
@@ -79,12 +81,23 @@ class MomentAccumulator(Protocol):
 
 
 def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
-    """ClassMoments (float64) from shifted sums: mean = k + s/n, M2 = S - s s^T / n."""
+    """ClassMoments (float64) from shifted sums: mean = k + s/n, M2 = S - s s^T / n.
+
+    The kernels' scatter matrices are symmetric only to rounding (a GEMM or
+    `tl.dot` sums (p, q) and (q, p) in orders of its own, and on a GPU the
+    pieces of a long class are reduced with atomic adds in no fixed order).
+    This is the one place where every kernel result enters the statistics, so
+    it is symmetrized here, once, exactly: (S + S^T) / 2 in float64. Every later
+    operation (`merge`, `covariance`) keeps exact symmetry, so every stored M2
+    and covariance is exactly symmetric on every machine.
+    """
     n = count.to(torch.float64)
     safe = n.clamp(min=1)
     s = total.to(torch.float64)
     mean = torch.where((n > 0)[:, None], shift.to(torch.float64) + s / safe[:, None], torch.zeros_like(s))
-    m2 = scatter.to(torch.float64) - s[:, :, None] * s[:, None, :] / safe[:, None, None]
+    sc = scatter.to(torch.float64)
+    sc = (sc + sc.transpose(1, 2)) * 0.5  # a + b == b + a exactly: symmetric whatever the kernel's order
+    m2 = sc - s[:, :, None] * s[:, None, :] / safe[:, None, None]
     return ClassMoments(n, mean, m2)
 
 

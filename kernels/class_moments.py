@@ -23,6 +23,14 @@ Three implementations, tested against each other:
   tile pairs only, mirrors off-diagonal tiles on store, and long classes are
   split into pieces whose partial tiles are reduced with atomic adds.
 
+Symmetry: `scatter` is symmetric to rounding, not bit for bit. A diagonal tile
+(and the torch path's whole GEMM) sums entries (p, q) and (q, p) in orders the
+matrix-multiply implementation picks (NumPy's BLAS build in the interpreter,
+tensor cores on a GPU), and on a GPU the pieces of a long class are reduced with
+atomic adds in no fixed order, so even mirrored tiles can differ in the last
+bit. Exact symmetry is established once, where every result enters the
+statistics: `clpt.stats.moments_from_scatter`.
+
 `class_scatter` dispatches: CUDA tensors -> Triton, CPU tensors -> torch.
 `CLPT_KERNEL_BACKEND=torch|triton` (or `backend=`) forces either; with
 `TRITON_INTERPRET=1` set before import, the Triton kernel runs on CPU tensors in
@@ -288,7 +296,10 @@ def choose_backend(device: torch.device, backend: str | None = None) -> str:
 def class_scatter(
     x: torch.Tensor, labels: torch.Tensor, n_classes: int, backend: str | None = None, **kwargs
 ):
-    """count (C,) int64, shift (C, d), sum (C, d), scatter (C, d, d) float32; see the module docstring."""
+    """count (C,) int64, shift (C, d), sum (C, d), scatter (C, d, d) float32 (symmetric to rounding).
+
+    See the module docstring.
+    """
     if choose_backend(x.device, backend) == "triton":
         return class_scatter_triton(x, labels, n_classes, **kwargs)
     return class_scatter_torch(x, labels, n_classes, **kwargs)
