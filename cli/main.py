@@ -110,9 +110,7 @@ def init(run_dir: RunArg, config: ConfigOpt = None, set_: SetOpt = None) -> None
 
     cfg = C.resolve(config, set_ or [])
     run = create_run(run_dir, cfg)
-    err.print(
-        f"created run {run.root}: {run.info.benchmark}, {run.info.n_tasks} tasks, method {cfg.method.value}"
-    )
+    err.print(f"created run {run.root}: {run.info.benchmark}, {run.info.n_tasks} tasks, method {cfg.method}")
 
 
 @app.command("train-task")
@@ -175,7 +173,8 @@ def run_(
     """Every stage not yet done (or stale), for every task, in order; creates the run if needed."""
     from clpt import config as C
     from clpt.evaluate import report
-    from clpt.run import STAGES, create_run, run_all
+    from clpt.run import create_run, run_all
+    from clpt.stages import run_order
 
     if not (run_dir / "config.yaml").exists():
         create_run(run_dir, C.resolve(config, set_ or []))
@@ -189,10 +188,11 @@ def run_(
 
     def on_stage(res) -> None:
         what = "done already" if res.skipped else f"{res.marker['seconds']:.1f} s"
-        err.print(f"[{res.task + 1}/{n}] {res.stage:<7} {what}")
+        err.print(f"[{res.task + 1}/{n}] {res.stage:<12} {what}")
 
     err.print(
-        f"run {run.root}: {run.info.benchmark}, {n} tasks x {len(STAGES)} stages, method {run.cfg.method.value}"
+        f"run {run.root}: {run.info.benchmark}, {n} tasks x {len(run_order(run.cfg))} stages, "
+        f"method {run.cfg.method}, heads {', '.join(run.cfg.heads.enabled) or 'none'}"
     )
     run_all(run, force=force, on_stage=on_stage)
     _print_report(report(run), json_)
@@ -202,22 +202,23 @@ def run_(
 @guarded
 def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
     """Which stages are done, stale or missing for which task, with their wall time."""
-    from clpt.run import STAGES, open_run
+    from clpt.run import open_run
     from clpt.run import status as run_status
 
     doc = run_status(open_run(run_dir))
     if json_:
         _print_json(doc)
         return
+    stages = list(doc["tasks"][0]["stages"]) if doc["tasks"] else []
     table = Table(title=f"{doc['run']} ({doc['benchmark']}, {doc['method']})")
     table.add_column("task", justify="right")
     table.add_column("classes")
-    for s in STAGES:
-        table.add_column(s)
+    for s in stages:
+        table.add_column(s.removeprefix("head:"), header_style="italic" if s.startswith("head:") else None)
     style = {"done": "green", "stale": "yellow", "missing": "dim"}
     for row in doc["tasks"]:
         cells = []
-        for s in STAGES:
+        for s in stages:
             st = row["stages"][s]
             txt = f"{st['seconds']:.1f}s" if st["state"] == "done" else st["state"]
             cells.append(f"[{style[st['state']]}]{txt}[/]")
@@ -225,10 +226,69 @@ def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
     out.print(table)
 
 
+HeadOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--head", help="A head to (re)fit (repeatable); default: every enabled head.", show_default=False
+    ),
+]
+
+
+@app.command("heads")
+@guarded
+def heads_(
+    run_dir: RunArg,
+    head: HeadOpt = None,
+    task: Annotated[
+        int | None,
+        typer.Option("--task", "-t", help="Up to this task (default: the last).", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """(Re)fit classifier heads from the run's cache and evaluate them; never reads an image.
+
+    --set heads.NAME.KEY=VALUE changes a head's settings first: exactly that head
+    becomes stale and is refitted. Heads: ca, linear, ncm, lda, fecam, ranpac.
+    """
+    from clpt.evaluate import report
+    from clpt.heads import HEADS
+    from clpt.run import edit_config, run_stage
+
+    for name in head or []:
+        if name not in HEADS:
+            raise ClptError(f"unknown head {name!r}", hint=f"choose from: {', '.join(HEADS.names())}")
+    if set_:
+        from clpt.run import open_run
+
+        edit_config(open_run(run_dir), set_)
+    run = _open(run_dir)
+    last = run.info.n_tasks - 1 if task is None else task
+    run.check_task(last)
+    names = head or list(run.cfg.heads.enabled)
+    for t in range(last + 1):
+        for name in names:
+            res = run_stage(run, f"head:{name}", t, force=force)
+            what = (
+                "done already" if res.skipped else f"{res.marker['summary'].get('fit_seconds', 0):.2f} s fit"
+            )
+            err.print(f"[{t + 1}/{last + 1}] {name:<7} {what}")
+    rep = report(run, last) if run.state("eval", last) == "done" else None
+    if rep is None:
+        from clpt.evaluate import head_report
+
+        rep = {"run": str(run.root), "method": run.cfg.method, "task": last, "heads": head_report(run, last)}
+    if json_:
+        _print_json(rep)
+    else:
+        _print_heads(rep)
+
+
 @app.command("config")
 @guarded
 def config_(run_dir: RunArg, set_: SetOpt = None) -> None:
-    """Show the run's resolved config; --set changes editable keys (align.*, stats.*, system.*)."""
+    """Show the run's resolved config; --set changes editable keys (align.*, stats.*, heads.*, system.*)."""
     from clpt import config as C
     from clpt.run import edit_config, open_run
 
@@ -276,6 +336,20 @@ def _print_report(rep: dict, as_json: bool) -> None:
         f"Last-Acc {100 * rep['last_acc']:.2f}  Inc-Acc {100 * rep['inc_acc']:.2f}  "
         f"Forgetting {100 * rep['forgetting']:.2f}  (after task {t} of {rep['n_tasks']})"
     )
+    _print_heads(rep)
+
+
+def _print_heads(rep: dict) -> None:
+    """The classifier heads side by side: Last-Acc, Inc-Acc, forgetting."""
+    heads = rep.get("heads") or {}
+    if not heads:
+        return
+    table = Table(title=f"classifier heads from the cache, after task {rep['task']} (%)")
+    for col in ("head", "Last-Acc", "Inc-Acc", "Forgetting"):
+        table.add_column(col, justify="left" if col == "head" else "right")
+    for name, h in heads.items():
+        table.add_row(name, *(f"{100 * h[k]:.2f}" for k in ("last_acc", "inc_acc", "forgetting")))
+    out.print(table)
 
 
 def main() -> None:

@@ -17,16 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clpt import artifacts
 from clpt import distributed as dist
 from clpt.config import RunConfig
 from clpt.errors import ClptError
-from clpt.io import torch_save
 from clpt.model import Heads
-from clpt.stats import load_stats
 
 log = logging.getLogger("clpt")
-
-HEADS_FORMAT = "clpt-heads-v1"
 
 
 def ca_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: list[int], tau: float) -> torch.Tensor:
@@ -128,49 +125,40 @@ def align_heads(
     return losses
 
 
-def save_heads(path: Path, heads: Heads, task: int) -> None:
-    torch_save(
-        path,
-        {
-            "format": HEADS_FORMAT,
-            "task": task,
-            "dim": heads.dim,
-            "head_sizes": heads.sizes,
-            "heads": heads.state_dict(),
-        },
-    )
+def align_on_stats(
+    heads: Heads, stats, current_task: int, cfg: RunConfig, device: torch.device
+) -> list[float]:
+    """Align `heads` in place on the class statistics of tasks 0..current_task (a `ClassStats`).
+
+    The ridge of METHOD.md (`stats.ridge`) is added to the stored covariances here, where it is used.
+    """
+    from clpt.artifacts import covariance
+    from clpt.train import task_seed
+
+    if len(stats.mean) != heads.n_classes:
+        raise ClptError(
+            f"statistics cover {len(stats.mean)} classes but the heads have {heads.n_classes}",
+            hint="re-run `clpt fit-stats RUN --task N --force` for the tasks 0..T",
+        )
+    covs = covariance(stats.count, stats.m2, cfg.stats.ridge)
+    seed = task_seed(cfg, current_task, salt=2)
+    return align_heads(heads, stats.mean, covs, stats.task_of_class, current_task, cfg, device, seed)
 
 
-def load_aligned_heads(path: Path) -> Heads:
-    from clpt.train import load_heads
+def align_stage(ctx) -> tuple[list[Path], dict]:
+    from clpt.heads import HeadContext
 
-    return load_heads(path, HEADS_FORMAT)
-
-
-def align_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
-    from clpt.train import load_heads, task_seed
-
-    cfg = run.cfg
-    out = run.aligned_path(t)
-    heads = load_heads(run.model_path(t))
+    run, t, cfg = ctx.run, ctx.task, ctx.run.cfg
+    out = artifacts.aligned_path(run.root, t)
+    heads = artifacts.load_trained_heads(artifacts.model_path(run.root, t))
     if t == 0 or not cfg.align_enabled:
-        reason = "first task" if t == 0 else f"method {cfg.method.value} has no alignment"
+        reason = "first task" if t == 0 else f"method {cfg.method} has no alignment"
         if dist.is_main():
-            save_heads(out, heads, t)
+            artifacts.save_heads(out, heads, t)
         return [out], {"aligned": False, "reason": reason}
     device = dist.resolve_device(cfg.system.device)
-    stats = [load_stats(run.stats_path, i) for i in range(t + 1)]
-    means = torch.cat([torch.from_numpy(s["mean"]) for s in stats])
-    covs = torch.cat([torch.from_numpy(s["cov"]) for s in stats])
-    task_of_class = torch.cat(
-        [torch.full((len(s["classes"]),), i, dtype=torch.int64) for i, s in enumerate(stats)]
-    )
-    if len(means) != heads.n_classes:
-        raise ClptError(
-            f"statistics cover {len(means)} classes but the heads have {heads.n_classes}",
-            hint=f"re-run `clpt fit-stats {run.root} --task N --force` for the tasks 0..{t}",
-        )
-    losses = align_heads(heads, means, covs, task_of_class, t, cfg, device, task_seed(cfg, t, salt=2))
+    stats = HeadContext(run.root, cfg, t, run.info.tasks, device).class_stats()
+    losses = align_on_stats(heads, stats, t, cfg, device)
     if dist.is_main():
-        save_heads(out, heads.cpu(), t)
+        artifacts.save_heads(out, heads.cpu(), t)
     return [out], {"aligned": True, "epoch_loss": [round(v, 6) for v in losses]}

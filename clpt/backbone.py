@@ -12,66 +12,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from clpt.config import BackboneConfig
-from clpt.errors import DataError
+from clpt.errors import DataError, MissingInputError
+
+# The built-in backbone is a timm model registered in a leaf module; importing it registers it.
+from clpt.vit_micro import BUILTIN_NAME, BUILTIN_TAG, builtin_weights_path, cache_dir  # noqa: F401
 
 log = logging.getLogger("clpt")
-
-BUILTIN_NAME = "clpt_vit_micro"
-BUILTIN_TAG = "builtin"
-
-# The built-in backbone is an ordinary timm model: registered here, created with
-# `timm.create_model`, its pre-trained weights loaded by timm from a local file.
-default_cfgs = generate_default_cfgs(
-    {
-        f"{BUILTIN_NAME}.{BUILTIN_TAG}": {
-            "num_classes": 0,
-            "input_size": (3, 32, 32),
-            "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5),
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        }
-    }
-)
-
-
-@register_model
-def clpt_vit_micro(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT with 32x32 input, 8x8 patches, width 128, depth 4, 4 heads (0.8M parameters)."""
-    args = dict(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4)
-    return build_model_with_cfg(
-        VisionTransformer,
-        BUILTIN_NAME,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **dict(args, **kwargs),
-    )
-
-
-def cache_dir() -> Path:
-    """Where clpt keeps the built-in backbone's weights (`CLPT_CACHE_DIR` overrides)."""
-    root = os.environ.get("CLPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clpt"
-    )
-    return Path(root)
-
-
-def builtin_weights_path() -> Path:
-    return cache_dir() / f"{BUILTIN_NAME}.{BUILTIN_TAG}.pth"
 
 
 def _architecture(name: str) -> VisionTransformer:
@@ -206,11 +162,20 @@ def create_backbone(cfg: BackboneConfig, pretrained: bool | None = None) -> nn.M
     elif cfg.checkpoint is not None:
         model = _architecture(name)
         load_weights_file(model, Path(cfg.checkpoint).expanduser())
-    elif _is_builtin(name):
-        from clpt.pretrain import ensure_builtin_weights
-
-        model = _architecture(name)
-        load_weights_file(model, ensure_builtin_weights())
+    elif _is_builtin(name):  # timm loads the cached file (clpt.vit_micro); pre-training is a step of its own
+        path = builtin_weights_path()
+        if not path.is_file():
+            raise MissingInputError(
+                f"the built-in backbone has no pre-trained weights at {path}",
+                hint="run `clpt pretrain-builtin` (or `clpt run`, which pre-trains it first)",
+            )
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0, global_pool="token")
+        except (RuntimeError, ValueError, EOFError) as e:
+            raise DataError(
+                f"cannot load the built-in backbone's weights {path} ({type(e).__name__})",
+                hint="redo them with `clpt pretrain-builtin --force`",
+            ) from None
     else:
         if "." not in name:
             resolved = timm.models.get_pretrained_cfg(name)

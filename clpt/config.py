@@ -23,16 +23,6 @@ import yaml
 from clpt.errors import ConfigError
 
 
-class Method(enum.StrEnum):
-    """Method presets (METHOD.md): each sets backbone LR scale and alignment."""
-
-    slca = "slca"  # slow learner (backbone LR x 0.01) + classifier alignment
-    seqft = "seqft"  # sequential fine-tuning, backbone at the head's LR, no alignment
-    seqft_sl = "seqft_sl"  # slow learner without alignment
-    frozen_ca = "frozen_ca"  # frozen backbone (LR scale 0) + classifier alignment
-    slca_pp = "slca_pp"  # SLCA++: LoRA hybrid slow learner, symmetric CE, feature-scaled alignment
-
-
 class Trainable(enum.StrEnum):
     all = "all"  # every backbone parameter
     peft = "peft"  # only names containing norm, bias, cls_token or lora (SLCA++)
@@ -46,25 +36,6 @@ class Schedule(enum.StrEnum):
 class Loss(enum.StrEnum):
     ce = "ce"  # cross-entropy on the current task's logits
     sce = "sce"  # symmetric cross-entropy: a * CE + b * reverse CE (SLCA++)
-
-
-_SLCA_ALIGN = {"mean_shrink": True, "sample_scale": False, "head_scale": False}
-_FULL_FT = {"trainable": "all", "schedule": "multistep", "loss": "ce"}
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "slca": {"train": {"backbone_lr_scale": 0.01, **_FULL_FT}, "align": {"enabled": True, **_SLCA_ALIGN}},
-    "seqft": {"train": {"backbone_lr_scale": 1.0, **_FULL_FT}, "align": {"enabled": False, **_SLCA_ALIGN}},
-    "seqft_sl": {
-        "train": {"backbone_lr_scale": 0.01, **_FULL_FT},
-        "align": {"enabled": False, **_SLCA_ALIGN},
-    },
-    "frozen_ca": {"train": {"backbone_lr_scale": 0.0, **_FULL_FT}, "align": {"enabled": True, **_SLCA_ALIGN}},
-    # SLCA++: non-LoRA trainable backbone parameters at 1e-3 = 1e-2 x 0.1; LoRA on attn.qkv
-    "slca_pp": {
-        "train": {"backbone_lr_scale": 0.1, "trainable": "peft", "schedule": "cosine", "loss": "sce"},
-        "lora": {"targets": ["qkv"]},
-        "align": {"enabled": True, "mean_shrink": False, "sample_scale": True, "head_scale": True},
-    },
-}
 
 
 @dataclass
@@ -153,9 +124,31 @@ class SystemConfig:
     deterministic: bool = True  # torch deterministic algorithms (CPU runs repeat bit for bit)
 
 
+# Heads evaluated by `clpt run` by default (README: "Classifier heads"). Every one is
+# fitted from the run's cache in seconds on the built-in benchmark.
+DEFAULT_HEADS = ["ca", "linear", "ncm", "lda", "fecam", "ranpac"]
+
+
+@dataclass
+class HeadsConfig:
+    """Classifier heads fitted from the cache: which ones `clpt run` evaluates, and each one's settings."""
+
+    enabled: list[str] = field(default_factory=lambda: list(DEFAULT_HEADS))
+    settings: dict[str, Any] = field(default_factory=dict)  # head name -> its config dataclass
+
+    def __post_init__(self) -> None:
+        from clpt.heads import HEADS
+
+        for name, spec in HEADS.items():
+            self.settings.setdefault(name, spec.config_cls())
+
+    def of(self, name: str) -> Any:
+        return self.settings[name]
+
+
 @dataclass
 class RunConfig:
-    method: Method = Method.slca
+    method: str = "slca"  # a registered method (clpt.methods): slca | slca_pp | seqft | seqft_sl | frozen_ca
     seed: int = 1993  # training seed (weights init, shuffling, sampling)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -163,6 +156,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
 
     @property
@@ -181,6 +175,8 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
         "backbone": {"name": "clpt_vit_micro"},
         "train": {"epochs": 6, "milestones": [5], "batch_size": 64},
         "system": {"num_workers": 0},
+        # d = 128: a 2048-wide random projection keeps the demo's RanPAC fits to about a second
+        "heads": {"ranpac": {"dim": 2048}},
     },
     "cifar100": {
         "benchmark": {"init_classes": 10, "increment": 10},
@@ -189,6 +185,7 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet-r": {
         "benchmark": {"init_classes": 20, "increment": 20},
         "train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4},
+        "heads": {"fecam": {"shrink1": 10.0, "shrink2": 10.0}},  # FeCAM's ImageNet-R setting
     },
     "cub200": {
         "benchmark": {"init_classes": 20, "increment": 20},
@@ -202,15 +199,7 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
     "imagefolder": {},
 }
 
-SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "system")
-
-# Published SLCA++ settings that depend on the benchmark (METHOD.md, SLCA++ additions).
-METHOD_BENCHMARK_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
-    ("slca_pp", "cifar100"): {"train": {"weight_decay": 5e-4, "sce_alpha": 1.0, "sce_beta": 0.1}},
-    ("slca_pp", "cub200"): {"train": {"weight_decay": 5e-4, "sce_alpha": 1.0, "sce_beta": 0.1}},
-    ("slca_pp", "imagenet-r"): {"train": {"weight_decay": 0.0, "sce_alpha": 0.5, "sce_beta": 0.5}},
-    ("slca_pp", "cars196"): {"train": {"weight_decay": 0.0, "sce_alpha": 0.5, "sce_beta": 0.5}},
-}
+SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "heads", "system")
 
 
 # ---------------------------------------------------------------------------
@@ -342,7 +331,30 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     return None
 
 
+def _build_heads(raw: Any, problems: list[str]) -> HeadsConfig:
+    """`heads: {enabled: [...], <head>: {...}}`: each head's settings are its registered dataclass."""
+    from clpt.heads import HEADS
+
+    heads = HeadsConfig()
+    if not isinstance(raw, dict):
+        problems.append(f"heads: expected a mapping, got {raw!r}")
+        return heads
+    for key, value in raw.items():
+        if key == "enabled":
+            heads.enabled = _coerce(value, list[str], "heads.enabled", problems) or []
+            bad = [h for h in heads.enabled if h not in HEADS]
+            if bad:
+                problems.append(f"heads.enabled: {bad} not among: {', '.join(HEADS.names())}")
+        elif key in HEADS:
+            heads.settings[key] = _build_section(HEADS.get(key).config_cls, value, f"heads.{key}", problems)
+        else:
+            problems.append(f"heads.{key}: unknown key (valid: enabled, {', '.join(HEADS.names())})")
+    return heads
+
+
 def _build_section(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    if cls is HeadsConfig:
+        return _build_heads(raw, problems)
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping, got {raw!r}")
         return cls()
@@ -363,7 +375,24 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         if not cond:
             problems.append(msg)
 
+    from clpt.methods import METHODS, REQUIRED_KEYS
+
     b, t, a, s = cfg.benchmark, cfg.train, cfg.align, cfg.stats
+    if isinstance(cfg.method, str):
+        if cfg.method not in METHODS:
+            problems.append(f"method: {cfg.method!r} is not one of: {', '.join(METHODS.names())}")
+        else:
+            for key in REQUIRED_KEYS:
+                section, name = key.split(".")
+                check(
+                    getattr(getattr(cfg, section), name) is not None,
+                    f"{key}: method {cfg.method!r} leaves it unset; its registration must set it "
+                    f"(or give {key} in the config)",
+                )
+    for name, settings in cfg.heads.settings.items():
+        validate = getattr(settings, "problems", None)
+        if validate is not None:
+            problems.extend(f"heads.{name}.{p}" for p in validate())
     check(
         b.name in BENCHMARK_PRESETS,
         f"benchmark.name: {b.name!r} is not one of: {', '.join(BENCHMARK_PRESETS)}",
@@ -459,14 +488,16 @@ def resolve(file: str | Path | None = None, overrides: list[str] | None = None) 
     user = deep_merge(user, overrides_to_dict(overrides or []))
     section = user.get("benchmark")
     bench = section.get("name", BenchmarkConfig.name) if isinstance(section, dict) else BenchmarkConfig.name
-    method = user.get("method", Method.slca.value)
-    method = method.value if isinstance(method, Method) else method
+    from clpt.methods import METHODS
+
+    method = user.get("method", RunConfig.method)
     base: dict = {}
     if isinstance(bench, str) and bench in BENCHMARK_PRESETS:
         base = deep_merge(base, BENCHMARK_PRESETS[bench])
-    if isinstance(method, str) and method in METHOD_PRESETS:
-        base = deep_merge(base, METHOD_PRESETS[method])
-    base = deep_merge(base, METHOD_BENCHMARK_PRESETS.get((method, bench), {}))
+    if isinstance(method, str) and method in METHODS:
+        spec = METHODS.get(method)
+        base = deep_merge(base, spec.preset)
+        base = deep_merge(base, spec.benchmark_presets.get(bench, {}))
     return build_config(deep_merge(base, user), source=source)
 
 
@@ -474,6 +505,8 @@ def to_dict(cfg: RunConfig) -> dict:
     def conv(v: Any) -> Any:
         if isinstance(v, enum.Enum):
             return v.value
+        if isinstance(v, HeadsConfig):
+            return {"enabled": list(v.enabled), **{k: conv(x) for k, x in v.settings.items()}}
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, list):

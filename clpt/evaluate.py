@@ -6,14 +6,15 @@ j's test classes after task T, predicting by argmax over all seen classes.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from clpt import artifacts
 from clpt import distributed as dist
 from clpt.errors import MissingInputError
-from clpt.io import read_json, write_json
 
 
 def accuracy_row(logits: torch.Tensor, labels: torch.Tensor, tasks: list[list[int]]) -> dict:
@@ -44,27 +45,82 @@ def metrics(acc_matrix: list[list[float]], accuracies: list[float]) -> dict:
     }
 
 
-def eval_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
-    from clpt.align import load_aligned_heads
-    from clpt.features import open_features
-
-    out = run.eval_path(t)
+def eval_stage(ctx) -> tuple[list[Path], dict]:
+    """The method's own classifier (aligned heads, or the trained ones without alignment) on task T's test set."""
+    run, t = ctx.run, ctx.task
+    out = artifacts.eval_path(run.root, t)
     if not dist.is_main():
         return [out], {}
-    heads = load_aligned_heads(run.aligned_path(t))
-    feats, labels = open_features(run, t, "test")
-    x = torch.from_numpy(np.asarray(feats[...]))
-    y = torch.from_numpy(np.asarray(labels[...]))
+    heads = artifacts.load_aligned_heads(artifacts.aligned_path(run.root, t))
+    x, y = artifacts.read_features(run.root, t, "test")
     with torch.no_grad():
         logits = heads(x)
     row = accuracy_row(logits, y, run.info.tasks[: t + 1])
     row["task"] = t
-    write_json(out, row)
+    artifacts.write_eval(out, row)
     return [out], {"accuracy": row["accuracy"]}
 
 
+def head_stage(name: str):
+    """The stage function of head `name`: fit from the cache, score task T's cached test features."""
+
+    def stage(ctx) -> tuple[list[Path], dict]:
+        from clpt.heads import HEADS, HeadContext, score_in_chunks
+
+        run, t = ctx.run, ctx.task
+        out = artifacts.head_eval_path(run.root, name, t)
+        if not dist.is_main():
+            return [out], {}
+        device = dist.resolve_device(run.cfg.system.device)
+        hctx = HeadContext(run.root, run.cfg, t, run.info.tasks, device)
+        t0 = time.perf_counter()
+        scores = HEADS.get(name).fit(hctx, run.cfg.heads.of(name))
+        fit_s = time.perf_counter() - t0
+        x, y = artifacts.read_features(run.root, t, "test")
+        logits = score_in_chunks(scores, x, device)
+        row = accuracy_row(logits, y, run.info.tasks[: t + 1])
+        info = getattr(scores, "info", None)
+        row.update(task=t, head=name, fit_seconds=round(fit_s, 4), **({"fit": info} if info else {}))
+        artifacts.write_eval(out, row, fmt="clpt-head-eval")
+        return [out], {"accuracy": row["accuracy"], "fit_seconds": round(fit_s, 4)}
+
+    return stage
+
+
+def _matrix(run, t: int, stage: str, path_of, fmt: str, command: str) -> tuple[list, list]:
+    rows, accs = [], []
+    for i in range(t + 1):
+        if run.state(stage, i) != "done":
+            raise MissingInputError(
+                f"the accuracy matrix up to task {t} needs {stage} of task {i}",
+                hint=f"run `{command.format(run=run.root, task=i)}` (or `clpt run {run.root}`)",
+            )
+        r = artifacts.read_eval(path_of(i), fmt, command.format(run=run.root, task=i) + " --force")
+        rows.append(r["per_task"])
+        accs.append(r["accuracy"])
+    return rows, accs
+
+
+def head_report(run, t: int) -> dict:
+    """{head: {accuracy, acc_matrix, last_acc, inc_acc, forgetting, ...}} for every head done up to task t."""
+    from clpt.heads import HEADS
+
+    out = {}
+    names = list(run.cfg.heads.enabled) + [h for h in HEADS.names() if h not in run.cfg.heads.enabled]
+    for name in names:
+        stage = f"head:{name}"
+        if not all(run.state(stage, i) == "done" for i in range(t + 1)):
+            continue
+        rows, accs = _matrix(
+            run, t, stage, lambda i, n=name: artifacts.head_eval_path(run.root, n, i),
+            "clpt-head-eval", f"clpt heads {{run}} --head {name} --task {{task}}",
+        )  # fmt: skip
+        out[name] = {"accuracy": accs[t], "accuracies": accs, "acc_matrix": rows, **metrics(rows, accs)}
+    return out
+
+
 def report(run, t: int | None = None) -> dict:
-    """The JSON document of `clpt eval --json`: accuracy matrix and metrics up to task t."""
+    """The JSON document of `clpt eval --json`: accuracy matrix and metrics up to task t, and the heads'."""
     if t is None:
         done = [i for i in range(run.info.n_tasks) if run.state("eval", i) == "done"]
         if not done:
@@ -72,23 +128,22 @@ def report(run, t: int | None = None) -> dict:
                 f"{run.root} has no evaluated task yet", hint=f"run `clpt run {run.root}`"
             )
         t = max(done)
-    rows, accs = [], []
-    for i in range(t + 1):
-        if run.state("eval", i) != "done":
-            raise MissingInputError(
-                f"the accuracy matrix up to task {t} needs the evaluation of task {i}",
-                hint=f"run `clpt eval {run.root} --task {i}` (or `clpt run {run.root}`)",
-            )
-        r = read_json(run.eval_path(i))
-        rows.append(r["per_task"])
-        accs.append(r["accuracy"])
+    rows, accs = _matrix(
+        run,
+        t,
+        "eval",
+        lambda i: artifacts.eval_path(run.root, i),
+        "clpt-eval",
+        "clpt eval {run} --task {task}",
+    )
     return {
         "run": str(run.root),
-        "method": run.cfg.method.value,
+        "method": run.cfg.method,
         "task": t,
         "n_tasks": run.info.n_tasks,
         "accuracy": accs[t],
         "accuracies": accs,
         "acc_matrix": rows,
         **metrics(rows, accs),
+        "heads": head_report(run, t),
     }

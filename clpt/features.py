@@ -10,7 +10,7 @@ maps
 Each group holds `feats` (n, d) float32 and `labels` (n,) int64, in row chunks.
 Rows are written chunk by chunk; the array attribute `rows_done` is updated only
 after a chunk's data is written, so an interrupted extraction resumes from the
-last committed chunk and never serves fill values. Plain zarr reads the store:
+last committed chunk and never serves fill values. Paths, format and the readers live in `clpt.artifacts`. Plain zarr reads the store:
 `zarr.open_group("RUN/features.zarr")["task_000/train/feats"][:]`.
 """
 
@@ -22,40 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
+from clpt import artifacts
 from clpt import distributed as dist
 from clpt.data.benchmark import Benchmark, Split
 from clpt.data.loader import batches
-from clpt.errors import MissingInputError
 from clpt.model import CLModel
 
 log = logging.getLogger("clpt")
-
-
-def group_name(t: int, split: str) -> str:
-    return f"task_{t:03d}/{split}"
-
-
-def _prepare(
-    store: Path, name: str, n: int, d: int, chunk_rows: int, source: str, resume: bool
-) -> tuple[zarr.Array, zarr.Array, int]:
-    """Arrays for a group, reusing committed rows when they come from the same source model."""
-    root = zarr.open_group(store, mode="a")
-    if resume and name in root:
-        g = root[name]
-        try:
-            feats, labels = g["feats"], g["labels"]
-            same = feats.shape == (n, d) and labels.shape == (n,) and feats.attrs.get("source") == source
-        except KeyError:
-            same = False
-        if same:
-            return feats, labels, int(feats.attrs.get("rows_done", 0))
-    g = root.require_group(name)
-    feats = g.create_array("feats", shape=(n, d), chunks=(chunk_rows, d), dtype="float32", overwrite=True)
-    labels = g.create_array("labels", shape=(n,), chunks=(chunk_rows,), dtype="int64", overwrite=True)
-    feats.attrs.update({"source": source, "rows_done": 0})
-    return feats, labels, 0
 
 
 @torch.no_grad()
@@ -64,8 +38,9 @@ def extract_split(
     bench: Benchmark,
     split: Split,
     rows: np.ndarray,
-    store: Path,
-    name: str,
+    root: Path,
+    t: int,
+    split_name: str,
     source: str,
     batch_size: int,
     chunk_rows: int,
@@ -73,7 +48,7 @@ def extract_split(
     resume: bool = True,
     num_workers: int = 0,
 ) -> int:
-    """Write features of `split[rows]` to `store/name`; returns the number of rows.
+    """Write features of `split[rows]` to the run's feature store (task t, split_name); returns the rows.
 
     With `resume`, rows already committed by an interrupted attempt with the same
     source model are kept; otherwise the arrays are written afresh.
@@ -82,14 +57,15 @@ def extract_split(
     feats_arr = labels_arr = None
     done = 0
     if dist.is_main():
-        feats_arr, labels_arr, done = _prepare(store, name, n, d, chunk_rows, source, resume)
+        feats_arr, labels_arr, done = artifacts.prepare_features(
+            root, t, split_name, n, d, chunk_rows, source, resume
+        )
     done = dist.broadcast_object(done)
     dist.barrier()
     if not dist.is_main():
-        g = zarr.open_group(store, mode="r+")[name]
-        feats_arr, labels_arr = g["feats"], g["labels"]
+        feats_arr, labels_arr = artifacts.open_features_for_append(root, t, split_name)
     if done:
-        log.info("%s: resuming at row %d of %d", name, done, n)
+        log.info("task %d %s features: resuming at row %d of %d", t, split_name, done, n)
     model.eval()
     chunk_starts = list(range(done, n, chunk_rows))
     mine = chunk_starts[dist.rank() :: dist.world_size()]
@@ -110,14 +86,12 @@ def extract_split(
     return n
 
 
-def extract_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
-    from clpt.train import load_model
-
-    cfg = run.cfg
+def extract_stage(ctx) -> tuple[list[Path], dict]:
+    run, t, cfg = ctx.run, ctx.task, ctx.run.cfg
     device = dist.resolve_device(cfg.system.device)
     bench = run.benchmark()
-    model = load_model(run.model_path(t), cfg, device)
-    source = run.marker("train", t)["id"]
+    model = artifacts.load_model(artifacts.model_path(run.root, t), cfg, device)
+    source = ctx.input_id("train", t)
     classes = bench.tasks[t]
     seen = range(0, classes.stop)
     t0 = time.perf_counter()
@@ -131,32 +105,18 @@ def extract_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
             bench,
             split,
             rows,
-            run.features_path,
-            group_name(t, split_name),
+            run.root,
+            t,
+            split_name,
             source,
             cfg.system.extract_batch_size,
             cfg.system.feature_chunk_rows,
             device,
-            resume,
+            ctx.resume,
             cfg.system.num_workers,
         )
     seconds = time.perf_counter() - t0
     n = counts["train"] + counts["test"]
     log.info("task %d: extracted %d feature rows (%.0f images/s)", t, n, n / max(seconds, 1e-9))
-    outputs = [run.features_path / group_name(t, s) for s in ("train", "test")]
+    outputs = [artifacts.features_path(run.root) / artifacts.feature_group(t, s) for s in ("train", "test")]
     return outputs, {"rows": counts, "images_per_second": round(n / max(seconds, 1e-9), 1)}
-
-
-def open_features(run, t: int, split: str) -> tuple[zarr.Array, zarr.Array]:
-    """The cached (feats, labels) arrays of a task and split, checked complete."""
-    try:
-        g = zarr.open_group(run.features_path, mode="r")[group_name(t, split)]
-        feats, labels = g["feats"], g["labels"]
-    except (KeyError, FileNotFoundError):
-        feats = None
-    if feats is None or int(feats.attrs.get("rows_done", -1)) != feats.shape[0]:
-        raise MissingInputError(
-            f"no complete {split} features for task {t} in {run.features_path}",
-            hint=f"run `clpt extract {run.root} --task {t}`",
-        )
-    return feats, labels

@@ -37,7 +37,7 @@ def pretrain_builtin(out: Path, epochs: int = PRETRAIN_EPOCHS, seed: int = PRETR
     """Train the micro ViT on the pre-training classes and save its backbone weights to `out`."""
     import timm
 
-    import clpt.backbone  # noqa: F401  (registers clpt_vit_micro)
+    from clpt.vit_micro import BUILTIN_NAME
 
     torch.manual_seed(seed)
     x_tr, y_tr = builtin.make_split("pretrain", "train")
@@ -55,7 +55,7 @@ def pretrain_builtin(out: Path, epochs: int = PRETRAIN_EPOCHS, seed: int = PRETR
         std=HALF,
     )
     device = torch.device("cpu")
-    model = timm.create_model(clpt.backbone.BUILTIN_NAME, num_classes=n_cls)
+    model = timm.create_model(BUILTIN_NAME, num_classes=n_cls)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
     loader = ArrayBatches(bench, bench.train, np.arange(len(y_tr)), 128, device, train=True, generator=gen)
@@ -97,11 +97,28 @@ def pretrain_builtin(out: Path, epochs: int = PRETRAIN_EPOCHS, seed: int = PRETR
 
 
 def ensure_builtin_weights() -> Path:
-    """Path of the built-in backbone's weights, pre-training them first if not cached."""
-    from clpt.backbone import builtin_weights_path
+    """Path of the built-in backbone's weights, pre-training them first if not cached.
+
+    The explicit pre-training step. Under torchrun only rank 0 pre-trains; the
+    other ranks wait at a barrier and then read the same file.
+    """
+    from clpt import distributed as dist
+    from clpt.vit_micro import builtin_weights_path
 
     path = builtin_weights_path()
-    if not path.is_file():
+    if not path.is_file() and dist.is_main():
         _log(f"no cached built-in backbone at {path}: pre-training it once (about two minutes on 2 cores)")
         pretrain_builtin(path)
+    dist.barrier()
     return path
+
+
+def needs_builtin_weights(backbone_cfg) -> bool:
+    """Whether a backbone config loads the built-in backbone's cached pre-trained weights."""
+    from clpt.vit_micro import BUILTIN_NAME
+
+    return (
+        backbone_cfg.pretrained
+        and backbone_cfg.checkpoint is None
+        and backbone_cfg.name.split(".")[0] == BUILTIN_NAME
+    )

@@ -1,15 +1,18 @@
 """The run folder and its stages.
 
-Layout of a run folder `RUN/`:
+Layout of a run folder `RUN/` (`clpt.artifacts` owns the paths and formats):
 
     config.yaml              resolved configuration; every stage reads it
     benchmark.json           class order, task ranges, class names, data source
     tasks/003/model.pt       backbone + heads after the Slow Learner (pre-alignment)   [train]
     features.zarr/task_003/{train,test}/{feats,labels}                                [extract]
-    stats.zarr/task_003/{classes,count,mean,cov}                                      [stats]
+    stats.zarr/task_003/{classes,count,mean,m2}                                       [stats]
     tasks/003/heads_aligned.pt                                                        [align]
-    tasks/003/eval.json      row 3 of the accuracy matrix                              [eval]
+    tasks/003/eval.json      row 3 of the method's accuracy matrix                     [eval]
+    tasks/003/heads/NAME.json   row 3 of head NAME's accuracy matrix                   [head:NAME]
     tasks/003/<stage>.done.json   completion marker, written last
+
+The stages themselves are declared in `clpt.stages`.
 
 A stage counts as done only when its marker exists, the outputs it lists exist,
 and the markers of its inputs are the very ones it consumed (each marker has a
@@ -29,42 +32,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from clpt import artifacts
 from clpt import config as config_mod
 from clpt.config import RunConfig
 from clpt.errors import ClptError, MissingInputError
 from clpt.io import read_json, write_json, write_text
+from clpt.stages import CORE, StageContext, get_stage, run_order
 
-STAGES = ("train", "extract", "stats", "align", "eval")
-
-# The command that produces each stage's outputs, for error messages.
-STAGE_COMMAND = {
-    "train": "clpt train-task {run} --task {task}",
-    "extract": "clpt extract {run} --task {task}",
-    "stats": "clpt fit-stats {run} --task {task}",
-    "align": "clpt align {run} --task {task}",
-    "eval": "clpt eval {run} --task {task}",
-}
-
-# The configuration each stage's result depends on: a marker records these values,
-# and a later edit of any of them (`clpt config RUN --set ...`) makes the stage stale.
-STAGE_CONFIG_KEYS = {
-    "train": ("method", "seed", "benchmark", "backbone", "train", "lora"),
-    "extract": (),
-    "stats": ("stats.ridge",),
-    "align": ("align", "train.weight_decay", "seed"),
-    "eval": (),
-}
+STAGES = CORE  # the five stages of every task; heads add `head:NAME` stages (clpt.stages)
 
 # Keys that may be edited in an existing run; everything else defines the run.
-EDITABLE_SECTIONS = ("align", "stats", "system")
-
-STAGE_WHAT = {
-    "train": "a trained model",
-    "extract": "cached features",
-    "stats": "class statistics",
-    "align": "aligned heads",
-    "eval": "an evaluation",
-}
+EDITABLE_SECTIONS = ("align", "stats", "heads", "system")
 
 
 @dataclass
@@ -110,29 +88,29 @@ class Run:
             self._bench = bench
         return self._bench
 
-    # --- paths -------------------------------------------------------------
+    # --- paths (clpt.artifacts owns them) ------------------------------------
     def task_dir(self, t: int) -> Path:
-        return self.root / "tasks" / f"{t:03d}"
+        return artifacts.task_dir(self.root, t)
 
     def marker_path(self, stage: str, t: int) -> Path:
-        return self.task_dir(t) / f"{stage}.done.json"
+        return artifacts.marker_path(self.root, stage, t)
 
     @property
     def features_path(self) -> Path:
-        return self.root / "features.zarr"
+        return artifacts.features_path(self.root)
 
     @property
     def stats_path(self) -> Path:
-        return self.root / "stats.zarr"
+        return artifacts.stats_path(self.root)
 
     def model_path(self, t: int) -> Path:
-        return self.task_dir(t) / "model.pt"
+        return artifacts.model_path(self.root, t)
 
     def aligned_path(self, t: int) -> Path:
-        return self.task_dir(t) / "heads_aligned.pt"
+        return artifacts.aligned_path(self.root, t)
 
     def eval_path(self, t: int) -> Path:
-        return self.task_dir(t) / "eval.json"
+        return artifacts.eval_path(self.root, t)
 
     # --- stage graph -------------------------------------------------------
     def check_task(self, t: int) -> None:
@@ -144,22 +122,12 @@ class Run:
 
     def inputs(self, stage: str, t: int) -> list[tuple[str, int]]:
         """The stages whose outputs `stage` of task t reads."""
-        if stage == "train":
-            return [("train", t - 1)] if t > 0 else []
-        if stage == "extract":
-            return [("train", t)]
-        if stage == "stats":
-            return [("extract", t)]
-        if stage == "align":
-            return [("train", t)] + [("stats", i) for i in range(t + 1)]
-        if stage == "eval":
-            return [("align", t), ("extract", t)]
-        raise ValueError(stage)
+        return get_stage(stage).inputs(self.cfg, t)
 
     def config_values(self, stage: str) -> dict:
         full = config_mod.to_dict(self.cfg)
         out = {}
-        for key in STAGE_CONFIG_KEYS[stage]:
+        for key in get_stage(stage).config_keys(self.cfg):
             node = full
             for part in key.split("."):
                 node = node[part]
@@ -171,9 +139,10 @@ class Run:
         if not p.is_file():
             return None
         try:
-            return read_json(p)
+            m = read_json(p)
         except ValueError:  # a torn marker cannot happen (atomic writes) but is treated as absent
             return None
+        return m if isinstance(m, dict) and isinstance(m.get("id"), str) else None
 
     def state(self, stage: str, t: int) -> str:
         """'done', 'stale' (an input was redone or its outputs vanished), or 'missing'."""
@@ -198,10 +167,11 @@ class Run:
         for s, i in self.inputs(stage, t):
             st = self.state(s, i)
             if st != "done":
-                cmd = STAGE_COMMAND[s].format(run=self.root, task=i)
+                dep = get_stage(s)
+                cmd = dep.command.format(run=self.root, task=i)
                 why = "is out of date (an earlier stage was redone)" if st == "stale" else "is missing"
                 raise MissingInputError(
-                    f"{stage} of task {t} needs {STAGE_WHAT[s]} of task {i}, which {why}",
+                    f"{stage} of task {t} needs {dep.what} of task {i}, which {why}",
                     hint=f"run `{cmd}` first (or `clpt run {self.root}` for everything)",
                 )
             found[f"{s}/{i}"] = self.marker(s, i)["id"]
@@ -216,6 +186,7 @@ class Run:
         rel = [str(Path(o).relative_to(self.root)) for o in outputs]
         marker = {
             "stage": stage,
+            "format_version": 1,
             "task": t,
             "id": uuid.uuid4().hex,
             "inputs": inputs,
@@ -310,22 +281,6 @@ def open_run(root: Path) -> Run:
 # Executing stages
 # ---------------------------------------------------------------------------
 
-# stage(run, task, resume) -> (outputs, summary). `resume` is False under --force:
-# a stage that can pick up an interrupted attempt (extraction) then starts afresh.
-StageFn = Callable[["Run", int, bool], tuple[list[Path], dict]]
-
-
-def _stage_impl(stage: str) -> StageFn:
-    from clpt import align, evaluate, features, stats, train
-
-    return {
-        "train": train.train_stage,
-        "extract": features.extract_stage,
-        "stats": stats.stats_stage,
-        "align": align.align_stage,
-        "eval": evaluate.eval_stage,
-    }[stage]
-
 
 @dataclass
 class StageResult:
@@ -340,17 +295,20 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
     from clpt import distributed as dist
 
     run.check_task(t)
+    spec = get_stage(stage)
     if not force and run.state(stage, t) == "done":
         return StageResult(stage, t, True, run.marker(stage, t))
     inputs = run.require(stage, t)
-    if stage in ("train", "extract"):
+    if spec.reads_images:
         run.benchmark()  # a changed dataset fails here, before a finished stage's marker is removed
+    if stage == "train" and t == 0:
+        prepare_backbone(run)
     dist.barrier()  # every rank has checked the markers before rank 0 removes one
     if dist.is_main():
         run.invalidate(stage, t)  # first: a killed stage must not look finished
     dist.barrier()
     t0 = time.perf_counter()
-    outputs, summary = _stage_impl(stage)(run, t, not force)
+    outputs, summary = spec.fn(StageContext(run, t, not force, inputs))
     dist.barrier()
     marker = None
     if dist.is_main():
@@ -362,10 +320,10 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
 def run_all(
     run: Run, force: bool = False, on_stage: Callable[[StageResult], None] | None = None
 ) -> list[StageResult]:
-    """Every stage not yet done (or stale), for every task, in order."""
+    """Every stage not yet done (or stale), for every task, in order: the core five, then the enabled heads."""
     results = []
     for t in range(run.info.n_tasks):
-        for stage in STAGES:
+        for stage in run_order(run.cfg):
             res = run_stage(run, stage, t, force=force)
             results.append(res)
             if on_stage is not None:
@@ -373,12 +331,23 @@ def run_all(
     return results
 
 
+def prepare_backbone(run: Run) -> None:
+    """The explicit pre-training step of the built-in backbone, when the run needs it and it is not cached.
+
+    Under torchrun only rank 0 pre-trains; the others wait (`ensure_builtin_weights`).
+    """
+    from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
+
+    if needs_builtin_weights(run.cfg.backbone):
+        ensure_builtin_weights()
+
+
 def status(run: Run) -> dict:
-    """Which stages are done for which task, with their wall time."""
+    """Which stages (and enabled heads) are done for which task, with their wall time."""
     tasks = []
     for t in range(run.info.n_tasks):
         row = {"task": t, "classes": run.info.tasks[t], "stages": {}}
-        for stage in STAGES:
+        for stage in run_order(run.cfg):
             m = run.marker(stage, t)
             st = run.state(stage, t)
             row["stages"][stage] = {
@@ -390,7 +359,8 @@ def status(run: Run) -> dict:
     return {
         "run": str(run.root),
         "benchmark": run.info.benchmark,
-        "method": run.cfg.method.value,
+        "method": run.cfg.method,
+        "heads": list(run.cfg.heads.enabled),
         "n_tasks": run.info.n_tasks,
         "tasks": tasks,
     }

@@ -1,4 +1,9 @@
-"""Stage 2: per-class Gaussians (count, mean, covariance + ridge), streamed from the feature store.
+"""Stage 2: per-class sufficient statistics (count, mean, scatter M2), streamed from the feature store.
+
+What is stored is the sufficient statistics, without any ridge: the ridge of
+METHOD.md (`stats.ridge`) is added where a covariance is used (alignment), and
+heads with their own shrinkage (LDA, FeCAM) read the raw statistics. So editing
+`stats.ridge` never makes `fit-stats` run again.
 
 The reduction is written against a small interface:
 
@@ -61,10 +66,9 @@ class ClassMoments:
 
     def covariance(self, ridge: float = 0.0) -> torch.Tensor:
         """(C, d, d) unbiased covariance + ridge * I. Classes with < 2 rows get ridge * I alone."""
-        denom = (self.count - 1).clamp(min=1)[:, None, None]
-        cov = torch.where((self.count >= 2)[:, None, None], self.m2 / denom, torch.zeros_like(self.m2))
-        eye = torch.eye(self.m2.shape[-1], dtype=cov.dtype, device=cov.device)
-        return cov + ridge * eye
+        from clpt.artifacts import covariance
+
+        return covariance(self.count, self.m2, ridge)
 
     def merge_rows(self, rows: torch.Tensor, other: ClassMoments) -> None:
         """In place: merge `other` (moments of classes `rows`, in that order) into those rows only."""
@@ -154,67 +158,43 @@ def fit_class_stats(
     feats: zarr.Array,
     labels: zarr.Array,
     classes: range,
-    ridge: float,
     chunk_rows: int,
     device: torch.device | str = "cpu",
-) -> tuple[ClassMoments, torch.Tensor]:
-    """Stream a feature store in chunks; moments and covariances (C, d, d) of `classes`."""
+) -> ClassMoments:
+    """Stream a feature store in chunks; the moments (count, mean, M2) of `classes`."""
     n, d = feats.shape
     acc = make_accumulator(len(classes), d, device)
     for start in range(0, n, chunk_rows):
         x = torch.from_numpy(np.asarray(feats[start : start + chunk_rows]))
         y = torch.from_numpy(np.asarray(labels[start : start + chunk_rows])) - classes.start
         acc.update(x, y)
-    moments = acc.result()
-    return moments, moments.covariance(ridge)
+    return acc.result()
 
 
-def save_stats(
-    store: Path, t: int, classes: range, moments: ClassMoments, cov: torch.Tensor, ridge: float, source: str
-) -> Path:
-    root = zarr.open_group(store, mode="a")
-    name = f"task_{t:03d}"
-    g = root.require_group(name)
-    c, d = moments.mean.shape
-    for key, value in (
-        ("classes", np.arange(classes.start, classes.stop, dtype=np.int64)),
-        ("count", moments.count.cpu().numpy().astype(np.int64)),
-        ("mean", moments.mean.cpu().numpy()),
-        ("cov", cov.cpu().numpy()),
-    ):
-        arr = g.create_array(
-            key,
-            shape=value.shape,
-            dtype=value.dtype,
-            overwrite=True,
-            chunks=(1, d, d) if key == "cov" else value.shape,
-        )
-        arr[...] = value
-    g.attrs.update({"ridge": ridge, "source": source, "covariance": "unbiased (n-1) + ridge * I, float64"})
-    return store / name
-
-
-def load_stats(store: Path, t: int) -> dict[str, np.ndarray]:
-    g = zarr.open_group(store, mode="r")[f"task_{t:03d}"]
-    return {k: np.asarray(g[k][...]) for k in ("classes", "count", "mean", "cov")}
-
-
-def stats_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
+def stats_stage(ctx) -> tuple[list[Path], dict]:
+    from clpt import artifacts
     from clpt import distributed as dist
-    from clpt.features import open_features
 
-    cfg = run.cfg
+    run, t = ctx.run, ctx.task
     start, stop = run.info.tasks[t]
     classes = range(start, stop)
-    out = run.stats_path / f"task_{t:03d}"
+    out = artifacts.stats_path(run.root) / artifacts.stats_group(t)
     if not dist.is_main():  # one rank reduces; the feature store is on shared disk
         return [out], {}
-    feats, labels = open_features(run, t, "train")
-    device = dist.resolve_device(cfg.system.device)  # CUDA -> the Triton kernel, CPU -> BLAS
-    moments, cov = fit_class_stats(feats, labels, classes, cfg.stats.ridge, cfg.stats.chunk_rows, device)
-    counts = moments.count.to(torch.int64).tolist()
+    feats, labels = artifacts.open_features(run.root, t, "train")
+    device = dist.resolve_device(run.cfg.system.device)  # CUDA -> the Triton kernel, CPU -> BLAS
+    m = fit_class_stats(feats, labels, classes, run.cfg.stats.chunk_rows, device)
+    counts = m.count.to(torch.int64).tolist()
     few = [classes.start + i for i, k in enumerate(counts) if k < 2]
     if few:
         log.warning("task %d: classes %s have fewer than 2 training rows: covariance is ridge * I", t, few)
-    save_stats(run.stats_path, t, classes, moments, cov, cfg.stats.ridge, run.marker("extract", t)["id"])
+    artifacts.save_stats(
+        run.root,
+        t,
+        classes,
+        m.count.cpu().numpy(),
+        m.mean.cpu().numpy(),
+        m.m2.cpu().numpy(),
+        ctx.input_id("extract", t),
+    )
     return [out], {"classes": len(classes), "rows": int(sum(counts)), "min_count": int(min(counts))}

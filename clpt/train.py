@@ -20,19 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clpt import artifacts
 from clpt import distributed as dist
 from clpt.backbone import create_backbone, weights_record
 from clpt.config import Loss, RunConfig, Schedule, Trainable
 from clpt.data.benchmark import Benchmark
 from clpt.data.loader import batches
-from clpt.errors import DataError
-from clpt.io import torch_save, write_json
+from clpt.io import write_json
 from clpt.lora import apply_lora, is_peft_trainable
 from clpt.model import CLModel, Heads
 
 log = logging.getLogger("clpt")
-
-CHECKPOINT_FORMAT = "clpt-model-v1"
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -45,60 +43,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def task_seed(cfg: RunConfig, t: int, salt: int = 0) -> int:
     return cfg.seed * 1000 + 17 * t + salt
-
-
-# --- checkpoints --------------------------------------------------------------
-
-
-def save_model(path: Path, model: CLModel, cfg: RunConfig, task: int, extra: dict | None = None) -> None:
-    torch_save(
-        path,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "task": task,
-            "backbone_name": cfg.backbone.name,
-            "reset_final_norm": cfg.backbone.reset_final_norm,
-            "dim": model.dim,
-            "head_sizes": model.heads.sizes,
-            "backbone": model.backbone.state_dict(),
-            "heads": model.heads.state_dict(),
-            **(extra or {}),
-        },
-    )
-
-
-def _load_checkpoint(path: Path, fmt: str = CHECKPOINT_FORMAT) -> dict:
-    """A clpt file of format `fmt` (model checkpoint or aligned heads), or a one-line DataError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise DataError(
-            f"cannot read checkpoint {path}: {e}", hint="re-run the stage that wrote it with --force"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise DataError(
-            f"{path} is not a clpt {fmt} file", hint="re-run the stage that wrote it with --force"
-        )
-    return ckpt
-
-
-def load_heads(path: Path, fmt: str = CHECKPOINT_FORMAT) -> Heads:
-    """The heads stored in a model checkpoint (pre-alignment) or an aligned-heads file."""
-    ckpt = _load_checkpoint(path, fmt)
-    heads = Heads(ckpt["dim"], ckpt["head_sizes"])
-    heads.load_state_dict(ckpt["heads"])
-    return heads
-
-
-def load_model(path: Path, cfg: RunConfig, device: torch.device) -> CLModel:
-    ckpt = _load_checkpoint(path)
-    backbone = create_backbone(cfg.backbone, pretrained=False)
-    if cfg.lora.targets:  # the LoRA weights come from the checkpoint
-        apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=False)
-    backbone.load_state_dict(ckpt["backbone"], strict=True)
-    heads = Heads(backbone.embed_dim, ckpt["head_sizes"])
-    heads.load_state_dict(ckpt["heads"])
-    return CLModel(backbone, heads).to(device)
 
 
 def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, dict]:
@@ -248,8 +192,11 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     return {"epoch_loss": [round(v, 6) for v in losses], "train_images": int(len(loader.indices))}
 
 
-def train_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
-    cfg = run.cfg
+def train_stage(ctx) -> tuple[list[Path], dict]:
+    """The learner of the run's method on task t, from task t-1's model (or the pre-trained backbone)."""
+    from clpt.methods import LEARNERS, METHODS
+
+    run, t, cfg = ctx.run, ctx.task, ctx.run.cfg
     seed_everything(task_seed(cfg, t), cfg.system.deterministic)
     device = dist.resolve_device(cfg.system.device)
     bench = run.benchmark()
@@ -260,10 +207,10 @@ def train_stage(run, t: int, resume: bool = True) -> tuple[list[Path], dict]:
         if dist.is_main():
             write_json(run.root / "backbone.json", record)
     else:
-        model = load_model(run.model_path(t - 1), cfg, device)
-    summary = train_task(model, bench, cfg, t, device)
+        model = artifacts.load_model(run.model_path(t - 1), cfg, device)
+    summary = LEARNERS.get(METHODS.get(cfg.method).learner)(model, bench, cfg, t, device)
     summary.update(extra)
     out = run.model_path(t)
     if dist.is_main():
-        save_model(out, model, cfg, t, extra)
+        artifacts.save_model(out, model.backbone, model.heads, cfg.backbone, t, extra)
     return [out], summary

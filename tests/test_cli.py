@@ -58,15 +58,17 @@ def test_every_stage_leaves_its_artifacts(finished_run):
         assert set(np.unique(tr["labels"][:])) == set(range(10 * t, 10 * t + 10))
         assert set(np.unique(te["labels"][:])) == set(range(10 * t + 10))
         g = stats[f"task_{t:03d}"]
-        assert g["cov"].shape == (10, 128, 128) and g["count"][:].tolist() == [120] * 10
+        assert g["m2"].shape == (10, 128, 128) and g["count"][:].tolist() == [120] * 10
         assert g["classes"][:].tolist() == list(range(10 * t, 10 * t + 10))
+        assert "cov" not in g and g.attrs["format_version"] == 2  # sufficient statistics, no ridge stored
         # the stored statistics are those of the stored features
         x = torch.from_numpy(tr["feats"][:]).double()
         y = tr["labels"][:]
         c0 = 10 * t
-        ref = torch.cov(x[y == c0].T) + 1e-4 * torch.eye(128, dtype=torch.float64)
-        stored = torch.from_numpy(g["cov"][0])
+        ref = torch.cov(x[y == c0].T)
+        stored = torch.from_numpy(g["m2"][0]) / (120 - 1)
         assert float((stored - ref).norm() / ref.norm()) < 2e-6  # float32 accumulation
+        assert torch.equal(stored, stored.T)
 
 
 def test_json_outputs(finished_run):
@@ -231,3 +233,82 @@ def test_done_stage_is_skipped_unless_forced(run_copy):
     res = cli("fit-stats", run_copy, "--task", 0, "--force")
     assert res.exit_code == 0 and markers(run_copy)[("stats", 0)] != before[("stats", 0)]
     assert open_run(run_copy).state("align", 1) == "stale"
+
+
+# --- classifier heads from the cache ----------------------------------------------------------
+
+HEAD_NAMES = ["ca", "linear", "ncm", "lda", "fecam", "ranpac"]
+
+
+def all_markers(root: Path) -> dict:
+    from clpt.stages import run_order
+
+    run = open_run(root)
+    return {
+        (s, t): (run.marker(s, t) or {}).get("id")
+        for t in range(run.info.n_tasks)
+        for s in run_order(run.cfg)
+    }
+
+
+def test_one_run_gives_an_accuracy_matrix_for_every_head(finished_run):
+    rep = report(finished_run)
+    assert list(rep["heads"]) == HEAD_NAMES
+    for name, h in rep["heads"].items():
+        assert [len(r) for r in h["acc_matrix"]] == [1, 2, 3, 4, 5], name
+        assert h["last_acc"] == h["accuracy"] == h["accuracies"][4] and h["inc_acc"] == pytest.approx(
+            np.mean(h["accuracies"])
+        )
+        assert 0 <= h["forgetting"] <= 1 and h["accuracy"] > 0.3, name  # 50 classes: chance is 0.02
+    # SLCA's own classifier is the aligned heads: the `ca` head reads the same file
+    assert rep["heads"]["ca"]["acc_matrix"] == rep["acc_matrix"]
+    res = cli("eval", finished_run, "--task", 4)
+    assert res.exit_code == 0 and "classifier heads from the cache" in res.stdout and "ranpac" in res.stdout
+    doc = json.loads(cli("status", finished_run, "--json").stdout)
+    assert doc["heads"] == HEAD_NAMES
+    assert all(row["stages"][f"head:{h}"]["state"] == "done" for row in doc["tasks"] for h in HEAD_NAMES)
+
+
+def test_refitting_one_head_redoes_only_that_head_and_reads_no_image(run_copy, monkeypatch):
+    from clpt.run import Run
+
+    def no_images(self):
+        raise AssertionError("a head stage read the benchmark's images")
+
+    monkeypatch.setattr(Run, "benchmark", no_images)
+    before = all_markers(run_copy)
+    lda_before = report(run_copy)["heads"]["lda"]
+    res = cli("heads", run_copy, "--head", "lda", "--set", "heads.lda.shrinkage=0.5", "--json")
+    assert res.exit_code == 0, res.stderr
+    after = all_markers(run_copy)
+    assert {k for k in before if before[k] != after[k]} == {("head:lda", t) for t in range(5)}
+    lda = json.loads(res.stdout)["heads"]["lda"]
+    assert lda["acc_matrix"] != lda_before["acc_matrix"]  # a heavily shrunk covariance changes the head
+    assert open_run(run_copy).cfg.heads.of("lda").shrinkage == 0.5
+    # again: nothing to do; --force refits the selected head only
+    assert cli("heads", run_copy, "--head", "lda").exit_code == 0 and all_markers(run_copy) == after
+    res = cli("heads", run_copy, "--head", "ncm", "--task", 1, "--force")
+    assert res.exit_code == 0
+    again = all_markers(run_copy)
+    assert {k for k in after if after[k] != again[k]} == {("head:ncm", 0), ("head:ncm", 1)}
+
+
+def test_editing_the_ridge_does_not_redo_fit_stats(run_copy):
+    before = all_markers(run_copy)
+    assert cli("config", run_copy, "--set", "stats.ridge=0.001").exit_code == 0
+    run = open_run(run_copy)
+    assert all(run.state("stats", t) == "done" for t in range(5))
+    assert run.state("align", 1) == "stale" and run.state("head:lda", 4) == "done"
+    assert cli("run", run_copy).exit_code == 0
+    after = all_markers(run_copy)
+    redone = {k for k in before if before[k] != after[k]}
+    # align (and what reads it) depends on stats.ridge; statistics and the other heads stay
+    assert redone == {(s, t) for t in range(5) for s in ("align", "eval", "head:ca")}
+
+
+def test_heads_command_errors_are_one_line(run_copy):
+    res = cli("heads", run_copy, "--head", "knn")
+    assert res.exit_code == 1 and "unknown head 'knn'" in res.stderr and "ranpac" in res.stderr
+    res = cli("heads", run_copy, "--set", "heads.ranpac.dim=0")
+    assert res.exit_code == 2 and "heads.ranpac.dim: must be >= 1" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout

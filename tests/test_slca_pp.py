@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from clpt import config as C
 from clpt.align import head_input_scales, sample_scale_slca_pp
+from clpt.artifacts import load_model, save_model
 from clpt.backbone import create_backbone
 from clpt.lora import LoRALinear, apply_lora
 from clpt.model import CLModel, Heads
-from clpt.train import initial_model, load_model, make_scheduler, param_groups, save_model, sce_loss
+from clpt.train import initial_model, make_scheduler, param_groups, sce_loss
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_lora_checkpoint_round_trip(tmp_path):
         for name, p in model.backbone.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    save_model(tmp_path / "m.pt", model, cfg, task=0)
+    save_model(tmp_path / "m.pt", model.backbone, model.heads, cfg.backbone, task=0)
     loaded = load_model(tmp_path / "m.pt", cfg, torch.device("cpu"))
     a, b = model.backbone.state_dict(), loaded.backbone.state_dict()
     assert a.keys() == b.keys() and sum("lora" in k for k in a) == 8

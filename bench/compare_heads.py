@@ -1,0 +1,161 @@
+"""Classifier heads side by side, fitted from the cache: accuracy, fit time, peak memory.
+
+    python bench/compare_heads.py                      # built-in benchmark + synthetic published sizes
+    python bench/compare_heads.py --skip-runs --ranpac-dim 2000   # synthetic sizes only, smaller RanPAC
+
+Part 1, the built-in benchmark, one run with a frozen backbone (`frozen_ca`) and
+one with SLCA's: every head's Last-Acc, Inc-Acc, forgetting and its fit time
+from the cache (summed over the 5 tasks), next to the wall time of one training
+epoch of the same run (task 0's train stage / epochs), measured in this run.
+
+Part 2, synthetic features of the published sizes (CIFAR-100: 50,000 x 768, 100
+classes in 10 tasks; ImageNet-R: 24,000 x 768, 200 classes in 10 tasks): each
+head's fit time after the last task and its peak memory (peak RSS growth of a
+fresh process on CPU; `torch.cuda.max_memory_allocated` on a GPU). On a GPU,
+compare the ImageNet-R total with one ViT-B/16 training epoch there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HEADS = ["ca", "linear", "ncm", "lda", "fecam", "ranpac"]
+SIZES = {"cifar100": (50_000, 768, 100), "imagenet-r": (24_000, 768, 200)}
+
+
+def builtin_runs(out: Path, overrides: list[str]) -> list[dict]:
+    from clpt import config as C
+    from clpt.evaluate import report
+    from clpt.io import read_json
+    from clpt.run import create_run, run_all
+
+    rows = []
+    for method in ("frozen_ca", "slca"):
+        cfg = C.resolve(overrides=[f"method={method}", *overrides])
+        run = create_run(out / method, cfg)
+        run_all(run)
+        rep = report(run)
+        epoch_s = run.marker("train", 0)["seconds"] / cfg.train.epochs
+        for head, h in rep["heads"].items():
+            fit_s = sum(
+                read_json(run.root / "tasks" / f"{t:03d}" / "heads" / f"{head}.json")["fit_seconds"]
+                for t in range(run.info.n_tasks)
+            )
+            rows.append({
+                "backbone": method, "head": head, "last_acc": h["last_acc"], "inc_acc": h["inc_acc"],
+                "forgetting": h["forgetting"], "fit_s_all_tasks": fit_s, "train_epoch_s": epoch_s,
+            })  # fmt: skip
+    return rows
+
+
+def _fit_one(args) -> dict:
+    """In a fresh process: fit one head on synthetic features; time and peak memory of the fit alone."""
+    head, (n, d, c), device, ranpac_dim = args
+    from clpt import config as C
+    from clpt.heads import HEADS as REG
+    from clpt.heads import InMemoryCache
+    from clpt.model import Heads
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(c, d, generator=g) * 0.5 + 1.0  # ViT-like: large common mean
+    y = torch.arange(c).repeat_interleave(n // c)
+    x = mu[y] + torch.randn(len(y), d, generator=g)
+    inc = c // 10
+    tasks = [[i, i + inc] for i in range(0, c, inc)]
+    cfg = C.resolve(
+        overrides=["benchmark.name=imagefolder", "benchmark.root=.", f"heads.ranpac.dim={ranpac_dim}"]
+    )
+    ctx = InMemoryCache(x, y, tasks, len(tasks) - 1, cfg, device)
+    settings = cfg.heads.of(head)
+    if head in ("ca", "linear"):  # heads of the right shape stand in for the trained ones
+        heads = Heads(d, [inc] * len(tasks))
+        ctx.trained_heads = ctx.aligned_heads = lambda: heads
+        cfg.align.enabled = head == "linear"  # linear: just the heads; ca: align them from the statistics
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    REG.get(head).fit(ctx, settings)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    sec = time.perf_counter() - t0
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev.type == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    )
+    return {"size": f"{n}x{d}, {c} classes", "head": head, "fit_s": sec, "peak_mib": peak, "device": device}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-runs", action="store_true", help="only the synthetic published sizes")
+    ap.add_argument("--skip-synthetic", action="store_true", help="only the built-in benchmark runs")
+    ap.add_argument(
+        "--ranpac-dim", type=int, default=10000, help="M for the synthetic sizes (published: 10000)"
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="override for the built-in runs"
+    )
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    args = ap.parse_args()
+    out = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if not args.skip_runs:
+        rows = builtin_runs(Path(tempfile.mkdtemp(prefix="clpt-heads-")), args.overrides)
+        out["builtin"] = rows
+        print(
+            "\nbuilt-in benchmark (accuracies in %; fit time from the cache, all 5 tasks):", file=sys.stderr
+        )
+        print(
+            "| backbone | head | Last-Acc | Inc-Acc | Forgetting | fit s (5 tasks) | fit / one train epoch |",
+            file=sys.stderr,
+        )
+        print("|---|---|---|---|---|---|---|", file=sys.stderr)
+        for r in rows:
+            print(
+                f"| {r['backbone']} | {r['head']} | {100 * r['last_acc']:.2f} | {100 * r['inc_acc']:.2f} | "
+                f"{100 * r['forgetting']:.2f} | {r['fit_s_all_tasks']:.2f} | {r['fit_s_all_tasks'] / r['train_epoch_s']:.2f} |",
+                file=sys.stderr,
+            )
+        print(
+            f"(one training epoch: frozen {rows[0]['train_epoch_s']:.2f} s, slca {rows[-1]['train_epoch_s']:.2f} s)",
+            file=sys.stderr,
+        )
+    if not args.skip_synthetic:
+        jobs = [(h, SIZES[s], args.device, args.ranpac_dim) for s in SIZES for h in HEADS]
+        ctx = mp.get_context("spawn")
+        res = []
+        for job in jobs:  # one fresh process per fit: its peak memory is its own
+            with ctx.Pool(1) as pool:
+                res.append(pool.apply(_fit_one, (job,)))
+        out["synthetic"] = res
+        print(
+            f"\nsynthetic features, fit after the last of 10 tasks (RanPAC M = {args.ranpac_dim}, {args.device}):",
+            file=sys.stderr,
+        )
+        print("| size | head | fit s | peak MiB |", file=sys.stderr)
+        print("|---|---|---|---|", file=sys.stderr)
+        for r in res:
+            print(f"| {r['size']} | {r['head']} | {r['fit_s']:.2f} | {r['peak_mib']:.0f} |", file=sys.stderr)
+        for s in SIZES:
+            tot = sum(r["fit_s"] for r in res if r["size"].startswith(str(SIZES[s][0])))
+            print(f"{s}: all heads {tot:.1f} s", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""What every classifier head is: a registered spec, a fit from the run's cache, a scoring function.
+
+A head is fitted for task T from cached quantities only (class statistics,
+cached features, the trained task heads), never from images. The fitted head
+scores test features, (N, d) -> (N, C_seen), and predicts by argmax. Each head
+is one stage of the run (`head:NAME`) with its own marker, so editing
+`heads.NAME.*` makes exactly that head stale.
+
+Adding a head: one module with a settings dataclass, a fit function and a
+`register_head(HeadSpec(...))` call, imported in `clpt/heads/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clpt import artifacts
+from clpt.registry import Registry
+
+Scores = Callable[[torch.Tensor], torch.Tensor]  # (N, d) features -> (N, C) scores, argmax predicts
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str
+    summary: str
+    config_cls: type  # dataclass of the head's settings (`heads.NAME.*`)
+    fit: Callable[[HeadContext, Any], Scores]
+    # stages of task t (besides the test features of t) whose outputs the fit reads
+    inputs: Callable[[Any, int], list[tuple[str, int]]]
+    # config keys beyond `heads.NAME` that the result depends on
+    config_keys: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+
+
+HEADS: Registry[HeadSpec] = Registry("head")
+
+
+def register_head(spec: HeadSpec) -> HeadSpec:
+    return HEADS.register(spec.name, spec)
+
+
+def stats_upto(t: int) -> list[tuple[str, int]]:
+    return [("stats", i) for i in range(t + 1)]
+
+
+def extracts_upto(t: int) -> list[tuple[str, int]]:
+    return [("extract", i) for i in range(t + 1)]
+
+
+@dataclass
+class ClassStats:
+    """Sufficient statistics of every class seen up to task T, float64, in label order."""
+
+    count: torch.Tensor  # (C,)
+    mean: torch.Tensor  # (C, d)
+    m2: torch.Tensor  # (C, d, d)
+    task_of_class: torch.Tensor  # (C,) int64
+
+
+@dataclass
+class HeadContext:
+    """What a head's fit may read for task `task`: the run's cached artifacts, nothing else."""
+
+    root: Path
+    cfg: Any  # RunConfig
+    task: int
+    tasks: list[list[int]]  # [start, stop) of every task of the run
+    device: torch.device
+
+    @property
+    def n_seen(self) -> int:
+        return self.tasks[self.task][1]
+
+    def class_stats(self) -> ClassStats:
+        parts = [artifacts.load_stats(self.root, i) for i in range(self.task + 1)]
+        for i, p in enumerate(parts):
+            expected = list(range(*self.tasks[i]))
+            if p["classes"].tolist() != expected:
+                raise ValueError(
+                    f"statistics of task {i} cover classes {p['classes'][:3]}..., not {expected[:3]}..."
+                )
+        return ClassStats(
+            torch.cat([torch.from_numpy(p["count"]) for p in parts]).to(torch.float64),
+            torch.cat([torch.from_numpy(p["mean"]) for p in parts]),
+            torch.cat([torch.from_numpy(p["m2"]) for p in parts]),
+            torch.cat([torch.full((len(p["classes"]),), i, dtype=torch.int64) for i, p in enumerate(parts)]),
+        )
+
+    def train_chunks(self, i: int, rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Cached training features of task i (extracted with task i's backbone), on the device."""
+        for x, y in artifacts.iter_feature_chunks(self.root, i, "train", rows):
+            yield x.to(self.device), y.to(self.device)
+
+    def feature_dim(self) -> int:
+        feats, _ = artifacts.open_features(self.root, self.task, "test")
+        return int(feats.shape[1])
+
+    def trained_heads(self):
+        return artifacts.load_trained_heads(artifacts.model_path(self.root, self.task))
+
+    def aligned_heads(self):
+        return artifacts.load_aligned_heads(artifacts.aligned_path(self.root, self.task))
+
+
+@torch.no_grad()
+def score_in_chunks(scores: Scores, x: torch.Tensor, device: torch.device, rows: int = 4096) -> torch.Tensor:
+    """(N, C) scores on the CPU, computed `rows` test features at a time on the device."""
+    return torch.cat([scores(x[s : s + rows].to(device)).float().cpu() for s in range(0, len(x), rows)])
+
+
+class InMemoryCache:
+    """A `HeadContext` over features in memory (library use, benchmarks): fit any head without a run.
+
+    `x` (n, d) float32 training features, `y` (n,) labels in [0, C), `tasks` the
+    [start, stop) class ranges; the heads are fitted as after task `task`.
+    """
+
+    def __init__(self, x, y, tasks, task: int, cfg, device="cpu", rows: int = 8192):
+        self.x, self.y, self.tasks, self.task, self.cfg, self.rows = x, y, tasks, task, cfg, rows
+        self.device = torch.device(device)
+
+    n_seen = HeadContext.n_seen
+
+    def feature_dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def train_chunks(self, i: int, rows: int = 8192):
+        start, stop = self.tasks[i]
+        sel = (self.y >= start) & (self.y < stop)
+        x, y = self.x[sel], self.y[sel]
+        step = min(rows, self.rows)
+        for s in range(0, len(y), step):
+            yield x[s : s + step].to(self.device), y[s : s + step].to(self.device)
+
+    def class_stats(self) -> ClassStats:
+        from clpt.stats import make_accumulator
+
+        parts = []
+        for i in range(self.task + 1):
+            start, stop = self.tasks[i]
+            acc = make_accumulator(stop - start, self.feature_dim(), self.device)
+            for x, y in self.train_chunks(i):
+                acc.update(x, y - start)
+            parts.append(acc.result())
+        return ClassStats(
+            torch.cat([p.count for p in parts]).cpu(),
+            torch.cat([p.mean for p in parts]).cpu(),
+            torch.cat([p.m2 for p in parts]).cpu(),
+            torch.cat([torch.full((len(p.count),), i, dtype=torch.int64) for i, p in enumerate(parts)]),
+        )

@@ -1,0 +1,50 @@
+"""`ca`: SLCA / SLCA++ Classifier Alignment (METHOD.md, stage 3) as a head.
+
+With a method that aligns (slca, slca_pp, frozen_ca) this is the align stage's
+output, read back. With one that does not (seqft, seqft_sl), the head aligns the
+trained heads itself, with the run's `align.*` settings, from the class
+statistics: so CA can be compared on any backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clpt.heads.base import HeadSpec, register_head, stats_upto
+
+# what the alignment reads from the config (the align stage declares the same keys)
+ALIGN_KEYS = ("align", "train.weight_decay", "seed", "stats.ridge")
+
+
+@dataclass
+class CAHeadConfig:
+    """Settings live in `align.*` (shared with the align stage)."""
+
+
+def fit(ctx, settings: CAHeadConfig):
+    from clpt.align import align_on_stats
+
+    if ctx.cfg.align_enabled:
+        return ctx.aligned_heads().to(ctx.device).eval()
+    heads = ctx.trained_heads()
+    if ctx.task > 0:
+        align_on_stats(heads, ctx.class_stats(), ctx.task, ctx.cfg, ctx.device)
+    return heads.to(ctx.device).eval()
+
+
+def inputs(cfg, t: int) -> list[tuple[str, int]]:
+    if cfg.align_enabled:
+        return [("align", t)]
+    return [("train", t), *(stats_upto(t) if t > 0 else [])]
+
+
+register_head(
+    HeadSpec(
+        "ca",
+        "classifier alignment on Gaussian samples (SLCA / SLCA++)",
+        CAHeadConfig,
+        fit,
+        inputs=inputs,
+        config_keys=lambda cfg: () if cfg.align_enabled else ALIGN_KEYS,
+    )
+)

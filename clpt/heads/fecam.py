@@ -1,0 +1,105 @@
+"""`fecam`: FeCAM's per-class Mahalanobis distance (METHOD_HEADS.md 2.3; Goswami et al. 2023).
+
+Pre-trained ViT variant (their `FeCAM_vit_*` scripts), the default:
+- features L2-normalised; mu_c and S_c = unbiased covariance of the normalised
+  features of class c (streamed from the feature cache through the same
+  class-moment accumulator as `fit-stats`; features of task i come from task
+  i's backbone, so old classes keep the statistics they were fitted with);
+- shrinkage once: S + a1 mean(diag S) I + a2 mean(non-zero off-diagonal S) (1 - I),
+  (a1, a2) = (1, 0) by default, (10, 10) in the ImageNet-R preset;
+- correlation normalisation S~_ij = S'_ij / sqrt(S'_ii S'_jj);
+- d_c(x) = (x^ - mu_c)^T pinv(S~_c) (x^ - mu_c), x^ = L2-normalised f(x); predict argmin.
+
+`tukey: true` applies the power transform x^0.5 (sign-preserving:
+sign(x) |x|^0.5, since ViT features are not non-negative) before normalising:
+the ResNet path of their code, offered as an option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from clpt.heads.base import HeadSpec, extracts_upto, register_head
+from clpt.stats import make_accumulator
+
+
+@dataclass
+class FeCAMConfig:
+    shrink1: float = 1.0  # a1: times mean(diag S) on the diagonal
+    shrink2: float = 0.0  # a2: times mean of the non-zero off-diagonal entries, off the diagonal
+    normalize: bool = True  # L2-normalise features (the ViT path)
+    tukey: bool = False  # sign(x) |x|^0.5 before normalising (their ResNet path)
+
+    def problems(self) -> list[str]:
+        return [f"{k}: must be >= 0" for k in ("shrink1", "shrink2") if getattr(self, k) < 0]
+
+
+def transform(x: torch.Tensor, settings: FeCAMConfig) -> torch.Tensor:
+    x = x.float()
+    if settings.tukey:
+        x = torch.sign(x) * x.abs().sqrt()
+    if settings.normalize:
+        x = F.normalize(x, dim=1)
+    return x
+
+
+def shrink(cov: torch.Tensor, a1: float, a2: float) -> torch.Tensor:
+    """(C, d, d): S + a1 mean(diag S) I + a2 mean(non-zero off-diag S) (1 - I), per class."""
+    d = cov.shape[-1]
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    diag_mean = torch.diagonal(cov, dim1=1, dim2=2).mean(1)  # (C,)
+    off = cov * (1 - eye)
+    nonzero = (off != 0).sum((1, 2)).clamp(min=1)
+    off_mean = off.sum((1, 2)) / nonzero  # (C,)
+    return cov + a1 * diag_mean[:, None, None] * eye + a2 * off_mean[:, None, None] * (1 - eye)
+
+
+def correlation(cov: torch.Tensor) -> torch.Tensor:
+    sd = torch.diagonal(cov, dim1=1, dim2=2).clamp(min=1e-300).sqrt()  # (C, d); a 1-row class has S = 0
+    return cov / (sd[:, :, None] * sd[:, None, :])
+
+
+def fecam_parameters(means: torch.Tensor, covs: torch.Tensor, settings: FeCAMConfig):
+    """(mu (C, d), P (C, d, d)) float64: P = pinv of the shrunk, correlation-normalised covariances."""
+    s = correlation(shrink(covs, settings.shrink1, settings.shrink2))
+    return means, torch.linalg.pinv(s, hermitian=True)
+
+
+def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+    """(N, C) squared distances (x - mu_c)^T P_c (x - mu_c), one class at a time."""
+    out = torch.empty(len(x), len(mu), dtype=x.dtype, device=x.device)
+    for c in range(len(mu)):
+        diff = x - mu[c]  # (N, d)
+        out[:, c] = ((diff @ prec[c]) * diff).sum(1)
+    return out
+
+
+def fit(ctx, settings: FeCAMConfig):
+    from clpt.artifacts import covariance
+
+    means, covs = [], []
+    for i in range(ctx.task + 1):
+        start, stop = ctx.tasks[i]
+        acc = make_accumulator(stop - start, ctx.feature_dim(), ctx.device)
+        for x, y in ctx.train_chunks(i):
+            acc.update(transform(x, settings), y - start)
+        m = acc.result()
+        means.append(m.mean)
+        covs.append(covariance(m.count, m.m2))
+    mu, prec = fecam_parameters(torch.cat(means), torch.cat(covs), settings)
+    mu, prec = mu.float(), prec.float()
+    return lambda x: -mahalanobis(transform(x, settings), mu, prec)
+
+
+register_head(
+    HeadSpec(
+        "fecam",
+        "per-class Mahalanobis on normalised features (FeCAM)",
+        FeCAMConfig,
+        fit,
+        inputs=lambda cfg, t: extracts_upto(t),
+    )
+)

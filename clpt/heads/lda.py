@@ -1,0 +1,52 @@
+"""`lda`: streaming LDA with a shared, shrunk covariance (METHOD_HEADS.md 2.2; Hayes & Kanan 2020).
+
+S = sum_c M2_c / (N - C), shrunk to (1 - e) S + e I; w_c = S^-1 mu_c,
+b_c = -1/2 mu_c^T S^-1 mu_c; predict argmax_c (w_c . x + b_c). It needs only the
+count, mean and M2 of each class, so it is exact over any split into tasks.
+
+Default e = 1e-4, the deep streaming LDA authors' default: with C classes of
+n_c >= d rows S is well conditioned and e barely moves it, and where classes are
+small (CUB: ~30 images, d = 768) pooling over all seen classes already makes S
+full rank once N - C >= d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clpt.heads.base import HeadSpec, register_head, stats_upto
+
+
+@dataclass
+class LDAConfig:
+    shrinkage: float = 1e-4  # e in (1 - e) S + e I
+
+    def problems(self) -> list[str]:
+        return [] if 0 <= self.shrinkage <= 1 else [f"shrinkage: {self.shrinkage} must be in [0, 1]"]
+
+
+def lda_weights(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, shrinkage: float):
+    """(W (C, d), b (C,)) float64 from per-class count, mean and M2."""
+    n, c = float(count.sum()), len(count)
+    cov = m2.sum(0) / max(n - c, 1.0)  # pooled, unbiased
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    w = torch.linalg.solve(cov, mean.T).T  # (C, d): S^-1 mu_c
+    b = -0.5 * (mean * w).sum(1)
+    return w, b
+
+
+def fit(ctx, settings: LDAConfig):
+    s = ctx.class_stats()
+    w, b = lda_weights(s.count, s.mean, s.m2, settings.shrinkage)
+    w, b = w.to(ctx.device, torch.float32), b.to(ctx.device, torch.float32)
+    return lambda x: torch.addmm(b, x.float(), w.T)
+
+
+register_head(
+    HeadSpec(
+        "lda", "streaming LDA, shared shrunk covariance", LDAConfig, fit, inputs=lambda cfg, t: stats_upto(t)
+    )
+)

@@ -1,0 +1,94 @@
+"""Methods and learners, registered by name (timm style).
+
+A method is a learner (how the backbone and the task heads are trained on each
+task) plus the settings that make it the published method: config presets, and
+presets that depend on the benchmark. Adding a method is one `register_method`
+call; an unknown `method:` is a config error listing the registered names. A
+method whose settings leave a required key unset is rejected when the config is
+built (it would otherwise, say, train a frozen backbone with no alignment).
+
+This module is pure data (no torch): the config imports it to validate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from clpt.registry import Registry, lazy
+
+# Keys whose None default means "the method decides": every method must set them.
+REQUIRED_KEYS = ("train.backbone_lr_scale", "align.enabled")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    learner: str = "slow_learner"  # a name in LEARNERS
+    preset: dict[str, Any] = field(default_factory=dict)  # config sections it sets
+    benchmark_presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark name -> sections
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+# learner name -> fn(model, bench, cfg, task, device) -> summary; trains task `task` in place
+LEARNERS: Registry[Callable] = Registry("learner")
+LEARNERS.register("slow_learner", lazy("clpt.train", "train_task"))
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    return METHODS.register(spec.name, spec)
+
+
+_SLCA_ALIGN = {"mean_shrink": True, "sample_scale": False, "head_scale": False}
+_FULL_FT = {"trainable": "all", "schedule": "multistep", "loss": "ce"}
+
+register_method(
+    MethodSpec(
+        "slca",
+        "slow learner (backbone LR x 0.01) + classifier alignment",
+        preset={"train": {"backbone_lr_scale": 0.01, **_FULL_FT}, "align": {"enabled": True, **_SLCA_ALIGN}},
+    )
+)
+register_method(
+    MethodSpec(
+        "seqft",
+        "sequential fine-tuning, backbone at the head's LR, no alignment",
+        preset={"train": {"backbone_lr_scale": 1.0, **_FULL_FT}, "align": {"enabled": False, **_SLCA_ALIGN}},
+    )
+)
+register_method(
+    MethodSpec(
+        "seqft_sl",
+        "slow learner without alignment",
+        preset={"train": {"backbone_lr_scale": 0.01, **_FULL_FT}, "align": {"enabled": False, **_SLCA_ALIGN}},
+    )
+)
+register_method(
+    MethodSpec(
+        "frozen_ca",
+        "frozen backbone (LR scale 0) + classifier alignment",
+        preset={"train": {"backbone_lr_scale": 0.0, **_FULL_FT}, "align": {"enabled": True, **_SLCA_ALIGN}},
+    )
+)
+_PP_SMALL = {"train": {"weight_decay": 5e-4, "sce_alpha": 1.0, "sce_beta": 0.1}}  # CIFAR-100, CUB-200
+_PP_LARGE = {"train": {"weight_decay": 0.0, "sce_alpha": 0.5, "sce_beta": 0.5}}  # ImageNet-R, Cars-196
+register_method(
+    MethodSpec(
+        "slca_pp",
+        "SLCA++: LoRA hybrid slow learner, symmetric CE, feature-scaled alignment",
+        # non-LoRA trainable backbone parameters at 1e-3 = 1e-2 x 0.1; LoRA on attn.qkv
+        preset={
+            "train": {"backbone_lr_scale": 0.1, "trainable": "peft", "schedule": "cosine", "loss": "sce"},
+            "lora": {"targets": ["qkv"]},
+            "align": {"enabled": True, "mean_shrink": False, "sample_scale": True, "head_scale": True},
+        },
+        benchmark_presets={
+            "cifar100": _PP_SMALL,
+            "cub200": _PP_SMALL,
+            "imagenet-r": _PP_LARGE,
+            "cars196": _PP_LARGE,
+        },
+    )
+)

@@ -1,0 +1,273 @@
+"""Classifier heads from the cache, each against an independent computation (METHOD_HEADS.md 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clpt import config as C
+from clpt.errors import ConfigError
+from clpt.heads import HEADS, ClassStats
+from clpt.heads.fecam import FeCAMConfig
+from clpt.heads.lda import LDAConfig
+from clpt.heads.ncm import NCMConfig
+from clpt.heads.ranpac import RanPACConfig, choose_lambda, ridge_solution
+from clpt.stats import make_accumulator
+
+TASKS = [[0, 3], [3, 5]]  # two tasks: classes 0-2, then 3-4
+
+
+def blobs(n_per_class=40, d=12, n_classes=5, seed=0, offset=5.0):
+    """Gaussian classes with distinct means and covariances; labels grouped by class."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c in range(n_classes):
+        a = torch.randn(d, d, generator=g) * 0.3
+        mu = torch.randn(d, generator=g) * 2 + offset
+        xs.append(torch.randn(n_per_class, d, generator=g) @ a.T + mu)
+        ys.append(torch.full((n_per_class,), c))
+    return torch.cat(xs), torch.cat(ys)
+
+
+class CacheStub:
+    """What a head's fit reads (`clpt.heads.HeadContext`'s interface), from in-memory features.
+
+    `rows` sets the chunk size of `train_chunks` and of the statistics' accumulation, so
+    the same head can be fitted from one pass and from many chunks.
+    """
+
+    def __init__(self, x, y, tasks=TASKS, task=1, rows=10_000, seed=1993):
+        self.x, self.y, self.tasks, self.task, self.rows = x, y, tasks, task, rows
+        self.device = torch.device("cpu")
+        self.cfg = C.resolve(overrides=[f"seed={seed}"])
+
+    @property
+    def n_seen(self):
+        return self.tasks[self.task][1]
+
+    def feature_dim(self):
+        return self.x.shape[1]
+
+    def train_chunks(self, i, rows=None):
+        start, stop = self.tasks[i]
+        sel = (self.y >= start) & (self.y < stop)
+        x, y = self.x[sel], self.y[sel]
+        step = min(rows or self.rows, self.rows)
+        for s in range(0, len(y), step):
+            yield x[s : s + step], y[s : s + step]
+
+    def class_stats(self):
+        parts = []
+        for i in range(self.task + 1):
+            start, stop = self.tasks[i]
+            acc = make_accumulator(stop - start, self.feature_dim())
+            for x, y in self.train_chunks(i):
+                acc.update(x, y - start)
+            parts.append(acc.result())
+        return ClassStats(
+            torch.cat([p.count for p in parts]),
+            torch.cat([p.mean for p in parts]),
+            torch.cat([p.m2 for p in parts]),
+            torch.cat([torch.full((len(p.count),), i) for i, p in enumerate(parts)]),
+        )
+
+
+def test_ncm_is_cosine_to_the_class_means_by_hand():
+    x, y = blobs()
+    scores = HEADS.get("ncm").fit(CacheStub(x, y), NCMConfig())
+    q = torch.randn(7, x.shape[1]) + 5
+    for i in range(7):
+        for c in range(5):
+            p = x[y == c].double().mean(0)
+            cos = float(q[i].double() @ p / (q[i].double().norm() * p.norm()))
+            assert float(scores(q)[i, c]) == pytest.approx(cos, abs=1e-5)
+
+
+class _UnbiasedShrunk:
+    """scikit-learn covariance estimator: (1 - e) * unbiased covariance + e * I (clpt's LDA shrinkage)."""
+
+    def __init__(self, e):
+        self.e = e
+
+    def fit(self, X):
+        self.covariance_ = (1 - self.e) * np.cov(X.T) + self.e * np.eye(X.shape[1])
+        return self
+
+    def get_params(self, deep=True):
+        return {"e": self.e}
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 1e-4, 0.3])
+def test_lda_matches_scikit_learn_with_the_same_shrinkage(shrinkage):
+    sklearn_lda = pytest.importorskip("sklearn.discriminant_analysis")
+    x, y = blobs(n_per_class=30)
+    scores = HEADS.get("lda").fit(CacheStub(x, y), LDAConfig(shrinkage=shrinkage))
+    # equal class sizes and uniform priors: sklearn's prior-weighted class covariance is the pooled
+    # (N - C) covariance, shrunk the same way, and its intercept carries log(1/C) on top of ours
+    ref = sklearn_lda.LinearDiscriminantAnalysis(
+        solver="lsqr", covariance_estimator=_UnbiasedShrunk(shrinkage), priors=np.full(5, 0.2)
+    ).fit(x.double().numpy(), y.numpy())
+    q = blobs(n_per_class=8, seed=5)[0]
+    expected = ref.decision_function(q.double().numpy()) - np.log(0.2)
+    np.testing.assert_allclose(scores(q).numpy(), expected, rtol=1e-4, atol=1e-3)
+    assert (scores(q).argmax(1).numpy() == ref.predict(q.double().numpy())).all()
+
+
+def fecam_numpy(x_train, y_train, queries, a1, a2):
+    """METHOD_HEADS.md 2.3, transcribed directly with NumPy: -d_c(x) for every query and class."""
+    xn = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    out = np.zeros((len(queries), int(y_train.max()) + 1))
+    for c in range(out.shape[1]):
+        rows = xn[y_train == c]
+        mu, s = rows.mean(0), np.cov(rows.T)
+        d = s.shape[0]
+        off = s - np.diag(np.diag(s))
+        s = s + a1 * np.diag(s).mean() * np.eye(d) + a2 * off[off != 0].mean() * (1 - np.eye(d))
+        s = s / np.sqrt(np.outer(np.diag(s), np.diag(s)))
+        p = np.linalg.pinv(s)
+        for i, v in enumerate(qn):
+            out[i, c] = -(v - mu) @ p @ (v - mu)
+    return out
+
+
+@pytest.mark.parametrize("a1,a2", [(1.0, 0.0), (10.0, 10.0)])
+def test_fecam_matches_a_numpy_transcription_of_the_formula(a1, a2):
+    x, y = blobs(n_per_class=30)
+    q = blobs(n_per_class=4, seed=7)[0]
+    scores = HEADS.get("fecam").fit(CacheStub(x, y, rows=13), FeCAMConfig(shrink1=a1, shrink2=a2))
+    expected = fecam_numpy(x.double().numpy(), y.numpy(), q.double().numpy(), a1, a2)
+    np.testing.assert_allclose(scores(q).numpy(), expected, rtol=2e-3, atol=2e-3)
+    assert (scores(q).argmax(1).numpy() == expected.argmax(1)).all()
+
+
+def test_ranpac_ridge_is_the_direct_solve():
+    g = torch.Generator().manual_seed(0)
+    h = torch.relu(torch.randn(50, 20, generator=g, dtype=torch.float64))
+    yq = F.one_hot(torch.randint(0, 4, (50,), generator=g), 4).double()
+    gram, q = h.T @ h, h.T @ yq
+    w = ridge_solution(gram, q, 0.5)
+    ref = np.linalg.solve(gram.numpy() + 0.5 * np.eye(20), q.numpy())
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_fit,m", [(30, 60), (80, 20)])  # dual (n <= M) and primal (n > M) paths
+def test_ranpac_validation_losses_equal_explicit_solves(n_fit, m):
+    g = torch.Generator().manual_seed(1)
+    h_a = torch.relu(torch.randn(n_fit, m, generator=g, dtype=torch.float64))
+    h_v = torch.relu(torch.randn(15, m, generator=g, dtype=torch.float64))
+    y_a = F.one_hot(torch.randint(0, 3, (n_fit,), generator=g), 3).double()
+    y_v = F.one_hot(torch.randint(0, 3, (15,), generator=g), 3).double()
+    lambdas = [1e-2, 1.0, 1e2, 1e4]
+    lam, losses = choose_lambda(h_a, y_a, h_v, y_v, lambdas)
+    for got, lam_ in zip(losses, lambdas, strict=True):
+        w = np.linalg.solve(h_a.T.numpy() @ h_a.numpy() + lam_ * np.eye(m), h_a.T.numpy() @ y_a.numpy())
+        assert got == pytest.approx(float(((h_v.numpy() @ w - y_v.numpy()) ** 2).mean()), rel=1e-8)
+    assert lam == lambdas[int(np.argmin(losses))]
+
+
+def test_ranpac_picks_the_lambda_the_data_call_for():
+    g = torch.Generator().manual_seed(2)
+    lambdas = [10.0**k for k in range(-8, 9)]
+    # targets an exact linear function of h, with more rows than dimensions: the least ridge wins
+    h = torch.randn(200, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    lam, _ = choose_lambda(h[:150], h[:150] @ w, h[150:], h[150:] @ w, lambdas)
+    assert lam == 1e-8
+    # validation on the fit rows with targets 0: the MSE, sum_i (s_i^2 / (s_i^2 + l))^2 (u_i^T y)^2,
+    # falls strictly as l grows, so the largest ridge wins
+    y = F.one_hot(torch.randint(0, 5, (150,), generator=g), 5).double()
+    lam, losses = choose_lambda(h[:150], y, h[:150], torch.zeros_like(y), lambdas)
+    assert lam == 1e8 and all(a > b for a, b in zip(losses, losses[1:], strict=False))
+
+
+def test_ranpac_head_equals_a_direct_computation():
+    x, y = blobs(n_per_class=25)
+    settings = RanPACConfig(dim=64, seed=3)
+    scores = HEADS.get("ranpac").fit(CacheStub(x, y, rows=11), settings)
+    w_rand = torch.randn(x.shape[1], 64, generator=torch.Generator().manual_seed(3))  # N(0, 1), unscaled
+    h = torch.relu(x @ w_rand).double()
+    gram, q = h.T @ h, h.T @ F.one_hot(y, 5).double()
+    lam = scores.info["lambda"]
+    assert lam in settings.lambdas and len(scores.info["val_mse"]) == 17
+    w_o = np.linalg.solve(gram.numpy() + lam * np.eye(64), q.numpy())
+    qx = blobs(n_per_class=3, seed=9)[0]
+    expected = torch.relu(qx @ w_rand).double().numpy() @ w_o
+    np.testing.assert_allclose(
+        scores(qx).double().numpy(), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max()
+    )
+
+
+@pytest.mark.parametrize("name", ["ncm", "lda", "fecam", "ranpac"])
+def test_heads_from_chunked_statistics_equal_one_pass(name):
+    x, y = blobs()
+    settings = HEADS.get(name).config_cls()
+    if name == "ranpac":
+        settings.dim = 48
+    one = HEADS.get(name).fit(CacheStub(x, y, rows=100_000), settings)
+    many = HEADS.get(name).fit(CacheStub(x, y, rows=7), settings)
+    q = blobs(n_per_class=5, seed=4)[0]
+    a, b = one(q), many(q)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+# --- registries and config ------------------------------------------------------------------
+
+
+def test_registries_list_their_names_on_an_unknown_one():
+    from clpt.methods import METHODS
+    from clpt.stages import get_stage
+
+    with pytest.raises(ValueError, match="unknown head 'knn'; valid: ca, fecam, lda, linear, ncm, ranpac"):
+        HEADS.get("knn")
+    with pytest.raises(ValueError, match="valid: slca, seqft, seqft_sl, frozen_ca, slca_pp"):
+        METHODS.get("ewc")
+    with pytest.raises(ValueError, match="valid: train, extract, stats, align, eval"):
+        get_stage("distill")
+    with pytest.raises(ConfigError, match="method: 'ewc' is not one of: slca, seqft"):
+        C.resolve(overrides=["method=ewc"])
+    with pytest.raises(ConfigError, match=r"heads.enabled: \['knn'\] not among: ca, fecam, lda"):
+        C.resolve(overrides=["heads.enabled=[ncm,knn]"])
+    with pytest.raises(ConfigError, match=r"heads.lda.shrinkage: 2.0 must be in \[0, 1\]"):
+        C.resolve(overrides=["heads.lda.shrinkage=2"])
+    with pytest.raises(ConfigError, match="heads.svm: unknown key"):
+        C.resolve(overrides=["heads.svm.c=1"])
+
+
+def test_a_method_with_incomplete_settings_is_rejected_when_the_config_is_built(monkeypatch):
+    from clpt.methods import METHODS, MethodSpec
+
+    monkeypatch.setitem(METHODS._items, "bare", MethodSpec("bare", "no preset"))
+    with pytest.raises(ConfigError) as e:
+        C.resolve(overrides=["method=bare"])
+    assert "train.backbone_lr_scale: method 'bare' leaves it unset" in str(e.value)
+    assert "align.enabled: method 'bare' leaves it unset" in str(e.value)
+    cfg = C.resolve(overrides=["method=bare", "train.backbone_lr_scale=0.01", "align.enabled=true"])
+    assert cfg.method == "bare"
+
+
+def test_head_settings_round_trip_through_the_saved_config():
+    cfg = C.resolve(
+        overrides=["heads.enabled=[ncm,ranpac]", "heads.ranpac.dim=512", "heads.fecam.tukey=true"]
+    )
+    again = C.build_config(C.to_dict(cfg))
+    assert again.heads.enabled == ["ncm", "ranpac"] and again.heads.of("ranpac").dim == 512
+    assert again.heads.of("fecam").tukey and C.to_dict(again) == C.to_dict(cfg)
+    assert C.resolve().heads.of("ranpac").dim == 2048  # the built-in preset
+    ir = C.resolve(overrides=["benchmark.name=imagenet-r", "benchmark.root=x"]).heads.of("fecam")
+    assert (ir.shrink1, ir.shrink2) == (10.0, 10.0) and C.resolve().heads.of("ranpac").lambdas[0] == 1e-8
+
+
+def test_builtin_backbone_loads_through_timm_create_model(clpt_cache):
+    import timm
+
+    from clpt.vit_micro import builtin_weights_path
+
+    model = timm.create_model("clpt_vit_micro", pretrained=True)
+    saved = torch.load(builtin_weights_path(), weights_only=True)
+    state = model.state_dict()
+    assert saved.keys() <= state.keys()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
