@@ -1,6 +1,9 @@
 """Every artifact of a run folder: its path, its format (with a version) and its reader and writer.
 
-    RUN/config.yaml, benchmark.json, manifest.json, backbone.json       (clpt.run)
+    RUN/config.yaml                      the resolved configuration                 (clpt.config)
+    RUN/benchmark.json                   class order, task ranges, class names     format clpt-benchmark
+    RUN/manifest.json                    every image read, with a checksum         format clpt-manifest
+    RUN/backbone.json                    the weights the run started from          format clpt-backbone-record
     RUN/tasks/003/model.pt               backbone + heads after the Slow Learner   format clpt-model
     RUN/tasks/003/heads_aligned.pt       heads after Classifier Alignment          format clpt-heads
     RUN/features.zarr/task_003/{train,test}/{feats,labels}                         format clpt-features
@@ -29,6 +32,9 @@ from clpt.io import read_json, torch_save, write_json
 
 # format name -> current version. A reader accepts exactly this version.
 FORMATS = {
+    "clpt-benchmark": 1,  # RUN/benchmark.json
+    "clpt-manifest": 1,  # RUN/manifest.json
+    "clpt-backbone-record": 1,  # RUN/backbone.json
     "clpt-model": 1,
     "clpt-heads": 1,
     "clpt-features": 1,
@@ -83,6 +89,37 @@ def stats_group(t: int) -> str:
 
 def _rebuild_hint(command: str) -> str:
     return f"rebuild it with `{command}`"
+
+
+# --- JSON records of the run: benchmark, manifest, backbone ------------------------------
+
+
+def run_record_path(root: Path, kind: str) -> Path:
+    return Path(root) / {"clpt-benchmark": "benchmark.json", "clpt-manifest": "manifest.json",
+                         "clpt-backbone-record": "backbone.json"}[kind]  # fmt: skip
+
+
+def write_record(root: Path, kind: str, obj: dict) -> None:
+    # `record`, not `format`: a record's own fields (the manifest's `format`) stay untouched
+    write_json(run_record_path(root, kind), {"record": kind, "format_version": FORMATS[kind], **obj})
+
+
+def read_record(root: Path, kind: str) -> dict:
+    """A run record without its format fields (records from before versioning count as version 1)."""
+    path = run_record_path(root, kind)
+    hint = f"re-create the run with `clpt init {root}`"
+    try:
+        obj = read_json(path)
+    except FileNotFoundError:
+        raise MissingInputError(f"{root} has no {path.name}", hint=hint) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__})", hint=hint) from None
+    if not isinstance(obj, dict) or obj.pop("record", kind) != kind:
+        raise DataError(f"{path} is not a clpt {kind} record", hint=hint)
+    version = obj.pop("format_version", 1)
+    if version != FORMATS[kind]:
+        raise DataError(f"{path} has format version {version}, this clpt reads {FORMATS[kind]}", hint=hint)
+    return obj
 
 
 # --- torch files: model checkpoints and heads ------------------------------------------

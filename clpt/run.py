@@ -69,6 +69,7 @@ class Run:
         self.cfg = cfg
         self.info = info
         self._bench = None
+        self._cfg_dict: dict | None = None
 
     def benchmark(self):
         """The benchmark's images, checked once per process against the run's manifest."""
@@ -78,13 +79,7 @@ class Run:
 
             bench = load_benchmark(self.cfg.benchmark)
             if bench.raw is not None:
-                path = self.root / "manifest.json"
-                if not path.is_file():
-                    raise MissingInputError(
-                        f"{self.root} has no manifest.json",
-                        hint=f"re-create the run with `clpt init {self.root}`",
-                    )
-                manifest.verify(bench.raw, read_json(path))
+                manifest.verify(bench.raw, artifacts.read_record(self.root, "clpt-manifest"))
             self._bench = bench
         return self._bench
 
@@ -125,7 +120,9 @@ class Run:
         return get_stage(stage).inputs(self.cfg, t)
 
     def config_values(self, stage: str) -> dict:
-        full = config_mod.to_dict(self.cfg)
+        if self._cfg_dict is None:  # a Run's config never changes (edits make a new Run)
+            self._cfg_dict = config_mod.to_dict(self.cfg)
+        full = self._cfg_dict
         out = {}
         for key in get_stage(stage).config_keys(self.cfg):
             node = full
@@ -233,8 +230,8 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
     if bench.raw is not None:  # what was read: files, labels, checksums
         from clpt.data.manifest import build_manifest
 
-        write_json(root / "manifest.json", build_manifest(bench.raw))
-    write_json(root / "benchmark.json", dataclasses.asdict(info))
+        artifacts.write_record(root, "clpt-manifest", build_manifest(bench.raw))
+    artifacts.write_record(root, "clpt-benchmark", dataclasses.asdict(info))
     write_text(cfg_path, text)  # written last: a folder without it is not a run
     return Run(root, cfg, info)
 
@@ -268,12 +265,7 @@ def open_run(root: Path) -> Run:
             hint=f"create it with `clpt init {root} [--config FILE]`",
         )
     cfg = config_mod.load_resolved(cfg_path)
-    info_path = root / "benchmark.json"
-    if not info_path.is_file():
-        raise MissingInputError(
-            f"{root} has no benchmark.json", hint=f"re-create the run with `clpt init {root}`"
-        )
-    info = RunInfo(**read_json(info_path))
+    info = RunInfo(**artifacts.read_record(root, "clpt-benchmark"))
     return Run(root, cfg, info)
 
 

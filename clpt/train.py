@@ -26,7 +26,6 @@ from clpt.backbone import create_backbone, weights_record
 from clpt.config import Loss, RunConfig, Schedule, Trainable
 from clpt.data.benchmark import Benchmark
 from clpt.data.loader import batches
-from clpt.io import write_json
 from clpt.lora import apply_lora, is_peft_trainable
 from clpt.model import CLModel, Heads
 
@@ -205,7 +204,7 @@ def train_stage(ctx) -> tuple[list[Path], dict]:
         model, record = initial_model(cfg, device)
         extra["pretrained"] = record  # which weights the run started from
         if dist.is_main():
-            write_json(run.root / "backbone.json", record)
+            artifacts.write_record(run.root, "clpt-backbone-record", record)
     else:
         model = artifacts.load_model(run.model_path(t - 1), cfg, device)
     summary = LEARNERS.get(METHODS.get(cfg.method).learner)(model, bench, cfg, t, device)
