@@ -40,14 +40,17 @@ class Loss(enum.StrEnum):
 
 @dataclass
 class BenchmarkConfig:
-    name: str = "builtin"  # builtin (no download) | cifar100 | imagenet-r | cub200 | cars196 | imagefolder
+    name: str = "builtin"  # builtin (no download) | cifar100 | imagenet-r | imagenet-a | cub200 | cars196 | imagefolder
     root: str | None = None  # dataset folder; unused by `builtin`
     init_classes: int = 10  # classes in the first task
     increment: int = 10  # classes in each later task (a remainder forms a last, smaller task)
     seed: int = 1993  # class order: np.random.seed(seed); np.random.permutation(n_classes)
     image_size: int | None = None  # model input size; None -> 224 (32 for builtin)
     download: bool = True  # CIFAR-100: download when missing and the network allows
-    split_seed: int = 0  # ImageNet-R: seed of the deterministic 80/20 per-class split
+    split_seed: int = 0  # ImageNet-R, ImageNet-A: seed of the deterministic 80/20 per-class split
+    normalization: str = "dataset"  # dataset (METHOD.md's table) | imagenet | none (pixels in [0, 1])
+    train_crop_scale: list[float] | None = None  # RandomResizedCrop scale; None -> (0.08, 1)
+    train_interpolation: str = "bicubic"  # RandomResizedCrop interpolation: bicubic | bilinear
 
 
 @dataclass
@@ -116,6 +119,26 @@ class AlignConfig:
 
 
 @dataclass
+class MistConfig:
+    """MIST, the sparse-tuning learner (METHOD_HEADS.md 3); used by methods whose learner is `mist`."""
+
+    epochs: int = 20  # per task, the first of which is the sensitivity pass
+    batch_size: int = 56  # 56 with RanPAC, 32 with SimpleCIL (method presets)
+    backbone_lr: float = 1e-4
+    proj_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    tau: float = 0.07  # NT-Xent temperature
+    proj_dim: int = 128
+    select: float = 0.10  # top share of each eligible tensor selected (paper: 0.05)
+    keep: float = 0.1  # per-step Bernoulli keep probability of selected entries (paper: 0.005 / 0.05)
+    decay: float = 0.9  # gradient factor decay ** overlap
+    frozen_quantile: float = 0.9995  # after a task: frozen |= S >= quantile(S, q); 1.0 = each tensor's max
+    mask_update: bool = False  # true: unselected entries stay bit-identical (the paper's words)
+    first_task_only: bool = False  # MIST on task 0 only (the paper's "before freeze-based methods")
+
+
+@dataclass
 class SystemConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 4  # data-loading worker processes (file datasets)
@@ -157,6 +180,7 @@ class RunConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    mist: MistConfig = field(default_factory=MistConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
 
     @property
@@ -177,6 +201,7 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
         "system": {"num_workers": 0},
         # d = 128: a 2048-wide random projection keeps the demo's RanPAC fits to about a second
         "heads": {"ranpac": {"dim": 2048}},
+        "mist": {"epochs": 6},  # as train.epochs: sized for a 2-core CPU
     },
     "cifar100": {
         "benchmark": {"init_classes": 10, "increment": 10},
@@ -186,6 +211,10 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
         "benchmark": {"init_classes": 20, "increment": 20},
         "train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4},
         "heads": {"fecam": {"shrink1": 10.0, "shrink2": 10.0}},  # FeCAM's ImageNet-R setting
+    },
+    "imagenet-a": {  # PILOT / RanPAC / MIST: 10 tasks of 20
+        "benchmark": {"init_classes": 20, "increment": 20},
+        "train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4},
     },
     "cub200": {
         "benchmark": {"init_classes": 20, "increment": 20},
@@ -199,7 +228,7 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
     "imagefolder": {},
 }
 
-SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "heads", "system")
+SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "heads", "mist", "system")
 
 
 # ---------------------------------------------------------------------------
@@ -446,6 +475,33 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
     for name, val in (("lora.lr_first", lo.lr_first), ("lora.lr", lo.lr)):
         if isinstance(val, float):
             check(val > 0, f"{name}: must be > 0")
+    m = cfg.mist
+    for name, val in (
+        ("mist.select", m.select),
+        ("mist.keep", m.keep),
+        ("mist.frozen_quantile", m.frozen_quantile),
+    ):
+        if isinstance(val, float):
+            check(0 < val <= 1, f"{name}: must be in (0, 1]")
+    for name, val in (
+        ("mist.epochs", m.epochs),
+        ("mist.batch_size", m.batch_size),
+        ("mist.proj_dim", m.proj_dim),
+    ):
+        if isinstance(val, int):
+            check(
+                val >= (2 if name == "mist.epochs" else 1),
+                f"{name}: must be >= {2 if name == 'mist.epochs' else 1}",
+            )
+    if isinstance(b.normalization, str):
+        check(b.normalization in ("dataset", "imagenet", "none"),
+              f"benchmark.normalization: {b.normalization!r} is not one of dataset, imagenet, none")  # fmt: skip
+    if isinstance(b.train_interpolation, str):
+        check(b.train_interpolation in ("bicubic", "bilinear"),
+              f"benchmark.train_interpolation: {b.train_interpolation!r} is not one of bicubic, bilinear")  # fmt: skip
+    if isinstance(b.train_crop_scale, list) and all(isinstance(v, float) for v in b.train_crop_scale):
+        check(len(b.train_crop_scale) == 2 and 0 < b.train_crop_scale[0] <= b.train_crop_scale[1] <= 1,
+              "benchmark.train_crop_scale: must be [low, high] with 0 < low <= high <= 1")  # fmt: skip
     if isinstance(s.ridge, float):
         check(s.ridge >= 0, "stats.ridge: must be >= 0")
     dev = cfg.system.device

@@ -28,7 +28,12 @@ def accuracy_row(logits: torch.Tensor, labels: torch.Tensor, tasks: list[list[in
 
 
 def metrics(acc_matrix: list[list[float]], accuracies: list[float]) -> dict:
-    """Last-Acc, Inc-Acc and forgetting from rows 0..T (rows are ragged: row i has i + 1 entries)."""
+    """Last-Acc, Inc-Acc and forgetting from rows 0..T (rows are ragged: row i has i + 1 entries).
+
+    Two conventions (METHOD_HEADS.md 1): `last_acc` / `inc_acc` are sample-weighted, the accuracy
+    over all test images of the seen classes (SLCA, MIST, PILOT); `last_acc_task_balanced` /
+    `inc_acc_task_balanced` average the per-task accuracies of each row (RanPAC's tables).
+    """
     T = len(acc_matrix) - 1
     last = acc_matrix[T]
     if T > 0:
@@ -42,15 +47,25 @@ def metrics(acc_matrix: list[list[float]], accuracies: list[float]) -> dict:
         "forgetting": forgetting,
         "old_task_acc": old,
         "new_task_acc": last[T],
+        "last_acc_task_balanced": float(np.mean(last)),
+        "inc_acc_task_balanced": float(np.mean([np.mean(row) for row in acc_matrix])),
     }
 
 
 def eval_stage(ctx) -> tuple[list[Path], dict]:
     """The method's own classifier (aligned heads, or the trained ones without alignment) on task T's test set."""
+    from clpt.methods import METHODS
+
     run, t = ctx.run, ctx.task
     out = artifacts.eval_path(run.root, t)
     if not dist.is_main():
         return [out], {}
+    own = METHODS.get(run.cfg.method).classifier
+    if own is not None:  # a statistics head is the method's classifier: its row is the method's row
+        row = artifacts.read_eval(artifacts.head_eval_path(run.root, own, t), "clpt-head-eval")
+        row = {k: row[k] for k in ("accuracy", "per_task", "n_test", "task")}
+        artifacts.write_eval(out, row)
+        return [out], {"accuracy": row["accuracy"], "classifier": own}
     heads = artifacts.load_aligned_heads(artifacts.aligned_path(run.root, t))
     x, y = artifacts.read_features(run.root, t, "test")
     with torch.no_grad():

@@ -27,14 +27,19 @@ class MethodSpec:
     name: str
     summary: str
     learner: str = "slow_learner"  # a name in LEARNERS
+    # the method's own classifier: None -> the (aligned) task heads; else a head name (clpt.heads)
+    classifier: str | None = None
     preset: dict[str, Any] = field(default_factory=dict)  # config sections it sets
     benchmark_presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark name -> sections
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
-# learner name -> fn(model, bench, cfg, task, device) -> summary; trains task `task` in place
+# learner name -> fn(model, bench, cfg, task, device, learner_state) -> summary: trains task `task`
+# in place (adding its head); `learner_state` is a flat tensor dict kept across tasks in the checkpoint
 LEARNERS: Registry[Callable] = Registry("learner")
-LEARNERS.register("slow_learner", lazy("clpt.train", "train_task"))
+LEARNERS.register("slow_learner", lazy("clpt.train", "train_task_sl"))
+LEARNERS.register("mist", lazy("clpt.mist", "train_task_mist"))
+LEARNERS.register("none", lazy("clpt.mist", "no_training"))
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -92,3 +97,52 @@ register_method(
         },
     )
 )
+
+# --- MIST and the statistics-head baselines (METHOD_HEADS.md 3, 2.1, 2.4) ----------------------------
+# Their protocol: the pre-trained final norm is kept, no input mean/std for CIFAR-100, ImageNet-R,
+# ImageNet-A and CUB (ImageNet mean/std and SLCA's transforms for Cars), RandomResizedCrop scale
+# (0.05, 1) bilinear for training. No alignment; the classifier is the statistics head.
+_PROTOCOL = {
+    "backbone": {"reset_final_norm": False},
+    "benchmark": {
+        "normalization": "none",
+        "train_crop_scale": [0.05, 1.0],
+        "train_interpolation": "bilinear",
+    },
+    "train": {"backbone_lr_scale": 0.0},
+    "align": {"enabled": False},
+    # their task heads are never trained: `linear` would score chance, so it is left out
+    "heads": {"enabled": ["ca", "ncm", "lda", "fecam", "ranpac"]},
+}
+_CARS = {
+    "benchmark": {"normalization": "imagenet", "train_crop_scale": None, "train_interpolation": "bicubic"}
+}
+_NO_NORM = {"builtin": {"benchmark": {"normalization": "dataset"}}, "cars196": _CARS}
+
+
+def _merge(*dicts: dict) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+register_method(
+    MethodSpec("simplecil", "SimpleCIL: frozen backbone, cosine class means", learner="none", classifier="ncm",
+               preset=_PROTOCOL, benchmark_presets=_NO_NORM)
+)  # fmt: skip
+register_method(
+    MethodSpec("ranpac_frozen", "RanPAC's head on the frozen PTM ('No Phase 1')", learner="none",
+               classifier="ranpac", preset=_PROTOCOL, benchmark_presets=_NO_NORM)
+)  # fmt: skip
+register_method(
+    MethodSpec("simplecil_mist", "MIST sparse tuning every task + SimpleCIL class means", learner="mist",
+               classifier="ncm", preset=_merge(_PROTOCOL, {"mist": {"batch_size": 32, "frozen_quantile": 1.0}}),
+               benchmark_presets=_NO_NORM)
+)  # fmt: skip
+register_method(
+    MethodSpec("ranpac_mist", "MIST sparse tuning every task + RanPAC's ridge head", learner="mist",
+               classifier="ranpac", preset=_merge(_PROTOCOL, {"mist": {"batch_size": 56, "frozen_quantile": 0.9995}}),
+               benchmark_presets=_NO_NORM)
+)  # fmt: skip

@@ -57,6 +57,12 @@ class Stage:
 TASK_STAGES: Registry[Stage] = Registry("stage")
 
 
+def _learner(cfg) -> str:
+    from clpt.methods import METHODS
+
+    return METHODS.get(cfg.method).learner
+
+
 def _declare(stage: Stage) -> Stage:
     return TASK_STAGES.register(stage.name, stage)
 
@@ -67,7 +73,10 @@ _declare(
         "a trained model",
         "clpt train-task {run} --task {task}",
         inputs=lambda cfg, t: [("train", t - 1)] if t > 0 else [],
-        config_keys=lambda cfg: ("method", "seed", "benchmark", "backbone", "train", "lora"),
+        config_keys=lambda cfg: (
+            ("method", "seed", "benchmark", "backbone", "train", "lora")
+            + (("mist",) if _learner(cfg) == "mist" else ())
+        ),
         fn=lazy("clpt.train", "train_stage"),
         reads_images=True,
     )
@@ -103,12 +112,23 @@ _declare(
         fn=lazy("clpt.align", "align_stage"),
     )
 )
+
+
+def _classifier(cfg) -> str | None:
+    from clpt.methods import METHODS
+
+    return METHODS.get(cfg.method).classifier
+
+
 _declare(
     Stage(
         "eval",
         "an evaluation",
         "clpt eval {run} --task {task}",
-        inputs=lambda cfg, t: [("align", t), ("extract", t)],
+        # the method's own classifier: its aligned task heads, or a statistics head (SimpleCIL, RanPAC)
+        inputs=lambda cfg, t: (
+            [(f"head:{c}", t)] if (c := _classifier(cfg)) else [("align", t), ("extract", t)]
+        ),
         config_keys=lambda cfg: (),
         fn=lazy("clpt.evaluate", "eval_stage"),
     )
@@ -143,5 +163,9 @@ def get_stage(name: str) -> Stage:
 
 
 def run_order(cfg) -> list[str]:
-    """Stages of one task, in order: the core five, then the enabled heads."""
-    return [*CORE, *(f"{HEAD_PREFIX}{h}" for h in cfg.heads.enabled)]
+    """Stages of one task, in order: the core five (the method's classifier head before eval), then the heads."""
+    own = _classifier(cfg)
+    heads = [f"{HEAD_PREFIX}{h}" for h in ([own] if own else []) + [h for h in cfg.heads.enabled if h != own]]
+    if own:
+        return [*CORE[:-1], heads[0], "eval", *heads[1:]]
+    return [*CORE, *heads]

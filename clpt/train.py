@@ -191,6 +191,11 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     return {"epoch_loss": [round(v, 6) for v in losses], "train_images": int(len(loader.indices))}
 
 
+def train_task_sl(model, bench, cfg, t: int, device: torch.device, learner_state: dict) -> dict:
+    """The Slow Learner as a registered learner (it keeps no state across tasks)."""
+    return train_task(model, bench, cfg, t, device)
+
+
 def train_stage(ctx) -> tuple[list[Path], dict]:
     """The learner of the run's method on task t, from task t-1's model (or the pre-trained backbone)."""
     from clpt.methods import LEARNERS, METHODS
@@ -205,10 +210,14 @@ def train_stage(ctx) -> tuple[list[Path], dict]:
         extra["pretrained"] = record  # which weights the run started from
         if dist.is_main():
             artifacts.write_record(run.root, "clpt-backbone-record", record)
+        learner_state: dict = {}
     else:
         model = artifacts.load_model(run.model_path(t - 1), cfg, device)
-    summary = LEARNERS.get(METHODS.get(cfg.method).learner)(model, bench, cfg, t, device)
-    summary.update(extra)
+        learner_state = artifacts.read_model(run.model_path(t - 1)).get("learner_state", {})
+    summary = LEARNERS.get(METHODS.get(cfg.method).learner)(model, bench, cfg, t, device, learner_state)
+    if learner_state:  # e.g. MIST's projection head and masks, for the next task
+        extra["learner_state"] = learner_state
+    summary.update({k: v for k, v in extra.items() if k != "learner_state"})
     out = run.model_path(t)
     if dist.is_main():
         artifacts.save_model(out, model.backbone, model.heads, cfg.backbone, t, extra)

@@ -53,13 +53,27 @@ def make_cifar100(root: Path, train_per_class: int = 2, test_per_class: int = 1,
     return out
 
 
-def make_imagenet_r(root: Path, n_classes: int = 4, per_class: int = 10, seed: int = 0) -> list[str]:
+def make_imagenet_r(
+    root: Path, n_classes: int = 4, per_class: int = 10, seed: int = 0, name: str = "imagenet-r"
+) -> list[str]:
+    """`<name>/<wnid>/*.jpg` (ImageNet-R, and ImageNet-A with name="imagenet-a")."""
     rng = np.random.default_rng(seed)
     wnids = [f"n0{1000000 + 37 * c}" for c in range(n_classes)]
     for w in wnids:
         for i in range(per_class):
-            _image(root / "imagenet-r" / w / f"art_{i}.jpg", rng)
+            _image(root / name / w / f"art_{i}.jpg", rng)
     return wnids
+
+
+def make_presplit(
+    root: Path, name: str, n_classes: int = 3, train: int = 4, test: int = 2, seed: int = 0
+) -> None:
+    """`<name>/train/<class>/`, `<name>/test/<class>/`: the PILOT-family distribution."""
+    rng = np.random.default_rng(seed)
+    for c in range(n_classes):
+        for split, n in (("train", train), ("test", test)):
+            for i in range(n):
+                _image(root / name / split / f"n0{2000000 + c}" / f"{i}.jpg", rng)
 
 
 def make_cub(root: Path, n_classes: int = 3, per_class: int = 4, seed: int = 0) -> None:

@@ -101,6 +101,9 @@ def test_configs_are_shipped_for_every_benchmark_and_method():
     for bench in ("cifar100", "imagenet-r", "cub200", "cars196"):
         for method in ("seqft", "slca", "slca_pp"):
             assert f"{bench}_{method}" in names
+    for bench in ("cifar100", "imagenet-r", "imagenet-a", "cub200", "cars196"):  # METHOD_HEADS.md's protocol
+        for method in ("simplecil", "simplecil_mist", "ranpac_frozen", "ranpac_mist"):
+            assert f"{bench}_{method}" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

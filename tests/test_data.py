@@ -15,6 +15,7 @@ from fake_data import (
     make_imagefolder,
     make_imagenet_r,
     make_learnable_imagefolder,
+    make_presplit,
 )
 from PIL import Image
 from typer.testing import CliRunner
@@ -242,3 +243,51 @@ def test_cifar100_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not be downloaded") as e:
         read_cifar100(tmp_path, download=True)
     assert "cifar-100-python.tar.gz" in e.value.hint
+
+
+def test_imagenet_a_flat_and_pre_split_layouts(tmp_path):
+    from clpt.data.benchmark import load_benchmark
+    from clpt.data.readers import read_dataset
+
+    wnids = make_imagenet_r(tmp_path / "flat", n_classes=3, per_class=10, name="imagenet-a")
+    a = read_dataset("imagenet-a", str(tmp_path / "flat"), False, 0)
+    assert a.name == "imagenet-a" and a.class_names == sorted(wnids)
+    assert np.bincount(a.train.labels).tolist() == [8] * 3 and "seed 0" in a.info["split"]
+    make_presplit(tmp_path / "pre", "imagenet-a", n_classes=3, train=4, test=2)
+    b = read_dataset("imagenet-a", str(tmp_path / "pre"), False, 0)
+    assert np.bincount(b.train.labels).tolist() == [4] * 3 and np.bincount(b.test.labels).tolist() == [2] * 3
+    assert b.info["split"] == "as distributed" and all("/train/" in p for p in b.train.paths)
+    make_presplit(tmp_path / "prer", "imagenet-r", n_classes=2)  # ImageNet-R's pre-split folders too
+    assert read_dataset("imagenet-r", str(tmp_path / "prer"), False, 0).info["split"] == "as distributed"
+    bench = load_benchmark(
+        BenchmarkConfig(name="imagenet-a", root=str(tmp_path / "pre"), init_classes=2, increment=1)
+    )
+    assert bench.family == "rrc" and bench.n_tasks == 2
+
+
+def test_a_methods_protocol_sets_normalisation_and_the_training_crop(tmp_path):
+    from clpt import config as C
+    from clpt.data.benchmark import load_benchmark
+    from clpt.data.transforms import file_transform
+
+    make_presplit(tmp_path, "imagenet-a", n_classes=2)
+    sets = [
+        "benchmark.name=imagenet-a",
+        f"benchmark.root={tmp_path}",
+        "benchmark.init_classes=1",
+        "benchmark.increment=1",
+    ]
+    mist = C.resolve(overrides=["method=ranpac_mist", *sets])
+    assert (mist.benchmark.normalization, mist.benchmark.train_crop_scale) == ("none", [0.05, 1.0])
+    assert mist.backbone.reset_final_norm is False and mist.mist.batch_size == 56
+    bench = load_benchmark(mist.benchmark)
+    assert bench.mean == (0.0, 0.0, 0.0) and bench.std == (1.0, 1.0, 1.0)  # pixels in [0, 1]
+    rrc = file_transform(
+        bench.family, True, 224, bench.train_crop_scale, bench.train_interpolation
+    ).transforms[1]
+    assert rrc.scale == (0.05, 1.0) and rrc.interpolation.value == "bilinear"
+    slca = load_benchmark(C.resolve(overrides=sets).benchmark)
+    assert slca.mean == IMAGENET_MEAN and slca.train_crop_scale is None
+    cars = C.resolve(overrides=["method=simplecil", "benchmark.name=cars196", "benchmark.root=x"])
+    assert cars.benchmark.normalization == "imagenet" and cars.benchmark.train_crop_scale is None
+    assert C.resolve(overrides=["method=simplecil_mist"]).mist.frozen_quantile == 1.0

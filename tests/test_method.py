@@ -239,6 +239,9 @@ def test_metrics_by_hand():
     assert m["last_acc"] == 0.8167 and m["inc_acc"] == pytest.approx(np.mean(accs))
     assert m["forgetting"] == pytest.approx(((0.9 - 0.7) + (0.95 - 0.85)) / 2)
     assert m["old_task_acc"] == pytest.approx(0.775) and m["new_task_acc"] == 0.9
+    # task-balanced (RanPAC's tables): the mean of each row's per-task accuracies
+    assert m["last_acc_task_balanced"] == pytest.approx((0.7 + 0.85 + 0.9) / 3)
+    assert m["inc_acc_task_balanced"] == pytest.approx((0.9 + 0.875 + (0.7 + 0.85 + 0.9) / 3) / 3)
 
 
 def test_accuracy_row_uses_all_seen_classes():

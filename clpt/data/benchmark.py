@@ -8,6 +8,7 @@ then `np.random.permutation(n_classes)`), so task t owns the label range
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ FAMILY = {
     "builtin": ("builtin", HALF, HALF),
     "cifar100": ("cifar", CIFAR_MEAN, CIFAR_STD),
     "imagenet-r": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
+    "imagenet-a": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
     "imagefolder": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
     "cub200": ("fixed_resize", IMAGENET_MEAN, IMAGENET_STD),
     "cars196": ("fixed_resize", IMAGENET_MEAN, IMAGENET_STD),
@@ -91,6 +93,8 @@ class Benchmark:
     mean: tuple[float, float, float] = HALF
     std: tuple[float, float, float] = HALF
     family: str = "builtin"  # transform family (FAMILY)
+    train_crop_scale: tuple[float, float] | None = None  # a method's protocol: RRC scale for training
+    train_interpolation: str = "bicubic"
     info: dict = field(default_factory=dict)  # recorded in the run (split, sources)
     raw: object = None  # the RawDataset read from disk (None for the built-in benchmark)
 
@@ -114,7 +118,7 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
 
     Memoised per process: the stages of one `clpt run` share the loaded images.
     """
-    return _load_benchmark(
+    bench = _load_benchmark(
         cfg.name,
         cfg.root,
         cfg.init_classes,
@@ -123,6 +127,13 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
         cfg.image_size,
         cfg.download,
         cfg.split_seed,
+    )
+    # normalisation and training crop are a method's protocol (recorded in the run's config)
+    mean, std = {"dataset": (bench.mean, bench.std), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                 "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}[cfg.normalization]  # fmt: skip
+    scale = tuple(cfg.train_crop_scale) if cfg.train_crop_scale is not None else None
+    return dataclasses.replace(
+        bench, mean=mean, std=std, train_crop_scale=scale, train_interpolation=cfg.train_interpolation
     )
 
 

@@ -75,6 +75,10 @@ class ArrayBatches(_Batches):
                     x = T.pad_crop_flip(x, pad=x.shape[-1] // 8, generator=self.generator)
                 if x.shape[-1] != size:
                     x = T.resize_center_crop(x, size, size)
+            elif self.train and self.bench.train_crop_scale is not None:  # a method's protocol (MIST)
+                x = T.random_resized_crop_flip(
+                    x, size, self.generator, self.bench.train_crop_scale, self.bench.train_interpolation
+                )
             elif self.train:  # CIFAR-100
                 x = T.random_resized_crop_flip(x, size, self.generator)
                 x = T.brightness_jitter(x, CIFAR_BRIGHTNESS, self.generator)
@@ -104,7 +108,13 @@ class FileBatches(_Batches):
     def __init__(self, *args, num_workers: int = 0):
         super().__init__(*args)
         self.num_workers = num_workers
-        tf = T.file_transform(self.bench.family, self.train, self.bench.image_size)
+        tf = T.file_transform(
+            self.bench.family,
+            self.train,
+            self.bench.image_size,
+            self.bench.train_crop_scale,
+            self.bench.train_interpolation,
+        )
         self.dataset = _FileDataset(self.split.paths, self.split.labels, tf)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

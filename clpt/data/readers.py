@@ -8,6 +8,8 @@ dataset's own class numbering (the run's class order is applied later).
 |-------------|----------------------------------------------------------------------------|
 | cifar100    | `cifar-100-python/{train,test,meta}` (the python pickles torchvision reads) |
 | imagenet-r  | `imagenet-r/<wnid>/*.jpg`, 200 classes; deterministic 80/20 split per class |
+| imagenet-a  | `imagenet-a/<wnid>/*.jpg`, 200 classes; the same split machinery            |
+|             | (both also read pre-split `<name>/train/<class>/`, `<name>/test/<class>/`) |
 | cub200      | `CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,      |
 |             | classes.txt,images/}`                                                      |
 | cars196     | `stanford_cars/{devkit/,cars_train/,cars_test/,cars_test_annos_withlabels.mat}` |
@@ -127,16 +129,24 @@ def _class_folders(base: Path) -> list[str]:
 
 
 def read_imagenet_r(root: Path, split_seed: int, train_fraction: float = 0.8) -> RawDataset:
-    """ImageNet-R as distributed, with a deterministic per-class train/test split.
+    return read_wnid_folders(root, "imagenet-r", split_seed, train_fraction)
+
+
+def read_wnid_folders(root: Path, name: str, split_seed: int, train_fraction: float = 0.8) -> RawDataset:
+    """ImageNet-R / ImageNet-A as distributed (`<name>/<wnid>/*`), with a deterministic per-class split.
 
     Per class, files sorted by name are permuted by `np.random.default_rng([split_seed, class])`;
-    the first round(train_fraction * n) are training images.
+    the first round(train_fraction * n) are training images. A pre-split folder
+    (`<name>/train/<class>/` and `<name>/test/<class>/` or `val/`, as the PILOT-family
+    code bases distribute them) is read as it is, its split recorded as given.
     """
-    base = _find(root, "imagenet-r")
+    base = _find(root, name)
+    if (base / "train").is_dir() and any((base / d).is_dir() for d in ("test", "val")):
+        raw = read_imagefolder(base, name)
+        raw.info.update({"layout": f"{name}/train/, {name}/test/ (pre-split)", "split": "as distributed"})
+        return raw
     if not base.is_dir() or not _class_folders(base):
-        raise _missing(
-            "ImageNet-R (imagenet-r/<wnid>/*.jpg)", root, "extract imagenet-r.tar into benchmark.root"
-        )
+        raise _missing(f"{name} ({name}/<wnid>/*.jpg)", root, f"extract {name}.tar into benchmark.root")
     classes = _class_folders(base)
     tr_p, tr_y, te_p, te_y = [], [], [], []
     for c, wnid in enumerate(classes):
@@ -147,12 +157,12 @@ def read_imagenet_r(root: Path, split_seed: int, train_fraction: float = 0.8) ->
             (tr_p if rank < n_train else te_p).append(str(files[i]))
             (tr_y if rank < n_train else te_y).append(c)
     return RawDataset(
-        "imagenet-r",
+        name,
         base,
         classes,
         RawSplit(np.asarray(tr_y, dtype=np.int64), paths=tr_p),
         RawSplit(np.asarray(te_y, dtype=np.int64), paths=te_p),
-        {"layout": "imagenet-r/<wnid>/", "split": f"per class {train_fraction:.0%} train, seed {split_seed}"},
+        {"layout": f"{name}/<wnid>/", "split": f"per class {train_fraction:.0%} train, seed {split_seed}"},
     )
 
 
@@ -265,8 +275,8 @@ def read_dataset(name: str, root: str, download: bool, split_seed: int) -> RawDa
         )
     if name == "cifar100":
         return read_cifar100(r, download)
-    if name == "imagenet-r":
-        return read_imagenet_r(r, split_seed)
+    if name in ("imagenet-r", "imagenet-a"):
+        return read_wnid_folders(r, name, split_seed)
     if name == "cub200":
         return read_cub200(r)
     if name == "cars196":

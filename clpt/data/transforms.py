@@ -75,10 +75,12 @@ def _rrc_boxes(b: int, h: int, w: int, generator: torch.Generator, scale=(0.08, 
     return x0, y0, cw, ch
 
 
-def random_resized_crop_flip(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(size, bicubic) + RandomHorizontalFlip on a (B, C, H, W) float batch, on its device."""
+def random_resized_crop_flip(
+    x: torch.Tensor, size: int, generator: torch.Generator, scale=(0.08, 1.0), mode: str = "bicubic"
+) -> torch.Tensor:
+    """RandomResizedCrop(size, scale, mode) + RandomHorizontalFlip on a (B, C, H, W) float batch, on its device."""
     b, _, h, w = x.shape
-    x0, y0, cw, ch = _rrc_boxes(b, h, w, generator)
+    x0, y0, cw, ch = _rrc_boxes(b, h, w, generator, scale=tuple(scale))
     flip = torch.rand(b, generator=generator) < 0.5
     sx = (cw / w) * torch.where(flip, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
@@ -87,7 +89,7 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, generator: torch.Genera
     theta[:, 1, 1] = ch / h
     theta[:, 1, 2] = (y0 + ch / 2) / h * 2 - 1
     grid = F.affine_grid(theta.to(x.device, x.dtype), [b, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False).clamp_(0, 1)
 
 
 def brightness_jitter(x: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
@@ -112,13 +114,23 @@ def resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
 # --- files: per-image torchvision pipelines in DataLoader workers (uint8 out) -----
 
 
-def file_transform(family: str, train: bool, size: int):
-    """METHOD.md's table. Outputs uint8 CHW; normalisation happens on the device."""
+def file_transform(family: str, train: bool, size: int, crop_scale=None, interpolation: str = "bicubic"):
+    """METHOD.md's table. Outputs uint8 CHW; normalisation happens on the device.
+
+    `crop_scale` set (a method's protocol, e.g. MIST's (0.05, 1) bilinear): training
+    is RandomResizedCrop(size, crop_scale, interpolation) + flip for every dataset.
+    """
     from torchvision.transforms import InterpolationMode, v2
 
     bicubic = InterpolationMode.BICUBIC
     resize = round(size * 256 / 224)
-    if not train:
+    if train and crop_scale is not None:
+        mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else bicubic
+        steps = [
+            v2.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    elif not train:
         steps = [v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
     elif family == "fixed_resize":  # CUB-200, Cars-196
         big = round(size * 300 / 224)
