@@ -210,18 +210,29 @@ def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
         _print_json(doc)
         return
     stages = list(doc["tasks"][0]["stages"]) if doc["tasks"] else []
+    core = [s for s in stages if not s.startswith("head:")]
+    heads = [s for s in stages if s.startswith("head:")]
     table = Table(title=f"{doc['run']} ({doc['benchmark']}, {doc['method']})")
     table.add_column("task", justify="right")
     table.add_column("classes")
-    for s in stages:
-        table.add_column(s.removeprefix("head:"), header_style="italic" if s.startswith("head:") else None)
+    for s in core:
+        table.add_column(s)
+    if heads:
+        table.add_column("heads (done)")
     style = {"done": "green", "stale": "yellow", "missing": "dim"}
     for row in doc["tasks"]:
         cells = []
-        for s in stages:
+        for s in core:
             st = row["stages"][s]
             txt = f"{st['seconds']:.1f}s" if st["state"] == "done" else st["state"]
             cells.append(f"[{style[st['state']]}]{txt}[/]")
+        if heads:  # one column: how many heads are done, and which are not (details: --json)
+            todo = [h.removeprefix("head:") for h in heads if row["stages"][h]["state"] != "done"]
+            color = "green" if not todo else "yellow"
+            cells.append(
+                f"[{color}]{len(heads) - len(todo)}/{len(heads)}[/]"
+                + (f" ({', '.join(todo)})" if todo else "")
+            )
         table.add_row(str(row["task"]), f"{row['classes'][0]}-{row['classes'][1] - 1}", *cells)
     out.print(table)
 

@@ -131,7 +131,9 @@ class MistConfig:
     tau: float = 0.07  # NT-Xent temperature
     proj_dim: int = 128
     select: float = 0.10  # top share of each eligible tensor selected (the paper's "< 5 %": 0.05)
-    keep: float = 0.1  # per-step Bernoulli keep probability of selected entries (select x keep: share per step)
+    keep: float = (
+        0.1  # per-step Bernoulli keep probability of selected entries (select x keep: share per step)
+    )
     decay: float = 0.9  # gradient factor decay ** overlap
     frozen_quantile: float = 0.9995  # after a task: frozen |= S >= quantile(S, q); 1.0 = each tensor's max
     mask_update: bool = False  # true: unselected entries stay bit-identical (the paper's words)

@@ -148,7 +148,10 @@ class Run:
             return "missing"
         if not all((self.root / o).exists() for o in m.get("outputs", [])):
             return "missing"
-        if m.get("config") != self.config_values(stage):
+        recorded, current = m.get("config"), self.config_values(stage)
+        if not isinstance(recorded, dict) or set(recorded) != set(current):
+            return "stale"
+        if not all(_same_config(recorded[k], v, _default_at(k)) for k, v in current.items()):
             return "stale"
         for s, i in self.inputs(stage, t):
             if self.state(s, i) != "done":
@@ -321,6 +324,34 @@ def run_all(
             if on_stage is not None:
                 on_stage(res)
     return results
+
+
+_DEFAULTS = config_mod.to_dict(RunConfig())
+
+
+def _default_at(dotted: str):
+    node = _DEFAULTS
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _same_config(recorded, current, defaults) -> bool:
+    """Whether a marker's recorded config values equal the current ones.
+
+    A key the marker does not have (added to clpt after the stage ran) counts as
+    unchanged when it holds its default: the stage ran with that behaviour.
+    """
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
+        for key, value in current.items():
+            if key in recorded:
+                if not _same_config(recorded[key], value, defaults.get(key)):
+                    return False
+            elif key not in defaults or value != defaults[key]:
+                return False
+        return set(recorded) <= set(current)
+    return recorded == current
 
 
 def prepare_backbone(run: Run) -> None:

@@ -312,3 +312,18 @@ def test_heads_command_errors_are_one_line(run_copy):
     res = cli("heads", run_copy, "--set", "heads.ranpac.dim=0")
     assert res.exit_code == 2 and "heads.ranpac.dim: must be >= 1" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_a_config_key_added_later_at_its_default_keeps_stages_done(run_copy):
+    """A marker written before a config key existed: the key at its default cannot have changed the result."""
+    res = cli("status", run_copy)  # heads folded into one column, readable at 80 columns
+    assert res.exit_code == 0 and res.stdout.count("6/6") == 5
+    path = run_copy / "tasks" / "000" / "train.done.json"
+    marker = json.loads(path.read_text())
+    del marker["config"]["benchmark"]["normalization"]  # as written by a clpt without that key
+    path.write_text(json.dumps(marker))
+    run = open_run(run_copy)
+    assert run.state("train", 0) == "done" and run.state("eval", 4) == "done"
+    marker["config"]["benchmark"]["seed"] = 7  # a recorded value that differs still makes it stale
+    path.write_text(json.dumps(marker))
+    assert open_run(run_copy).state("train", 0) == "stale"
