@@ -579,5 +579,10 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 
 def load_resolved(path: str | Path) -> RunConfig:
-    """Read a saved, resolved config (as written by `dump_yaml`) back, validated."""
-    return build_config(load_file(path), source=str(path))
+    """Read a saved, resolved config (as written by `dump_yaml`) back, validated.
+
+    Read with the same precedence as a new run's config: every key the file has
+    wins, so a fully resolved file reads back unchanged, and a key it lacks (added
+    by a newer clpt) takes its benchmark's and method's preset, not the bare default.
+    """
+    return resolve(path)

@@ -136,3 +136,19 @@ def test_slca_pp_published_settings_per_benchmark():
         assert cfg.train.trainable == C.Trainable.peft and cfg.train.schedule == C.Schedule.cosine
         assert not cfg.align.mean_shrink and cfg.align.sample_scale and cfg.align.head_scale
     assert pp("cars196").align.tau == 0.05
+
+
+def test_a_saved_config_without_a_newer_section_takes_the_presets(tmp_path):
+    cfg = C.resolve(overrides=["train.epochs=2", "train.milestones=[2]"])
+    saved = C.to_dict(cfg)
+    assert C.load_resolved(_write(tmp_path / "full.yaml", saved)) == cfg  # a full file reads back unchanged
+    del saved["heads"]  # as written by a clpt without classifier heads
+    old = C.load_resolved(_write(tmp_path / "old.yaml", saved))
+    assert old.heads.of("ranpac").dim == 2048 and old.train.epochs == 2  # the built-in preset, the file's values
+
+
+def _write(path, doc):
+    import yaml
+
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
