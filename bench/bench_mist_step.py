@@ -94,7 +94,7 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if mask:
-            masker(params, gen)
+            masker(params, gen, movable=False)  # as the learner's steps (one per epoch builds it)
         opt.step()
 
     x2b, y2b = torch.cat([x, x]), torch.cat([y, y])

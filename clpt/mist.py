@@ -195,9 +195,13 @@ class GradientMasker:
         self.scale = {n: (masks[n] & ~frozen_prev[n]) * torch.pow(decay, overlap[n].float()) for n in masks}
         self.active = {n: s > 0 for n, s in self.scale.items()}
 
-    def __call__(self, params: dict, generator: torch.Generator) -> dict:
-        """In place on `params`' gradients; returns, per tensor, the entries whose gradient passes."""
-        movable = {}
+    def __call__(self, params: dict, generator: torch.Generator, movable: bool = True) -> dict:
+        """In place on `params`' gradients; returns, per tensor, the entries whose gradient passes.
+
+        `movable=False` skips building that mask (a step that needs neither the
+        whole-update option nor the share statistic).
+        """
+        out = {}
         for n, p in params.items():
             if p.grad is None:
                 continue
@@ -205,11 +209,13 @@ class GradientMasker:
             scale = self.scale.get(n)
             if scale is None:  # always-on tensors (bias, norm, projection head): mask all ones
                 p.grad.mul_(keep)
-                movable[n] = keep
+                if movable:
+                    out[n] = keep
             else:
                 p.grad.mul_(scale).mul_(keep)
-                movable[n] = keep & self.active[n]
-        return movable
+                if movable:
+                    out[n] = keep & self.active[n]
+        return out
 
 
 def mask_gradients(params: dict, masks: dict, frozen_prev: dict, overlap: dict, keep: float, decay: float,
@@ -269,12 +275,13 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
     for epoch in range(1, mc.epochs):
         total, n = 0.0, 0
         moved = torch.zeros((), device=device)
-        for x, y in loader:
+        for step, (x, y) in enumerate(loader):
             x2 = torch.cat([x, second_view(x, gen)])
             loss = mi_loss(net(x2), y, mc.tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            movable = masker(all_params, gen)
+            sample = step == 0  # the share statistic: the epoch's first step
+            movable = masker(all_params, gen, movable=mc.mask_update or sample)
             if mc.mask_update:
                 before = {k: p.detach().clone() for k, p in all_params.items()}
             opt.step()
@@ -283,12 +290,12 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
                     for k, p in all_params.items():
                         sel = movable.get(k)
                         p.copy_(before[k] if sel is None else torch.where(sel, p, before[k]))
-            moved += sum(movable[k].sum() for k in named if k in movable)  # backbone entries that may move
+            if sample:  # backbone entries whose gradient passes, on one step per epoch
+                moved += sum(movable[k].sum() for k in named if k in movable)
             total += loss.detach() * len(y)
             n += len(y)
-        steps = max(len(loader), 1)
         losses.append(float(total) / max(n, 1))
-        shares.append(float(moved) / steps / sum(named[k].numel() for k in named))
+        shares.append(float(moved) / sum(named[k].numel() for k in named))
         log.info("task %d MIST epoch %d/%d: loss %.4f (%.0f s)", t, epoch + 1, mc.epochs, losses[-1],
                  time.perf_counter() - t0)  # fmt: skip
     with torch.no_grad():

@@ -144,7 +144,9 @@ def test_a_saved_config_without_a_newer_section_takes_the_presets(tmp_path):
     assert C.load_resolved(_write(tmp_path / "full.yaml", saved)) == cfg  # a full file reads back unchanged
     del saved["heads"]  # as written by a clpt without classifier heads
     old = C.load_resolved(_write(tmp_path / "old.yaml", saved))
-    assert old.heads.of("ranpac").dim == 2048 and old.train.epochs == 2  # the built-in preset, the file's values
+    assert (
+        old.heads.of("ranpac").dim == 2048 and old.train.epochs == 2
+    )  # the built-in preset, the file's values
 
 
 def _write(path, doc):
