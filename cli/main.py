@@ -41,6 +41,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Config file (.yaml/.yml/.toml).", show_default=False)
 ]
+WaitOpt = Annotated[
+    bool,
+    typer.Option("--wait", help="If another command is writing to the run, run after it instead of failing."),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override, e.g. --set train.lr=0.001 (repeatable).", show_default=False),
@@ -90,11 +94,13 @@ def _open(run_dir: Path):
     return run
 
 
-def _stage(run_dir: Path, stage: str, task: int, force: bool) -> None:
+def _stage(run_dir: Path, stage: str, task: int, force: bool, wait: bool = False) -> None:
+    from clpt.lock import run_lock
     from clpt.run import run_stage
 
     run = _open(run_dir)
-    res = run_stage(run, stage, task, force=force)
+    with run_lock(run.root, wait):
+        res = run_stage(run, stage, task, force=force)
     if res.skipped:
         err.print(f"{stage} task {task}: already done (use --force to redo)")
     else:
@@ -115,49 +121,60 @@ def init(run_dir: RunArg, config: ConfigOpt = None, set_: SetOpt = None) -> None
 
 @app.command("train-task")
 @guarded
-def train_task(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False) -> None:
+def train_task(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, wait: WaitOpt = False) -> None:
     """Stage 1, the Slow Learner: train the backbone and a new head on one task."""
-    _stage(run_dir, "train", task, force)
+    _stage(run_dir, "train", task, force, wait)
 
 
 @app.command()
 @guarded
-def extract(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False) -> None:
+def extract(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, wait: WaitOpt = False) -> None:
     """Cache features of the task's training images and of all seen test images (zarr)."""
-    _stage(run_dir, "extract", task, force)
+    _stage(run_dir, "extract", task, force, wait)
 
 
 @app.command("fit-stats")
 @guarded
-def fit_stats(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False) -> None:
+def fit_stats(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, wait: WaitOpt = False) -> None:
     """Stage 2: per-class count, mean and covariance (+ ridge) of the task's classes."""
-    _stage(run_dir, "stats", task, force)
+    _stage(run_dir, "stats", task, force, wait)
 
 
 @app.command()
 @guarded
-def align(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, set_: SetOpt = None) -> None:
+def align(
+    run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, set_: SetOpt = None, wait: WaitOpt = False
+) -> None:
     """Stage 3: Classifier Alignment on the cached statistics (no images; seconds).
 
     --set align.KEY=VALUE changes the run's alignment settings first; stages that
     depend on them become stale and are redone by `clpt run`.
     """
     if set_:
+        from clpt.lock import run_lock
         from clpt.run import edit_config, open_run
 
-        edit_config(open_run(run_dir), set_)
-    _stage(run_dir, "align", task, force)
+        run = open_run(run_dir)
+        with run_lock(run.root, wait):
+            edit_config(run, set_)
+    _stage(run_dir, "align", task, force, wait)
 
 
 @app.command("eval")
 @guarded
-def eval_(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, json_: JsonOpt = False) -> None:
+def eval_(
+    run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, json_: JsonOpt = False, wait: WaitOpt = False
+) -> None:
     """Accuracy of the aligned classifier on all seen classes: row TASK of the accuracy matrix."""
     from clpt.evaluate import report
+    from clpt.lock import run_lock
     from clpt.run import run_stage
 
     run = _open(run_dir)
-    run_stage(run, "eval", task, force=force)
+    run.check_task(task)
+    if force or run.state("eval", task) != "done":  # a finished evaluation is only read: no lock
+        with run_lock(run.root, wait):
+            run_stage(run, "eval", task, force=force)
     _print_report(report(run, task), json_)
 
 
@@ -169,6 +186,7 @@ def run_(
     set_: SetOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    wait: WaitOpt = False,
 ) -> None:
     """Every stage not yet done (or stale), for every task, in order; creates the run if needed."""
     from clpt import config as C
@@ -194,7 +212,10 @@ def run_(
         f"run {run.root}: {run.info.benchmark}, {n} tasks x {len(run_order(run.cfg))} stages, "
         f"method {run.cfg.method}, heads {', '.join(run.cfg.heads.enabled) or 'none'}"
     )
-    run_all(run, force=force, on_stage=on_stage)
+    from clpt.lock import run_lock
+
+    with run_lock(run.root, wait):
+        run_all(run, force=force, on_stage=on_stage)
     _print_report(report(run), json_)
 
 
@@ -257,6 +278,7 @@ def heads_(
     set_: SetOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    wait: WaitOpt = False,
 ) -> None:
     """(Re)fit classifier heads from the run's cache and evaluate them; never reads an image.
 
@@ -265,26 +287,27 @@ def heads_(
     """
     from clpt.evaluate import report
     from clpt.heads import HEADS
-    from clpt.run import edit_config, run_stage
+    from clpt.lock import run_lock
+    from clpt.run import edit_config, open_run, run_stage
 
     for name in head or []:
         if name not in HEADS:
             raise ClptError(f"unknown head {name!r}", hint=f"choose from: {', '.join(HEADS.names())}")
-    if set_:
-        from clpt.run import open_run
-
-        edit_config(open_run(run_dir), set_)
-    run = _open(run_dir)
-    last = run.info.n_tasks - 1 if task is None else task
-    run.check_task(last)
-    names = head or list(run.cfg.heads.enabled)
-    for t in range(last + 1):
-        for name in names:
-            res = run_stage(run, f"head:{name}", t, force=force)
-            what = (
-                "done already" if res.skipped else f"{res.marker['summary'].get('fit_seconds', 0):.2f} s fit"
-            )
-            err.print(f"[{t + 1}/{last + 1}] {name:<7} {what}")
+    open_run(run_dir)  # a clear error for a folder that is not a run, before locking it
+    with run_lock(run_dir, wait):
+        if set_:
+            edit_config(open_run(run_dir), set_)
+        run = _open(run_dir)
+        last = run.info.n_tasks - 1 if task is None else task
+        run.check_task(last)
+        names = head or list(run.cfg.heads.enabled)
+        for t in range(last + 1):
+            for name in names:
+                res = run_stage(run, f"head:{name}", t, force=force)
+                fit = res.marker["summary"].get("fit_seconds", 0)
+                err.print(
+                    f"[{t + 1}/{last + 1}] {name:<7} {'done already' if res.skipped else f'{fit:.2f} s fit'}"
+                )
     rep = report(run, last) if run.state("eval", last) == "done" else None
     if rep is None:
         from clpt.evaluate import head_report
@@ -298,14 +321,17 @@ def heads_(
 
 @app.command("config")
 @guarded
-def config_(run_dir: RunArg, set_: SetOpt = None) -> None:
+def config_(run_dir: RunArg, set_: SetOpt = None, wait: WaitOpt = False) -> None:
     """Show the run's resolved config; --set changes editable keys (align.*, stats.*, heads.*, system.*)."""
     from clpt import config as C
     from clpt.run import edit_config, open_run
 
     run = open_run(run_dir)
     if set_:
-        run = edit_config(run, set_)
+        from clpt.lock import run_lock
+
+        with run_lock(run.root, wait):
+            run = edit_config(run, set_)
     print(C.dump_yaml(run.cfg), end="")
 
 

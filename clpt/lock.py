@@ -1,0 +1,60 @@
+"""One writer per run folder: an OS-level lock on `RUN/.clpt.lock` that dies with its holder.
+
+A command that writes to a run folder holds an exclusive `flock` on the lock
+file for as long as it runs; a second writer is refused at once with a one-line
+error naming the process that holds the run (or, with `wait=True`, queues
+behind it). The kernel releases the lock when the holder exits, however it
+exits (`kill -9` included), so a stale lock never blocks the next command.
+Read-only commands take no lock. Under torchrun only rank 0 takes it (the ranks
+of one launch are one writer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from clpt.errors import ClptError
+
+LOCK_NAME = ".clpt.lock"
+
+
+class RunBusyError(ClptError):
+    """Another process is writing to the run folder."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def run_lock(root: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the run folder's writer lock for the duration of the block."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = Path(root) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ClptError(
+            f"cannot write to the run folder {root} ({e.strerror})",
+            hint="make the folder writable, or copy the run to a writable place",
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            raise RunBusyError(
+                f"run folder {root} is in use by {holder}",
+                hint="wait for it to finish, or pass --wait to run after it",
+            ) from None
+        command = " ".join(["clpt", *sys.argv[1:3]]) if sys.argv else "clpt"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} ({command})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
