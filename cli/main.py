@@ -240,7 +240,7 @@ def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
         table.add_column(s)
     if heads:
         table.add_column("heads (done)")
-    style = {"done": "green", "stale": "yellow", "missing": "dim"}
+    style = {"done": "green", "stale": "yellow", "missing": "dim", "damaged": "bold red"}
     for row in doc["tasks"]:
         cells = []
         for s in core:

@@ -31,13 +31,16 @@ from clpt.errors import DataError, MissingInputError
 from clpt.io import read_json, torch_save, write_json
 
 # format name -> current version. A reader accepts exactly this version.
+# versions a reader still accepts besides the current one (features 1: without checksums)
+READABLE = {"clpt-features": {1}}
+
 FORMATS = {
     "clpt-benchmark": 1,  # RUN/benchmark.json
     "clpt-manifest": 1,  # RUN/manifest.json
     "clpt-backbone-record": 1,  # RUN/backbone.json
     "clpt-model": 1,
     "clpt-heads": 1,
-    "clpt-features": 1,
+    "clpt-features": 2,  # 2: crc32c checksums on every chunk
     "clpt-stats": 2,  # 2: sufficient statistics (count, mean, M2); 1 stored covariance + ridge
     "clpt-eval": 1,
     "clpt-head-eval": 1,
@@ -89,6 +92,23 @@ def stats_group(t: int) -> str:
 
 def _rebuild_hint(command: str) -> str:
     return f"rebuild it with `{command}`"
+
+
+def _codecs() -> dict:
+    """zstd, then a crc32c checksum of every chunk, verified by zarr on each read."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(), Crc32cCodec()]}
+
+
+def read_checked(arr: zarr.Array, sel, what: str, command: str) -> np.ndarray:
+    """arr[sel], with a failed checksum or undecodable chunk as a one-line DataError naming the stage to redo."""
+    try:
+        return np.asarray(arr[sel])
+    except (ValueError, RuntimeError, OSError) as e:
+        raise DataError(
+            f"{what} is damaged ({str(e).splitlines()[0][:80]})", hint=f"re-run `{command} --force`"
+        ) from None
 
 
 # --- JSON records of the run: benchmark, manifest, backbone ------------------------------
@@ -239,8 +259,12 @@ def prepare_features(
         if same:
             return feats, labels, int(feats.attrs.get("rows_done", 0))
     g = group.require_group(name)
-    feats = g.create_array("feats", shape=(n, d), chunks=(chunk_rows, d), dtype="float32", overwrite=True)
-    labels = g.create_array("labels", shape=(n,), chunks=(chunk_rows,), dtype="int64", overwrite=True)
+    feats = g.create_array(
+        "feats", shape=(n, d), chunks=(chunk_rows, d), dtype="float32", overwrite=True, **_codecs()
+    )
+    labels = g.create_array(
+        "labels", shape=(n,), chunks=(chunk_rows,), dtype="int64", overwrite=True, **_codecs()
+    )
     feats.attrs.update(
         {
             "format": "clpt-features",
@@ -270,7 +294,7 @@ def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Arra
             hint=f"run `clpt extract {root} --task {t}`",
         )
     version = feats.attrs.get("format_version", 1)
-    if version != FORMATS["clpt-features"]:
+    if version != FORMATS["clpt-features"] and version not in READABLE["clpt-features"]:
         raise DataError(
             f"{split} features of task {t} have format version {version}",
             hint=f"re-run `clpt extract {root} --task {t} --force`",
@@ -279,18 +303,24 @@ def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Arra
 
 
 def iter_feature_chunks(root: Path, t: int, split: str, rows: int):
-    """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time."""
+    """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time (checksums verified)."""
     feats, labels = open_features(root, t, split)
+    what, cmd = f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}"
     for start in range(0, feats.shape[0], rows):
+        sel = slice(start, start + rows)
         yield (
-            torch.from_numpy(np.asarray(feats[start : start + rows])),
-            torch.from_numpy(np.asarray(labels[start : start + rows])),
+            torch.from_numpy(read_checked(feats, sel, what, cmd)),
+            torch.from_numpy(read_checked(labels, sel, what, cmd)),
         )
 
 
 def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = open_features(root, t, split)
-    return torch.from_numpy(np.asarray(feats[...])), torch.from_numpy(np.asarray(labels[...]))
+    what, cmd = f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}"
+    return (
+        torch.from_numpy(read_checked(feats, ..., what, cmd)),
+        torch.from_numpy(read_checked(labels, ..., what, cmd)),
+    )
 
 
 # --- class statistics (sufficient statistics: count, mean, M2) -------------------------------
@@ -313,6 +343,7 @@ def save_stats(root: Path, t: int, classes: range, count, mean, m2, source: str)
             dtype=value.dtype,
             overwrite=True,
             chunks=(1, d, d) if key == "m2" else value.shape,
+            **_codecs(),
         )
         arr[...] = value
     g.attrs.update(
@@ -338,7 +369,8 @@ def load_stats(root: Path, t: int) -> dict[str, np.ndarray]:
     version = g.attrs.get("format_version", 1)
     if version != FORMATS["clpt-stats"]:
         raise DataError(f"statistics of task {t} have format version {version}", hint=hint)
-    return {k: np.asarray(g[k][...]) for k in ("classes", "count", "mean", "m2")}
+    what, cmd = f"the statistics of task {t}", f"clpt fit-stats {root} --task {t}"
+    return {k: read_checked(g[k], ..., what, cmd) for k in ("classes", "count", "mean", "m2")}
 
 
 def covariance(count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:

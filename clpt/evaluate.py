@@ -14,7 +14,7 @@ import torch
 
 from clpt import artifacts
 from clpt import distributed as dist
-from clpt.errors import MissingInputError
+from clpt.errors import DataError, MissingInputError
 
 
 def accuracy_row(logits: torch.Tensor, labels: torch.Tensor, tasks: list[list[int]]) -> dict:
@@ -105,6 +105,11 @@ def head_stage(name: str):
 def _matrix(run, t: int, stage: str, path_of, fmt: str, command: str) -> tuple[list, list]:
     rows, accs = [], []
     for i in range(t + 1):
+        if run.state(stage, i) == "damaged":
+            raise DataError(
+                f"{path_of(i)} was changed after {stage} of task {i} wrote it",
+                hint=f"re-run `{command.format(run=run.root, task=i)} --force`",
+            )
         if run.state(stage, i) != "done":
             raise MissingInputError(
                 f"the accuracy matrix up to task {t} needs {stage} of task {i}",
@@ -124,8 +129,8 @@ def head_report(run, t: int) -> dict:
     names = list(run.cfg.heads.enabled) + [h for h in HEADS.names() if h not in run.cfg.heads.enabled]
     for name in names:
         stage = f"head:{name}"
-        if not all(run.state(stage, i) == "done" for i in range(t + 1)):
-            continue
+        if not all(run.state(stage, i) in ("done", "damaged") for i in range(t + 1)):
+            continue  # not evaluated up to task t; a damaged row is an error (in _matrix), never skipped
         rows, accs = _matrix(
             run, t, stage, lambda i, n=name: artifacts.head_eval_path(run.root, n, i),
             "clpt-head-eval", f"clpt heads {{run}} --head {name} --task {{task}}",

@@ -25,6 +25,7 @@ something a later stage would take for finished work.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from pathlib import Path
 from clpt import artifacts
 from clpt import config as config_mod
 from clpt.config import RunConfig
-from clpt.errors import ClptError, MissingInputError
+from clpt.errors import ClptError, DataError, MissingInputError
 from clpt.io import read_json, write_json, write_text
 from clpt.stages import CORE, StageContext, get_stage, run_order
 
@@ -142,12 +143,15 @@ class Run:
         return m if isinstance(m, dict) and isinstance(m.get("id"), str) else None
 
     def state(self, stage: str, t: int) -> str:
-        """'done', 'stale' (an input was redone or its outputs vanished), or 'missing'."""
+        """'done', 'stale' (an input was redone), 'damaged' (a result file changed after it was written), or 'missing'."""
         m = self.marker(stage, t)
         if m is None:
             return "missing"
         if not all((self.root / o).exists() for o in m.get("outputs", [])):
             return "missing"
+        for rel, digest in (m.get("digests") or {}).items():
+            if _digest(self.root / rel) != digest:
+                return "damaged"  # a result file changed after its stage wrote it
         recorded, current = m.get("config"), self.config_values(stage)
         if not isinstance(recorded, dict) or set(recorded) != set(current):
             return "stale"
@@ -166,6 +170,13 @@ class Run:
         found = {}
         for s, i in self.inputs(stage, t):
             st = self.state(s, i)
+            if st == "damaged":
+                cmd = get_stage(s).command.format(run=self.root, task=i)
+                raise DataError(
+                    f"{stage} of task {t} needs {get_stage(s).what} of task {i}, whose result file was changed "
+                    "after it was written",
+                    hint=f"re-run `{cmd} --force`",
+                )
             if st != "done":
                 dep = get_stage(s)
                 cmd = dep.command.format(run=self.root, task=i)
@@ -184,6 +195,9 @@ class Run:
         self, stage: str, t: int, inputs: dict, outputs: list[Path], seconds: float, summary: dict
     ) -> dict:
         rel = [str(Path(o).relative_to(self.root)) for o in outputs]
+        small = [
+            r for r in rel if (self.root / r).is_file() and (self.root / r).stat().st_size <= DIGEST_MAX_BYTES
+        ]
         marker = {
             "stage": stage,
             "format_version": 1,
@@ -191,6 +205,7 @@ class Run:
             "id": uuid.uuid4().hex,
             "inputs": inputs,
             "outputs": rel,
+            "digests": {r: _digest(self.root / r) for r in small},  # result files tied to this marker
             "config": self.config_values(stage),
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -291,8 +306,15 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
 
     run.check_task(t)
     spec = get_stage(stage)
-    if not force and run.state(stage, t) == "done":
+    state = run.state(stage, t)
+    if not force and state == "done":
         return StageResult(stage, t, True, run.marker(stage, t))
+    if not force and state == "damaged":  # never overwritten silently: the user decides
+        cmd = spec.command.format(run=run.root, task=t)
+        raise DataError(
+            f"a result file of {stage} of task {t} was changed after it was written",
+            hint=f"re-run `{cmd} --force`",
+        )
     inputs = run.require(stage, t)
     if spec.reads_images:
         run.benchmark()  # a changed dataset fails here, before a finished stage's marker is removed
@@ -327,6 +349,22 @@ def run_all(
 
 
 _DEFAULTS = config_mod.to_dict(RunConfig())
+
+# Result files up to this size (evaluations, heads) get a digest in their marker, checked on every read.
+DIGEST_MAX_BYTES = 4 << 20
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: Path) -> str | None:
+    """SHA-256 of a file, memoised per (path, size, mtime); None if it cannot be read."""
+    try:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return _DIGESTS[key]
+    except OSError:
+        return None
 
 
 def _default_at(dotted: str):

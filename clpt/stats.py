@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
-import zarr
 
 from clpt_kernels.class_moments import class_scatter
 
@@ -154,20 +152,11 @@ def make_accumulator(
 # --- the stage -----------------------------------------------------------------
 
 
-def fit_class_stats(
-    feats: zarr.Array,
-    labels: zarr.Array,
-    classes: range,
-    chunk_rows: int,
-    device: torch.device | str = "cpu",
-) -> ClassMoments:
-    """Stream a feature store in chunks; the moments (count, mean, M2) of `classes`."""
-    n, d = feats.shape
-    acc = make_accumulator(len(classes), d, device)
-    for start in range(0, n, chunk_rows):
-        x = torch.from_numpy(np.asarray(feats[start : start + chunk_rows]))
-        y = torch.from_numpy(np.asarray(labels[start : start + chunk_rows])) - classes.start
-        acc.update(x, y)
+def fit_class_stats(chunks, classes: range, dim: int, device: torch.device | str = "cpu") -> ClassMoments:
+    """Stream (features (n, d), labels (n,)) chunks; the moments (count, mean, M2) of `classes`."""
+    acc = make_accumulator(len(classes), dim, device)
+    for x, y in chunks:
+        acc.update(x, y - classes.start)
     return acc.result()
 
 
@@ -181,9 +170,12 @@ def stats_stage(ctx) -> tuple[list[Path], dict]:
     out = artifacts.stats_path(run.root) / artifacts.stats_group(t)
     if not dist.is_main():  # one rank reduces; the feature store is on shared disk
         return [out], {}
-    feats, labels = artifacts.open_features(run.root, t, "train")
+    feats, _ = artifacts.open_features(run.root, t, "train")
     device = dist.resolve_device(run.cfg.system.device)  # CUDA -> the Triton kernel, CPU -> BLAS
-    m = fit_class_stats(feats, labels, classes, run.cfg.stats.chunk_rows, device)
+    chunks = artifacts.iter_feature_chunks(
+        run.root, t, "train", run.cfg.stats.chunk_rows
+    )  # checksums verified
+    m = fit_class_stats(chunks, classes, feats.shape[1], device)
     counts = m.count.to(torch.int64).tolist()
     few = [classes.start + i for i, k in enumerate(counts) if k < 2]
     if few:

@@ -1,0 +1,67 @@
+"""Corruption is detected, never served: crc32c on every cached chunk, digests of result files in markers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from clpt.run import open_run
+from clpt_cli.main import app
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def flip_a_byte(chunk: Path, at: int = 40) -> None:
+    data = bytearray(chunk.read_bytes())
+    data[min(at, len(data) - 1)] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def one_line_error(res, code: int, *needles: str) -> None:
+    assert res.exit_code == code, (res.exit_code, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in res.stderr, res.stderr
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+
+
+def test_a_flipped_byte_in_a_feature_chunk_is_an_error_not_an_accuracy(run_copy):
+    flip_a_byte(run_copy / "features.zarr" / "task_004" / "test" / "feats" / "c" / "0" / "0")
+    res = cli("eval", run_copy, "--task", 4, "--force")
+    one_line_error(res, 4, "test features of task 4 is damaged", f"clpt extract {run_copy} --task 4 --force")
+    flip_a_byte(run_copy / "features.zarr" / "task_003" / "train" / "feats" / "c" / "0" / "0")
+    res = cli("fit-stats", run_copy, "--task", 3, "--force")
+    one_line_error(res, 4, "train features of task 3 is damaged", "clpt extract")
+    assert cli("extract", run_copy, "--task", 3, "--force").exit_code == 0  # the named fix works
+
+
+def test_a_damaged_statistics_chunk_names_fit_stats(run_copy):
+    flip_a_byte(run_copy / "stats.zarr" / "task_002" / "m2" / "c" / "0" / "0" / "0")
+    res = cli("align", run_copy, "--task", 2, "--force")
+    one_line_error(res, 4, "statistics of task 2 is damaged", f"clpt fit-stats {run_copy} --task 2 --force")
+
+
+def test_a_hand_edited_result_is_shown_damaged_and_never_reported(run_copy):
+    before = json.loads(cli("eval", run_copy, "--task", 4, "--json").stdout)
+    path = run_copy / "tasks" / "004" / "eval.json"
+    row = json.loads(path.read_text())
+    row["accuracy"] = 0.999
+    path.write_text(json.dumps(row))
+    doc = json.loads(cli("status", run_copy, "--json").stdout)
+    assert doc["tasks"][4]["stages"]["eval"]["state"] == "damaged"
+    assert open_run(run_copy).state("eval", 3) == "done"
+    res = cli("eval", run_copy, "--task", 4, "--json")  # the report would read it: refused
+    one_line_error(res, 4, "a result file of eval of task 4 was changed", f"clpt eval {run_copy} --task 4 --force")
+    assert cli("eval", run_copy, "--task", 4, "--force").exit_code == 0  # the named fix works
+    head = run_copy / "tasks" / "004" / "heads" / "lda.json"
+    head.write_text(head.read_text().replace('"task"', '"task" ', 1))
+    assert open_run(run_copy).state("head:lda", 4) == "damaged"
+    one_line_error(cli("run", run_copy), 4, "head:lda of task 4", "--head lda --task 4 --force")
+    assert cli("heads", run_copy, "--head", "lda", "--force").exit_code == 0
+    after = json.loads(cli("eval", run_copy, "--task", 4, "--json").stdout)
+    assert after == before
