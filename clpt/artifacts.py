@@ -302,6 +302,12 @@ def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Arra
     return feats, labels
 
 
+def _finite(x: np.ndarray, what: str, command: str) -> np.ndarray:
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"{what} contain non-finite values", hint=f"re-run `{command} --force`")
+    return x
+
+
 def iter_feature_chunks(root: Path, t: int, split: str, rows: int):
     """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time (checksums verified)."""
     feats, labels = open_features(root, t, split)
@@ -309,7 +315,7 @@ def iter_feature_chunks(root: Path, t: int, split: str, rows: int):
     for start in range(0, feats.shape[0], rows):
         sel = slice(start, start + rows)
         yield (
-            torch.from_numpy(read_checked(feats, sel, what, cmd)),
+            torch.from_numpy(_finite(read_checked(feats, sel, what, cmd), what, cmd)),
             torch.from_numpy(read_checked(labels, sel, what, cmd)),
         )
 
@@ -318,7 +324,7 @@ def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.T
     feats, labels = open_features(root, t, split)
     what, cmd = f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}"
     return (
-        torch.from_numpy(read_checked(feats, ..., what, cmd)),
+        torch.from_numpy(_finite(read_checked(feats, ..., what, cmd), what, cmd)),
         torch.from_numpy(read_checked(labels, ..., what, cmd)),
     )
 

@@ -27,6 +27,7 @@ from clpt import artifacts
 from clpt import distributed as dist
 from clpt.data.benchmark import Benchmark, Split
 from clpt.data.loader import batches
+from clpt.errors import DataError
 from clpt.model import CLModel
 
 log = logging.getLogger("clpt")
@@ -76,7 +77,14 @@ def extract_split(
             bench, split, rows[start:stop], batch_size, device, train=False, num_workers=num_workers
         ):
             out.append(model.features(x).float().cpu())
-        feats_arr[start:stop] = torch.cat(out).numpy()
+        chunk = torch.cat(out)
+        if not bool(torch.isfinite(chunk).all()):  # stopped where it appears: never cached
+            raise DataError(
+                f"the backbone of task {t} produced non-finite {split_name} features (rows {start}-{stop - 1}): "
+                "the model diverged",
+                hint=f"re-train task {t} with a lower train.lr (`clpt train-task RUN --task {t} --force`)",
+            )
+        feats_arr[start:stop] = chunk.numpy()
         labels_arr[start:stop] = split.labels[rows[start:stop]]
         if dist.world_size() == 1:
             feats_arr.attrs["rows_done"] = stop  # commit after the data

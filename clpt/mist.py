@@ -294,7 +294,14 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
                 moved += sum(movable[k].sum() for k in named if k in movable)
             total += loss.detach() * len(y)
             n += len(y)
-        losses.append(float(total) / max(n, 1))
+        losses.append(float(total) / max(n, 1))  # one host sync per epoch
+        if not math.isfinite(losses[-1]):  # stop before a NaN backbone is written
+            from clpt.errors import ClptError
+
+            raise ClptError(
+                f"MIST on task {t} diverged: the loss became {losses[-1]} in epoch {epoch + 1}",
+                hint="lower mist.backbone_lr and re-run the task with --force",
+            )
         shares.append(float(moved) / sum(named[k].numel() for k in named))
         log.info("task %d MIST epoch %d/%d: loss %.4f (%.0f s)", t, epoch + 1, mc.epochs, losses[-1],
                  time.perf_counter() - t0)  # fmt: skip

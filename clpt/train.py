@@ -11,6 +11,7 @@ learning-rate groups: the head at `lr`, the backbone at `lr * backbone_lr_scale`
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from clpt.backbone import create_backbone, weights_record
 from clpt.config import Loss, RunConfig, Schedule, Trainable
 from clpt.data.benchmark import Benchmark
 from clpt.data.loader import batches
+from clpt.errors import ClptError
 from clpt.lora import apply_lora, is_peft_trainable
 from clpt.model import CLModel, Heads
 
@@ -173,7 +175,13 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item() * len(y)
+            value = loss.item()
+            if not math.isfinite(value):  # stop before a NaN model is written
+                raise ClptError(
+                    f"training of task {t} diverged: the loss became {value} in epoch {epoch + 1}",
+                    hint="lower train.lr (or train.backbone_lr_scale) and re-run the task with --force",
+                )
+            loss_sum += value * len(y)
             total += len(y)
             correct += (logits.argmax(1) == y_local).sum().item()
         sched.step()

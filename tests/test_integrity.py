@@ -56,7 +56,9 @@ def test_a_hand_edited_result_is_shown_damaged_and_never_reported(run_copy):
     assert doc["tasks"][4]["stages"]["eval"]["state"] == "damaged"
     assert open_run(run_copy).state("eval", 3) == "done"
     res = cli("eval", run_copy, "--task", 4, "--json")  # the report would read it: refused
-    one_line_error(res, 4, "a result file of eval of task 4 was changed", f"clpt eval {run_copy} --task 4 --force")
+    one_line_error(
+        res, 4, "a result file of eval of task 4 was changed", f"clpt eval {run_copy} --task 4 --force"
+    )
     assert cli("eval", run_copy, "--task", 4, "--force").exit_code == 0  # the named fix works
     head = run_copy / "tasks" / "004" / "heads" / "lda.json"
     head.write_text(head.read_text().replace('"task"', '"task" ', 1))
