@@ -9,12 +9,11 @@ import torch.nn.functional as F
 
 from clpt import config as C
 from clpt.errors import ConfigError
-from clpt.heads import HEADS, ClassStats
+from clpt.heads import HEADS, InMemoryCache
 from clpt.heads.fecam import FeCAMConfig
 from clpt.heads.lda import LDAConfig
 from clpt.heads.ncm import NCMConfig
 from clpt.heads.ranpac import RanPACConfig, choose_lambda, ridge_solution
-from clpt.stats import make_accumulator
 
 TASKS = [[0, 3], [3, 5]]  # two tasks: classes 0-2, then 3-4
 
@@ -31,47 +30,13 @@ def blobs(n_per_class=40, d=12, n_classes=5, seed=0, offset=5.0):
     return torch.cat(xs), torch.cat(ys)
 
 
-class CacheStub:
-    """What a head's fit reads (`clpt.heads.HeadContext`'s interface), from in-memory features.
+def CacheStub(x, y, tasks=TASKS, task=1, rows=10_000, seed=1993):  # noqa: N802 (reads as a class)
+    """The cached features a head's fit reads, here in memory (`clpt.heads.InMemoryCache`).
 
     `rows` sets the chunk size of `train_chunks` and of the statistics' accumulation, so
     the same head can be fitted from one pass and from many chunks.
     """
-
-    def __init__(self, x, y, tasks=TASKS, task=1, rows=10_000, seed=1993):
-        self.x, self.y, self.tasks, self.task, self.rows = x, y, tasks, task, rows
-        self.device = torch.device("cpu")
-        self.cfg = C.resolve(overrides=[f"seed={seed}"])
-
-    @property
-    def n_seen(self):
-        return self.tasks[self.task][1]
-
-    def feature_dim(self):
-        return self.x.shape[1]
-
-    def train_chunks(self, i, rows=None):
-        start, stop = self.tasks[i]
-        sel = (self.y >= start) & (self.y < stop)
-        x, y = self.x[sel], self.y[sel]
-        step = min(rows or self.rows, self.rows)
-        for s in range(0, len(y), step):
-            yield x[s : s + step], y[s : s + step]
-
-    def class_stats(self):
-        parts = []
-        for i in range(self.task + 1):
-            start, stop = self.tasks[i]
-            acc = make_accumulator(stop - start, self.feature_dim())
-            for x, y in self.train_chunks(i):
-                acc.update(x, y - start)
-            parts.append(acc.result())
-        return ClassStats(
-            torch.cat([p.count for p in parts]),
-            torch.cat([p.mean for p in parts]),
-            torch.cat([p.m2 for p in parts]),
-            torch.cat([torch.full((len(p.count),), i) for i, p in enumerate(parts)]),
-        )
+    return InMemoryCache(x, y, tasks, task, C.resolve(overrides=[f"seed={seed}"]), "cpu", rows)
 
 
 def test_ncm_is_cosine_to_the_class_means_by_hand():

@@ -61,6 +61,16 @@ class ClassStats:
     m2: torch.Tensor  # (C, d, d)
     task_of_class: torch.Tensor  # (C,) int64
 
+    @classmethod
+    def from_tasks(cls, counts, means, m2s) -> ClassStats:
+        """Concatenate per-task (count, mean, M2), tasks 0..T in order, as float64 CPU tensors."""
+
+        def cat(parts):
+            return torch.cat([torch.as_tensor(p).cpu() for p in parts]).to(torch.float64)
+
+        task_of_class = torch.cat([torch.full((len(c),), i, dtype=torch.int64) for i, c in enumerate(counts)])
+        return cls(cat(counts), cat(means), cat(m2s), task_of_class)
+
 
 @dataclass
 class HeadContext:
@@ -84,12 +94,7 @@ class HeadContext:
                 raise ValueError(
                     f"statistics of task {i} cover classes {p['classes'][:3]}..., not {expected[:3]}..."
                 )
-        return ClassStats(
-            torch.cat([torch.from_numpy(p["count"]) for p in parts]).to(torch.float64),
-            torch.cat([torch.from_numpy(p["mean"]) for p in parts]),
-            torch.cat([torch.from_numpy(p["m2"]) for p in parts]),
-            torch.cat([torch.full((len(p["classes"]),), i, dtype=torch.int64) for i, p in enumerate(parts)]),
-        )
+        return ClassStats.from_tasks(*([p[k] for p in parts] for k in ("count", "mean", "m2")))
 
     def train_chunks(self, i: int, rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Cached training features of task i (extracted with task i's backbone), on the device."""
@@ -138,18 +143,11 @@ class InMemoryCache:
             yield x[s : s + step].to(self.device), y[s : s + step].to(self.device)
 
     def class_stats(self) -> ClassStats:
-        from clpt.stats import make_accumulator
+        """What `fit-stats` would store for tasks 0..task, computed from the features in memory."""
+        from clpt.stats import fit_class_stats
 
-        parts = []
-        for i in range(self.task + 1):
-            start, stop = self.tasks[i]
-            acc = make_accumulator(stop - start, self.feature_dim(), self.device)
-            for x, y in self.train_chunks(i):
-                acc.update(x, y - start)
-            parts.append(acc.result())
-        return ClassStats(
-            torch.cat([p.count for p in parts]).cpu(),
-            torch.cat([p.mean for p in parts]).cpu(),
-            torch.cat([p.m2 for p in parts]).cpu(),
-            torch.cat([torch.full((len(p.count),), i, dtype=torch.int64) for i, p in enumerate(parts)]),
-        )
+        parts = [
+            fit_class_stats(self.train_chunks(i), range(*self.tasks[i]), self.feature_dim(), self.device)
+            for i in range(self.task + 1)
+        ]
+        return ClassStats.from_tasks(*([getattr(p, k) for p in parts] for k in ("count", "mean", "m2")))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from clpt.heads.base import HeadSpec, extracts_upto, register_head
-from clpt.stats import make_accumulator
+from clpt.stats import fit_class_stats
 
 
 @dataclass
@@ -82,11 +82,8 @@ def fit(ctx, settings: FeCAMConfig):
 
     means, covs = [], []
     for i in range(ctx.task + 1):
-        start, stop = ctx.tasks[i]
-        acc = make_accumulator(stop - start, ctx.feature_dim(), ctx.device)
-        for x, y in ctx.train_chunks(i):
-            acc.update(transform(x, settings), y - start)
-        m = acc.result()
+        chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
+        m = fit_class_stats(chunks, range(*ctx.tasks[i]), ctx.feature_dim(), ctx.device)
         means.append(m.mean)
         covs.append(covariance(m.count, m.m2))
     mu, prec = fecam_parameters(torch.cat(means), torch.cat(covs), settings)
