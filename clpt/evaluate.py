@@ -14,7 +14,7 @@ import torch
 
 from clpt import artifacts
 from clpt import distributed as dist
-from clpt.errors import DataError, MissingInputError
+from clpt.errors import MissingInputError
 
 
 def accuracy_row(logits: torch.Tensor, labels: torch.Tensor, tasks: list[list[int]]) -> dict:
@@ -105,12 +105,10 @@ def head_stage(name: str):
 def _matrix(run, t: int, stage: str, path_of, fmt: str, command: str) -> tuple[list, list]:
     rows, accs = [], []
     for i in range(t + 1):
-        if run.state(stage, i) == "damaged":
-            raise DataError(
-                f"{path_of(i)} was changed after {stage} of task {i} wrote it",
-                hint=f"re-run `{command.format(run=run.root, task=i)} --force`",
-            )
-        if run.state(stage, i) != "done":
+        state = run.state(stage, i)
+        if state == "damaged":
+            raise run.damaged_error(stage, i)
+        if state != "done":
             raise MissingInputError(
                 f"the accuracy matrix up to task {t} needs {stage} of task {i}",
                 hint=f"run `{command.format(run=run.root, task=i)}` (or `clpt run {run.root}`)",

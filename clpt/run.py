@@ -171,12 +171,7 @@ class Run:
         for s, i in self.inputs(stage, t):
             st = self.state(s, i)
             if st == "damaged":
-                cmd = get_stage(s).command.format(run=self.root, task=i)
-                raise DataError(
-                    f"{stage} of task {t} needs {get_stage(s).what} of task {i}, whose result file was changed "
-                    "after it was written",
-                    hint=f"re-run `{cmd} --force`",
-                )
+                raise self.damaged_error(s, i)
             if st != "done":
                 dep = get_stage(s)
                 cmd = dep.command.format(run=self.root, task=i)
@@ -187,6 +182,14 @@ class Run:
                 )
             found[f"{s}/{i}"] = self.marker(s, i)["id"]
         return found
+
+    def damaged_error(self, stage: str, t: int) -> DataError:
+        """The one-line error for a stage whose result file changed after it was written."""
+        cmd = get_stage(stage).command.format(run=self.root, task=t)
+        return DataError(
+            f"a result file of {stage} of task {t} was changed after it was written",
+            hint=f"re-run `{cmd} --force`",
+        )
 
     def invalidate(self, stage: str, t: int) -> None:
         self.marker_path(stage, t).unlink(missing_ok=True)
@@ -310,11 +313,7 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
     if not force and state == "done":
         return StageResult(stage, t, True, run.marker(stage, t))
     if not force and state == "damaged":  # never overwritten silently: the user decides
-        cmd = spec.command.format(run=run.root, task=t)
-        raise DataError(
-            f"a result file of {stage} of task {t} was changed after it was written",
-            hint=f"re-run `{cmd} --force`",
-        )
+        raise run.damaged_error(stage, t)
     inputs = run.require(stage, t)
     if spec.reads_images:
         run.benchmark()  # a changed dataset fails here, before a finished stage's marker is removed
