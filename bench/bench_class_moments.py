@@ -89,7 +89,7 @@ def main() -> int:
     ap.add_argument("--classes", type=int, nargs="+", default=None)
     ap.add_argument("--dim", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--precision", default="tf32", choices=K.PRECISIONS, help="tl.dot precision (GPU)")
+    ap.add_argument("--precision", default="ieee", choices=K.PRECISIONS, help="tl.dot precision (GPU)")
     ap.add_argument("--skip-reference", action="store_true", help="skip (a), the slow per-class loop")
     args = ap.parse_args()
 

@@ -51,19 +51,57 @@ SetOpt = Annotated[
 ]
 
 
+# `--debug` (or CLPT_DEBUG=1): show the traceback of an unforeseen error instead of its one line.
+_DEBUG = os.environ.get("CLPT_DEBUG", "") not in ("", "0")
+
+
+def _fail(line: str, code: int) -> typer.Exit:
+    from rich.markup import escape
+
+    # the line may quote anything (bytes, paths with brackets): never read as rich markup
+    errors.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
 def guarded(fn):
-    """Turn ClptError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+    """Every failure of a command as one line on stderr with its exit code (README: "Exit codes").
+
+    ClptError: its message and hint. OSError from the file system (full disk,
+    read-only folder): exit 1 naming the path. Ctrl-C: exit 130. Anything else
+    (a bug, or a case nobody foresaw): one line naming the command and the
+    exception; `--debug` or CLPT_DEBUG=1 shows the traceback instead.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from clpt import interrupt
+        from clpt.errors import from_os_error
+
         try:
-            return fn(*args, **kwargs)
-        except ClptError as e:
-            errors.print(f"[bold red]error:[/] {e.one_line()}", markup=True)
-            raise typer.Exit(e.exit_code) from None
+            with interrupt.watch():
+                return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
         except KeyboardInterrupt:
             errors.print("interrupted: finished stages are kept; re-run the same command to continue")
             raise typer.Exit(130) from None
+        except Exception as e:
+            if interrupt.received():  # a DataLoader worker or a collective died of the same Ctrl-C
+                errors.print("interrupted: finished stages are kept; re-run the same command to continue")
+                raise typer.Exit(130) from None
+            if isinstance(e, ClptError):
+                raise _fail(e.one_line(), e.exit_code) from None
+            if isinstance(e, OSError) and e.errno is not None:
+                raise _fail(from_os_error(e).one_line(), 1) from None
+            if _DEBUG:
+                raise
+            what = str(e).splitlines()[0][:200] if str(e) else ""
+            raise _fail(
+                f"clpt {fn.__name__.rstrip('_').replace('_', '-')} failed unexpectedly: "
+                f"{type(e).__name__}{': ' + what if what else ''}; fix: re-run with --debug "
+                "(or CLPT_DEBUG=1) for the traceback, and report it",
+                1,
+            ) from None
         finally:
             from clpt import distributed as dist
 
@@ -75,7 +113,12 @@ def guarded(fn):
 @app.callback()
 def _setup(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an unexpected error (also: CLPT_DEBUG=1).")
+    ] = False,
 ) -> None:
+    global _DEBUG
+    _DEBUG = debug or os.environ.get("CLPT_DEBUG", "") not in ("", "0")
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if quiet or rank != 0 else logging.INFO
     handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
@@ -196,11 +239,16 @@ def run_(
 
     if not (run_dir / "config.yaml").exists():
         create_run(run_dir, C.resolve(config, set_ or []))
-    elif config is not None or set_:
-        raise ClptError(
-            f"{run_dir} already holds a run; --config/--set only apply when creating one",
-            hint=f"use `clpt config {run_dir} --set ...` for editable keys, or a new run folder",
-        )
+    elif config is not None or set_:  # the command that created the run, again: continue it if it agrees
+        from clpt.run import config_differences, open_run
+
+        diff = config_differences(open_run(run_dir), C.resolve(config, set_ or []))
+        if diff:
+            raise ClptError(
+                f"{run_dir} already holds a run with other settings: {'; '.join(diff[:3])}"
+                + (f" and {len(diff) - 3} more" if len(diff) > 3 else ""),
+                hint=f"use `clpt config {run_dir} --set ...` for editable keys, or a new run folder",
+            )
     run = _open(run_dir)
     n = run.info.n_tasks
 

@@ -101,14 +101,89 @@ def _codecs() -> dict:
     return {"compressors": [ZstdCodec(), Crc32cCodec()]}
 
 
+# What zarr raises for metadata it cannot parse: JSON errors are ValueErrors, a valid JSON
+# document of the wrong shape gives TypeError, KeyError or AttributeError on the way in.
+_BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError)
+
+
+def open_node(
+    store: Path, path: str, keys: tuple[str, ...], what: str, command: str, missing: MissingInputError
+):
+    """The arrays `keys` of the group `path` in `store` for reading, with their group's attributes.
+
+    A store or group that is absent raises `missing`; metadata that is damaged
+    (a garbled or truncated `zarr.json` anywhere on the way) is a one-line
+    DataError naming the command that rebuilds it.
+    """
+    if not (Path(store) / path).is_dir():
+        raise missing
+    try:
+        g = zarr.open_group(store, mode="r")[path]
+        return g, [g[k] for k in keys]
+    except FileNotFoundError:
+        raise missing from None
+    except _BAD_METADATA as e:
+        if isinstance(e, KeyError) and not _metadata_damaged(Path(store), path, keys):
+            raise missing from None
+        raise DataError(
+            f"{what} is damaged (unreadable zarr metadata: {str(e).splitlines()[0][:60] if str(e) else type(e).__name__})",
+            hint=f"re-run `{command} --force`",
+        ) from None
+
+
+def _metadata_damaged(store: Path, path: str, keys: tuple[str, ...]) -> bool:
+    """Whether a zarr.json on the way to the arrays exists but is not a valid JSON object."""
+    import json
+
+    parts = path.split("/")
+    nodes = [store] + [store.joinpath(*parts[: i + 1]) for i in range(len(parts))]
+    nodes += [store.joinpath(*parts, k) for k in keys]
+    for node in nodes:
+        meta = node / "zarr.json"
+        if not meta.exists():
+            continue
+        try:
+            if not isinstance(json.loads(meta.read_bytes()), dict):
+                return True
+        except ValueError:
+            return True
+    return False
+
+
+def writable_group(store: Path, path: str) -> zarr.Group:
+    """The group `path` of `store` for writing, created if needed.
+
+    Group metadata on the way that cannot be read (a damaged `zarr.json` of the
+    store's root or of a task's group: they hold no data) is written afresh, so a
+    `--force` re-run repairs what a reader reported as damaged.
+    """
+    store = Path(store)
+    try:
+        return zarr.open_group(store, mode="a").require_group(path)
+    except _BAD_METADATA:
+        pass
+    import json
+
+    parts = path.split("/")
+    for node in [store] + [store.joinpath(*parts[: i + 1]) for i in range(len(parts))]:
+        meta = node / "zarr.json"
+        try:
+            ok = meta.exists() and json.loads(meta.read_bytes()).get("node_type") == "group"
+        except (ValueError, AttributeError):
+            ok = False
+        if meta.exists() and not ok:
+            write_json(meta, {"attributes": {}, "zarr_format": 3, "node_type": "group"})
+    return zarr.open_group(store, mode="a").require_group(path)
+
+
 def read_checked(arr: zarr.Array, sel, what: str, command: str) -> np.ndarray:
     """arr[sel], with a failed checksum or undecodable chunk as a one-line DataError naming the stage to redo."""
     try:
         return np.asarray(arr[sel])
     except (ValueError, RuntimeError, OSError) as e:
-        raise DataError(
-            f"{what} is damaged ({str(e).splitlines()[0][:80]})", hint=f"re-run `{command} --force`"
-        ) from None
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        detail = "a chunk's crc32c checksum does not match" if "checksum" in text.lower() else text[:80]
+        raise DataError(f"{what} is damaged ({detail})", hint=f"re-run `{command} --force`") from None
 
 
 # --- JSON records of the run: benchmark, manifest, backbone ------------------------------
@@ -127,13 +202,15 @@ def write_record(root: Path, kind: str, obj: dict) -> None:
 def read_record(root: Path, kind: str) -> dict:
     """A run record without its format fields (records from before versioning count as version 1)."""
     path = run_record_path(root, kind)
-    hint = f"re-create the run with `clpt init {root}`"
+    hint = (
+        f"restore {path.name} from a backup or a copy of the run, or start a new run folder with `clpt init`"
+    )
     try:
         obj = read_json(path)
     except FileNotFoundError:
         raise MissingInputError(f"{root} has no {path.name}", hint=hint) from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({type(e).__name__})", hint=hint) from None
+    except ValueError as e:  # truncated, garbled, not UTF-8
+        raise DataError(f"{path} is damaged ({type(e).__name__})", hint=hint) from None
     if not isinstance(obj, dict) or obj.pop("record", kind) != kind:
         raise DataError(f"{path} is not a clpt {kind} record", hint=hint)
     version = obj.pop("format_version", 1)
@@ -191,7 +268,7 @@ def save_model(
 
 
 def read_model(path: Path) -> dict:
-    return read_torch(path, "clpt-model", "`clpt train-task RUN --task T --force`")
+    return read_torch(path, "clpt-model", _redo("train-task", path))
 
 
 def save_heads(path: Path, heads, task: int) -> None:
@@ -204,21 +281,44 @@ def save_heads(path: Path, heads, task: int) -> None:
     )
 
 
-def _heads_from(obj: dict):
+def _wrong_content(path: Path, e: Exception, command: str) -> DataError:
+    """A checkpoint that reads but does not fit: missing entries, wrong shapes, sizes that disagree."""
+    first = str(e).strip().splitlines() or [type(e).__name__]
+    detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0].strip())
+    return DataError(
+        f"{path} does not fit this run ({type(e).__name__}: {detail[:160]})", hint=f"re-run {command}"
+    )
+
+
+def _heads_from(obj: dict, path: Path, command: str):
     from clpt.model import Heads
 
-    heads = Heads(obj["dim"], obj["head_sizes"])
-    heads.load_state_dict(obj["heads"])
+    try:
+        heads = Heads(int(obj["dim"]), [int(s) for s in obj["head_sizes"]])
+        heads.load_state_dict(obj["heads"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise _wrong_content(path, e, command) from None
     return heads
+
+
+def _redo(command: str, path: Path) -> str:
+    """`clpt COMMAND RUN --task T --force` for a file RUN/tasks/T/<file>."""
+    path = Path(path)
+    try:
+        t = int(path.parent.name)
+        return f"`clpt {command} {path.parent.parent.parent} --task {t} --force`"
+    except ValueError:
+        return f"`clpt {command} RUN --task T --force`"
 
 
 def load_trained_heads(path: Path):
     """The heads of a model checkpoint (as after the Slow Learner, before alignment)."""
-    return _heads_from(read_model(path))
+    return _heads_from(read_model(path), path, _redo("train-task", path))
 
 
 def load_aligned_heads(path: Path):
-    return _heads_from(read_torch(path, "clpt-heads", "`clpt align RUN --task T --force`"))
+    cmd = _redo("align", path)
+    return _heads_from(read_torch(path, "clpt-heads", cmd), path, cmd)
 
 
 def load_model(path: Path, cfg, device: torch.device):
@@ -228,11 +328,14 @@ def load_model(path: Path, cfg, device: torch.device):
     from clpt.model import CLModel
 
     ckpt = read_model(path)
-    backbone = create_backbone(cfg.backbone, pretrained=False)
+    backbone = create_backbone(cfg.backbone, pretrained=False, image_size=cfg.benchmark.image_size)
     if cfg.lora.targets:  # the LoRA weights come from the checkpoint
         apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=False)
-    backbone.load_state_dict(ckpt["backbone"], strict=True)
-    return CLModel(backbone, _heads_from(ckpt)).to(device)
+    try:
+        backbone.load_state_dict(ckpt["backbone"], strict=True)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise _wrong_content(path, e, _redo("train-task", path)) from None
+    return CLModel(backbone, _heads_from(ckpt, path, _redo("train-task", path))).to(device)
 
 
 # --- features ---------------------------------------------------------------------------
@@ -243,9 +346,8 @@ def prepare_features(
 ) -> tuple[zarr.Array, zarr.Array, int]:
     """(feats, labels, rows already committed) for writing; committed rows kept only from the same source."""
     store, name = features_path(root), feature_group(t, split)
-    group = zarr.open_group(store, mode="a")
-    if resume and name in group:
-        g = group[name]
+    g = writable_group(store, name)
+    if resume:
         try:
             feats, labels = g["feats"], g["labels"]
             same = (
@@ -254,11 +356,15 @@ def prepare_features(
                 and feats.attrs.get("source") == source
                 and feats.attrs.get("format_version") == FORMATS["clpt-features"]
             )
-        except KeyError:
+        except _BAD_METADATA:  # absent, or damaged: written afresh
             same = False
         if same:
             return feats, labels, int(feats.attrs.get("rows_done", 0))
-    g = group.require_group(name)
+    for key in ("feats", "labels"):  # damaged array metadata is not read back, only replaced
+        if (store / name / key).is_dir():
+            import shutil
+
+            shutil.rmtree(store / name / key)
     feats = g.create_array(
         "feats", shape=(n, d), chunks=(chunk_rows, d), dtype="float32", overwrite=True, **_codecs()
     )
@@ -283,16 +389,16 @@ def open_features_for_append(root: Path, t: int, split: str) -> tuple[zarr.Array
 
 def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Array]:
     """The cached (feats, labels) arrays of a task and split, checked complete and of this format."""
-    try:
-        g = zarr.open_group(features_path(root), mode="r")[feature_group(t, split)]
-        feats, labels = g["feats"], g["labels"]
-    except (KeyError, FileNotFoundError):
-        feats = None
-    if feats is None or int(feats.attrs.get("rows_done", -1)) != feats.shape[0]:
-        raise MissingInputError(
-            f"no complete {split} features for task {t} in {features_path(root)}",
-            hint=f"run `clpt extract {root} --task {t}`",
-        )
+    missing = MissingInputError(
+        f"no complete {split} features for task {t} in {features_path(root)}",
+        hint=f"run `clpt extract {root} --task {t}`",
+    )
+    _, (feats, labels) = open_node(
+        features_path(root), feature_group(t, split), ("feats", "labels"),
+        f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}", missing,
+    )  # fmt: skip
+    if int(feats.attrs.get("rows_done", -1)) != feats.shape[0]:
+        raise missing
     version = feats.attrs.get("format_version", 1)
     if version != FORMATS["clpt-features"] and version not in READABLE["clpt-features"]:
         raise DataError(
@@ -334,8 +440,7 @@ def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.T
 
 def save_stats(root: Path, t: int, classes: range, count, mean, m2, source: str) -> Path:
     """Write task t's per-class count (C,), mean (C, d) and scatter M2 (C, d, d), float64, no ridge."""
-    group = zarr.open_group(stats_path(root), mode="a")
-    g = group.require_group(stats_group(t))
+    g = writable_group(stats_path(root), stats_group(t))
     d = mean.shape[1]
     for key, value in (
         ("classes", np.arange(classes.start, classes.stop, dtype=np.int64)),
@@ -368,15 +473,14 @@ def save_stats(root: Path, t: int, classes: range, count, mean, m2, source: str)
 def load_stats(root: Path, t: int) -> dict[str, np.ndarray]:
     """classes, count, mean, m2 of task t (float64 sufficient statistics, no ridge)."""
     hint = f"re-run `clpt fit-stats {root} --task {t} --force`"
-    try:
-        g = zarr.open_group(stats_path(root), mode="r")[stats_group(t)]
-    except (KeyError, FileNotFoundError):
-        raise MissingInputError(f"no statistics of task {t} in {stats_path(root)}", hint=hint) from None
+    what, cmd = f"the statistics of task {t}", f"clpt fit-stats {root} --task {t}"
+    keys = ("classes", "count", "mean", "m2")
+    missing = MissingInputError(f"no statistics of task {t} in {stats_path(root)}", hint=hint)
+    g, arrays = open_node(stats_path(root), stats_group(t), keys, what, cmd, missing)
     version = g.attrs.get("format_version", 1)
     if version != FORMATS["clpt-stats"]:
         raise DataError(f"statistics of task {t} have format version {version}", hint=hint)
-    what, cmd = f"the statistics of task {t}", f"clpt fit-stats {root} --task {t}"
-    return {k: read_checked(g[k], ..., what, cmd) for k in ("classes", "count", "mean", "m2")}
+    return {k: read_checked(a, ..., what, cmd) for k, a in zip(keys, arrays, strict=True)}
 
 
 def covariance(count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:

@@ -30,9 +30,15 @@ from clpt.vit_micro import BUILTIN_NAME, BUILTIN_TAG, builtin_weights_path, cach
 log = logging.getLogger("clpt")
 
 
-def _architecture(name: str) -> VisionTransformer:
+def _size_kw(image_size: int | None) -> dict:
+    return {} if image_size is None else {"img_size": image_size}
+
+
+def _architecture(name: str, image_size: int | None = None) -> VisionTransformer:
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="token")
+        model = timm.create_model(
+            name, pretrained=False, num_classes=0, global_pool="token", **_size_kw(image_size)
+        )
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         if "Unknown model" in str(e):
             raise DataError(
@@ -43,6 +49,11 @@ def _architecture(name: str) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise DataError(f"backbone.name {name!r} is not a ViT", hint="use a timm VisionTransformer")
     return model
+
+
+def name_of(model: nn.Module) -> str:
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    return pcfg.get("architecture") or type(model).__name__
 
 
 # Classifier and distillation-head weights a backbone checkpoint may carry and we drop.
@@ -82,8 +93,16 @@ def load_weights_file(model: VisionTransformer, path: Path) -> dict:
             f"cannot read {path} as a checkpoint ({type(e).__name__})",
             hint="give a .safetensors, .pth/.pt state dict or an AugReg .npz",
         ) from None
-    sd = {k: v for k, v in checkpoint_filter_fn(sd, model).items() if not k.startswith(_NOT_BACKBONE)}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        sd = {k: v for k, v in checkpoint_filter_fn(sd, model).items() if not k.startswith(_NOT_BACKBONE)}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except (RuntimeError, ValueError, KeyError, AttributeError) as e:  # wrong shapes, foreign layouts
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0].strip())
+        raise DataError(
+            f"{path} does not fit {name_of(model)}: {detail[:200]}",
+            hint="check that the checkpoint was made for backbone.name",
+        ) from None
     missing = [k for k in missing if not k.startswith(_NOT_BACKBONE)]
     if missing:
         raise DataError(
@@ -121,11 +140,13 @@ def _local_cache_only_unless_reachable(timeout: float = 3.0):
         constants.HF_HUB_OFFLINE = saved
 
 
-def _from_hub(name: str) -> VisionTransformer:
+def _from_hub(name: str, image_size: int | None = None) -> VisionTransformer:
     """timm's pre-trained weights: from the local Hugging Face cache, or downloaded when the network allows."""
     try:
         with _local_cache_only_unless_reachable():
-            return timm.create_model(name, pretrained=True, num_classes=0, global_pool="token")
+            return timm.create_model(
+                name, pretrained=True, num_classes=0, global_pool="token", **_size_kw(image_size)
+            )
     except Exception as e:  # offline, missing in the cache, HTTP errors: no weights for us
         if isinstance(e, DataError):
             raise
@@ -148,19 +169,48 @@ def _builtin_name(name: str) -> str:
     return f"{BUILTIN_NAME}.{BUILTIN_TAG}" if name == BUILTIN_NAME else name
 
 
-def create_backbone(cfg: BackboneConfig, pretrained: bool | None = None) -> nn.Module:
+def input_size(cfg: BackboneConfig, requested: int | None) -> int:
+    """The model input size of a run: the backbone's own (timm's data config) unless `requested`.
+
+    A requested size must be a multiple of the backbone's patch size; the
+    backbone is then built for it and timm resamples the pre-trained position
+    embeddings. Anything else is a ConfigError, raised when the run is created.
+    """
+    from clpt.errors import ConfigError
+
+    name = _builtin_name(cfg.name)
+    with torch.device("meta"):  # the architecture only: no memory, no weights
+        model = _architecture(name)
+    native = int(timm.data.resolve_model_data_config(model)["input_size"][-1])
+    if requested is None:
+        return native
+    patch = int(model.patch_embed.patch_size[0])
+    if requested % patch or requested < patch:
+        raise ConfigError(
+            [
+                f"benchmark.image_size: {requested} does not fit backbone {name} (patches of {patch} pixels): "
+                f"use a multiple of {patch}, or leave it unset for the backbone's own size {native}"
+            ]
+        )
+    return requested
+
+
+def create_backbone(
+    cfg: BackboneConfig, pretrained: bool | None = None, image_size: int | None = None
+) -> nn.Module:
     """The backbone of `cfg`, with pre-trained weights unless `pretrained=False`.
 
-    Order: architecture, then weights (backbone.checkpoint, the built-in cache, or
-    timm's hub), then (reset_final_norm) a fresh final LayerNorm. `pretrained=False`
-    builds the bare architecture for loading a run's own checkpoint into it.
+    Order: architecture (for `image_size` input; None: the backbone's own), then
+    weights (backbone.checkpoint, the built-in cache, or timm's hub), then
+    (reset_final_norm) a fresh final LayerNorm. `pretrained=False` builds the
+    bare architecture for loading a run's own checkpoint into it.
     """
     load = cfg.pretrained if pretrained is None else pretrained
     name = _builtin_name(cfg.name)
     if not load:
-        model = _architecture(name)
+        model = _architecture(name, image_size)
     elif cfg.checkpoint is not None:
-        model = _architecture(name)
+        model = _architecture(name, image_size)
         load_weights_file(model, Path(cfg.checkpoint).expanduser())
     elif _is_builtin(name):  # timm loads the cached file (clpt.vit_micro); pre-training is a step of its own
         path = builtin_weights_path()
@@ -170,7 +220,9 @@ def create_backbone(cfg: BackboneConfig, pretrained: bool | None = None) -> nn.M
                 hint="run `clpt pretrain-builtin` (or `clpt run`, which pre-trains it first)",
             )
         try:
-            model = timm.create_model(name, pretrained=True, num_classes=0, global_pool="token")
+            model = timm.create_model(
+                name, pretrained=True, num_classes=0, global_pool="token", **_size_kw(image_size)
+            )
         except (RuntimeError, ValueError, EOFError) as e:
             raise DataError(
                 f"cannot load the built-in backbone's weights {path} ({type(e).__name__})",
@@ -187,7 +239,7 @@ def create_backbone(cfg: BackboneConfig, pretrained: bool | None = None) -> nn.M
                 name,
                 tag,
             )
-        model = _from_hub(name)
+        model = _from_hub(name, image_size)
     if cfg.reset_final_norm:
         model.norm = nn.LayerNorm(model.embed_dim, eps=1e-5)
     return model

@@ -45,7 +45,9 @@ class BenchmarkConfig:
     init_classes: int = 10  # classes in the first task
     increment: int = 10  # classes in each later task (a remainder forms a last, smaller task)
     seed: int = 1993  # class order: np.random.seed(seed); np.random.permutation(n_classes)
-    image_size: int | None = None  # model input size; None -> 224 (32 for builtin)
+    image_size: int | None = (
+        None  # model input size; None -> the backbone's own (timm data config), recorded at creation
+    )
     download: bool = True  # CIFAR-100: download when missing and the network allows
     split_seed: int = 0  # ImageNet-R, ImageNet-A: seed of the deterministic 80/20 per-class split
     normalization: str = "dataset"  # dataset (METHOD.md's table) | imagenet | none (pixels in [0, 1])
@@ -99,6 +101,7 @@ class StatsConfig:
 
     ridge: float = 1e-4  # added to every covariance's diagonal
     chunk_rows: int = 65536  # feature rows per accumulation step (one kernel launch; 200 MB at d = 768)
+    kernel_precision: str = "ieee"  # Triton (GPU) products: ieee (exact float32) | tf32 | tf32x3 (faster)
 
 
 @dataclass
@@ -147,6 +150,7 @@ class SystemConfig:
     extract_batch_size: int = 256
     feature_chunk_rows: int = 2048  # zarr chunk height of feature stores
     deterministic: bool = True  # torch deterministic algorithms (CPU runs repeat bit for bit)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on a GPU that supports it): forward passes only
 
 
 # Heads evaluated by `clpt run` by default (README: "Classifier heads"). Every one is
@@ -281,7 +285,10 @@ def load_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"config file {str(p)!r} does not exist"], source=str(p))
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start}): save it as UTF-8"], source=str(p)) from None
     try:
         if p.suffix == ".toml":
             data = tomllib.loads(text)
@@ -504,6 +511,12 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
     if isinstance(b.train_crop_scale, list) and all(isinstance(v, float) for v in b.train_crop_scale):
         check(len(b.train_crop_scale) == 2 and 0 < b.train_crop_scale[0] <= b.train_crop_scale[1] <= 1,
               "benchmark.train_crop_scale: must be [low, high] with 0 < low <= high <= 1")  # fmt: skip
+    if isinstance(s.kernel_precision, str):
+        check(s.kernel_precision in ("ieee", "tf32", "tf32x3"),
+              f"stats.kernel_precision: {s.kernel_precision!r} is not one of ieee, tf32, tf32x3")  # fmt: skip
+    if isinstance(cfg.system.precision, str):
+        check(cfg.system.precision in ("fp32", "bf16", "auto"),
+              f"system.precision: {cfg.system.precision!r} is not one of fp32, bf16, auto")  # fmt: skip
     if isinstance(s.ridge, float):
         check(s.ridge >= 0, "stats.ridge: must be >= 0")
     dev = cfg.system.device

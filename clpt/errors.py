@@ -6,6 +6,8 @@ Every error raised on purpose by clpt derives from `ClptError`; the CLI prints
 
 from __future__ import annotations
 
+import errno
+
 
 class ClptError(Exception):
     """Base class: a problem the user can act on."""
@@ -24,7 +26,7 @@ class ClptError(Exception):
         return text
 
 
-class ConfigError(ClptError):
+class ConfigError(ClptError, ValueError):
     """The configuration has one or more invalid entries (all are listed)."""
 
     exit_code = 2
@@ -35,13 +37,43 @@ class ConfigError(ClptError):
         super().__init__(message, hint="correct these entries (see `clpt init --help` and configs/)")
 
 
-class MissingInputError(ClptError):
+class MissingInputError(ClptError, FileNotFoundError):
     """A stage's input is missing; the hint names the command that produces it."""
 
     exit_code = 3
 
 
-class DataError(ClptError):
-    """A dataset or checkpoint cannot be read as expected."""
+class DataError(ClptError, ValueError):
+    """A dataset, checkpoint or file of the run cannot be read as expected (damaged, truncated, wrong content)."""
 
     exit_code = 4
+
+
+class FileSystemError(ClptError, OSError):
+    """The file system refused: a full disk, a read-only folder, a path that is a file."""
+
+    exit_code = 1
+
+
+_FS_HINTS = {
+    errno.ENOSPC: ("no space left on the device", "free disk space, then re-run the same command: finished stages are kept"),
+    errno.EDQUOT: ("disk quota exceeded", "free space in your quota, then re-run the same command: finished stages are kept"),
+    errno.EFBIG: ("file too large for the file system or the process's file-size limit (no space for it)",
+                  "free space or raise the limit (ulimit -f), then re-run the same command"),
+    errno.EROFS: ("read-only file system", "copy the run to a writable place, or remount it writable"),
+    errno.EACCES: ("permission denied", "make the folder writable for you, or copy the run to a writable place"),
+    errno.EPERM: ("operation not permitted", "make the folder writable for you, or copy the run to a writable place"),
+    errno.ENOTDIR: ("a path component is a file, not a folder", "choose a folder path for the run"),
+    errno.EISDIR: ("a folder is where a file should be", "remove or rename that folder"),
+}  # fmt: skip
+
+
+def from_os_error(e: OSError, doing: str = "") -> FileSystemError:
+    """The one-line error for an OSError from the file system: what failed, where, and what to do."""
+    what, hint = _FS_HINTS.get(
+        e.errno, (e.strerror or type(e).__name__, "check the path and the disk, then re-run")
+    )
+    where = f" ({e.filename})" if e.filename else ""
+    err = FileSystemError(f"{doing + ': ' if doing else ''}{what}{where}", hint=hint)
+    err.errno = e.errno
+    return err

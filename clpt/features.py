@@ -29,6 +29,8 @@ from clpt.data.benchmark import Benchmark, Split
 from clpt.data.loader import batches
 from clpt.errors import DataError
 from clpt.model import CLModel
+from clpt.precision import autocast
+from clpt.precision import resolve as resolve_precision
 
 log = logging.getLogger("clpt")
 
@@ -48,6 +50,7 @@ def extract_split(
     device: torch.device,
     resume: bool = True,
     num_workers: int = 0,
+    precision: str = "fp32",
 ) -> int:
     """Write features of `split[rows]` to the run's feature store (task t, split_name); returns the rows.
 
@@ -76,7 +79,8 @@ def extract_split(
         for x, _ in batches(
             bench, split, rows[start:stop], batch_size, device, train=False, num_workers=num_workers
         ):
-            out.append(model.features(x).float().cpu())
+            with autocast(precision, device):
+                out.append(model.features(x).float().cpu())
         chunk = torch.cat(out)
         if not bool(torch.isfinite(chunk).all()):  # stopped where it appears: never cached
             raise DataError(
@@ -100,6 +104,7 @@ def extract_stage(ctx) -> tuple[list[Path], dict]:
     bench = run.benchmark()
     model = artifacts.load_model(artifacts.model_path(run.root, t), cfg, device)
     source = ctx.input_id("train", t)
+    prec = resolve_precision(cfg.system.precision, device)
     classes = bench.tasks[t]
     seen = range(0, classes.stop)
     t0 = time.perf_counter()
@@ -122,9 +127,10 @@ def extract_stage(ctx) -> tuple[list[Path], dict]:
             device,
             ctx.resume,
             cfg.system.num_workers,
+            prec,
         )
     seconds = time.perf_counter() - t0
     n = counts["train"] + counts["test"]
     log.info("task %d: extracted %d feature rows (%.0f images/s)", t, n, n / max(seconds, 1e-9))
     outputs = [artifacts.features_path(run.root) / artifacts.feature_group(t, s) for s in ("train", "test")]
-    return outputs, {"rows": counts, "images_per_second": round(n / max(seconds, 1e-9), 1)}
+    return outputs, {"rows": counts, "images_per_second": round(n / max(seconds, 1e-9), 1), "precision": prec}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from clpt.errors import ClptError, from_os_error
 
 
 def _atomic(path: Path, write) -> None:
@@ -20,8 +23,10 @@ def _atomic(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, ClptError) and e.errno is not None:
+            raise from_os_error(e, f"cannot write {path}") from None  # nothing half-written is left
         raise
 
 
@@ -34,7 +39,11 @@ def write_text(path: Path, text: str) -> None:
 
 
 def torch_save(path: Path, obj: Any) -> None:
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch.save's own writer reports a full disk as a RuntimeError
+    # ("unexpected pos"), a plain write reports it as the OSError it is.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic(Path(path), lambda f: f.write(buf.getbuffer()))
 
 
 def read_json(path: Path) -> Any:

@@ -24,6 +24,7 @@ fused tensor operations per step (no loop over elements, no host sync).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -154,7 +155,9 @@ def make_projection(dim: int, out: int = 128, seed: int = 0) -> nn.Linear:
         return nn.Linear(dim, out)
 
 
-def sensitivity(net, loader, state: MistState, tau: float, generator, frozen_prev: dict) -> dict:
+def sensitivity(
+    net, loader, state: MistState, tau: float, generator, frozen_prev: dict, amp=contextlib.nullcontext
+) -> dict:
     """Epoch 1: S = sum over mini-batches of g^2 / N_batches per eligible tensor; no parameter changes."""
     params = (
         dict(net.backbone.named_parameters())
@@ -165,7 +168,9 @@ def sensitivity(net, loader, state: MistState, tau: float, generator, frozen_pre
     n_batches = 0
     for x, y in loader:
         x2 = torch.cat([x, second_view(x, generator)])
-        loss = mi_loss(net(x2), y, tau)
+        with amp():
+            z = net(x2)
+        loss = mi_loss(z.float(), y, tau)
         net.zero_grad(set_to_none=True)
         loss.backward()
         for n in state.names:
@@ -262,7 +267,14 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
     )  # fmt: skip
     net.train()
     t0 = time.perf_counter()
-    scores = sensitivity(net, loader, state, mc.tau, gen, frozen_prev)
+    from clpt import precision as P
+
+    prec = P.resolve(cfg.system.precision, device)
+
+    def amp():
+        return P.autocast(prec, device)
+
+    scores = sensitivity(net, loader, state, mc.tau, gen, frozen_prev, amp)
     masks = build_masks(scores, mc.select)
     opt = torch.optim.SGD(
         [{"params": list(backbone.parameters()), "lr": mc.backbone_lr},
@@ -277,7 +289,9 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
         moved = torch.zeros((), device=device)
         for step, (x, y) in enumerate(loader):
             x2 = torch.cat([x, second_view(x, gen)])
-            loss = mi_loss(net(x2), y, mc.tau)
+            with amp():
+                z = net(x2)
+            loss = mi_loss(z.float(), y, mc.tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             sample = step == 0  # the share statistic: the epoch's first step
@@ -321,6 +335,7 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
         "selected_share": selected / sum(p.numel() for p in named.values()),
         "updated_share_per_step": round(sum(shares) / max(len(shares), 1), 6),
         "train_images": int(len(loader.indices)),
+        "precision": prec,
     }
 
 

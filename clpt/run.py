@@ -133,20 +133,22 @@ class Run:
         return out
 
     def marker(self, stage: str, t: int) -> dict | None:
+        """The stage's completion marker; None if absent or not a valid marker (see `state`: damaged)."""
         p = self.marker_path(stage, t)
         if not p.is_file():
             return None
         try:
             m = read_json(p)
-        except ValueError:  # a torn marker cannot happen (atomic writes) but is treated as absent
+        except (ValueError, OSError):  # a torn marker cannot come from clpt (atomic writes)
             return None
-        return m if isinstance(m, dict) and isinstance(m.get("id"), str) else None
+        return m if _valid_marker(m) else None
 
     def state(self, stage: str, t: int) -> str:
-        """'done', 'stale' (an input was redone), 'damaged' (a result file changed after it was written), or 'missing'."""
+        """'done', 'stale' (an input was redone), 'damaged' (a result file changed after it was written,
+        or the marker itself is not a marker), or 'missing'."""
         m = self.marker(stage, t)
         if m is None:
-            return "missing"
+            return "damaged" if self.marker_path(stage, t).exists() else "missing"
         if not all((self.root / o).exists() for o in m.get("outputs", [])):
             return "missing"
         for rel, digest in (m.get("digests") or {}).items():
@@ -184,12 +186,17 @@ class Run:
         return found
 
     def damaged_error(self, stage: str, t: int) -> DataError:
-        """The one-line error for a stage whose result file changed after it was written."""
+        """The one-line error for a damaged stage: its marker is not a marker, or a result file changed."""
         cmd = get_stage(stage).command.format(run=self.root, task=t)
-        return DataError(
-            f"a result file of {stage} of task {t} was changed after it was written",
-            hint=f"re-run `{cmd} --force`",
-        )
+        m = self.marker(stage, t)
+        if m is None:
+            what = (
+                f"its completion marker {self.marker_path(stage, t).relative_to(self.root)} is not a marker"
+            )
+        else:
+            changed = [r for r, d in (m.get("digests") or {}).items() if _digest(self.root / r) != d]
+            what = f"{changed[0] if changed else 'a result file'} was changed after it was written"
+        return DataError(f"{stage} of task {t} is damaged: {what}", hint=f"re-run `{cmd} --force`")
 
     def invalidate(self, stage: str, t: int) -> None:
         self.marker_path(stage, t).unlink(missing_ok=True)
@@ -218,6 +225,20 @@ class Run:
         return marker
 
 
+_MARKER_FIELDS = {
+    "id": str,
+    "stage": str,
+    "outputs": list,
+    "inputs": dict,
+    "config": dict,
+    "seconds": (int, float),
+}
+
+
+def _valid_marker(m) -> bool:
+    return isinstance(m, dict) and all(isinstance(m.get(k), tp) for k, tp in _MARKER_FIELDS.items())
+
+
 def _info_from_benchmark(bench) -> RunInfo:
     return RunInfo(
         benchmark=bench.name,
@@ -235,6 +256,7 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
 
     root = Path(root)
     cfg_path = root / "config.yaml"
+    cfg = with_input_size(cfg)
     text = config_mod.dump_yaml(cfg)
     if cfg_path.exists():
         if cfg_path.read_text() == text and exist_ok:
@@ -242,6 +264,12 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
         raise ClptError(
             f"run folder {root} already holds a run",
             hint="choose a new folder, or continue this one with `clpt run` / the stage commands",
+        )
+    if root.exists() and not root.is_dir():
+        from clpt.errors import FileSystemError
+
+        raise FileSystemError(
+            f"{root} is not a folder (a file is there)", hint="choose another path for the run"
         )
     if root.exists() and any(root.iterdir()):
         raise ClptError(f"{root} exists and is not empty", hint="choose a new or empty folder for the run")
@@ -255,6 +283,27 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
     artifacts.write_record(root, "clpt-benchmark", dataclasses.asdict(info))
     write_text(cfg_path, text)  # written last: a folder without it is not a run
     return Run(root, cfg, info)
+
+
+def with_input_size(cfg: RunConfig) -> RunConfig:
+    """`cfg` with benchmark.image_size resolved from the backbone (recorded in config.yaml), or checked."""
+    from clpt.backbone import input_size
+
+    size = input_size(cfg.backbone, cfg.benchmark.image_size)
+    return dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, image_size=size))
+
+
+def config_differences(run: Run, cfg: RunConfig) -> list[str]:
+    """The dotted keys whose values differ between the run's saved config and `cfg`."""
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                yield from walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            yield f"{prefix[:-1]} ({a!r} in the run, {b!r} given)"
+
+    return list(walk(config_mod.to_dict(run.cfg), config_mod.to_dict(with_input_size(cfg)), ""))
 
 
 def edit_config(run: Run, overrides: list[str]) -> Run:
@@ -285,9 +334,44 @@ def open_run(root: Path) -> Run:
             f"{root} is not a clpt run folder (no config.yaml)",
             hint=f"create it with `clpt init {root} [--config FILE]`",
         )
+    try:
+        cfg_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{cfg_path} is damaged: not UTF-8 text (byte {e.start})",
+            hint="restore the run's config.yaml from a backup or a copy of the run, or start a new run folder",
+        ) from None
     cfg = config_mod.load_resolved(cfg_path)
-    info = RunInfo(**artifacts.read_record(root, "clpt-benchmark"))
-    return Run(root, cfg, info)
+    return Run(root, cfg, _read_info(root))
+
+
+def _read_info(root: Path) -> RunInfo:
+    """benchmark.json, with every field present and of its type (or a one-line DataError)."""
+    rec = artifacts.read_record(root, "clpt-benchmark")
+    types = {f.name: f.type for f in dataclasses.fields(RunInfo)}
+    expect = {
+        "benchmark": str,
+        "n_classes": int,
+        "tasks": list,
+        "class_order": list,
+        "class_names": list,
+        "source": dict,
+    }
+    bad = sorted(k for k, tp in expect.items() if not isinstance(rec.get(k), tp))
+    extra = sorted(set(rec) - set(types))
+    if bad or extra or not all(isinstance(r, list) and len(r) == 2 for r in rec["tasks"]):
+        raise DataError(
+            f"{artifacts.run_record_path(root, 'clpt-benchmark')} is damaged: "
+            + (
+                f"fields missing or of the wrong type: {', '.join(bad)}"
+                if bad
+                else f"unexpected fields {extra}"
+                if extra
+                else "bad task ranges"
+            ),
+            hint="restore benchmark.json from a backup or a copy of the run, or start a new run folder with `clpt init`",
+        )
+    return RunInfo(**rec)
 
 
 # ---------------------------------------------------------------------------

@@ -104,10 +104,10 @@ def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
 
 
 def chunk_moments(
-    x: torch.Tensor, labels: torch.Tensor, n_classes: int, backend: str | None = None
+    x: torch.Tensor, labels: torch.Tensor, n_classes: int, backend: str | None = None, precision: str = "ieee"
 ) -> ClassMoments:
     """Moments of one chunk through the class-segmented kernel (`clpt_kernels.class_moments`)."""
-    return moments_from_scatter(*class_scatter(x, labels, n_classes, backend=backend))
+    return moments_from_scatter(*class_scatter(x, labels, n_classes, backend=backend, precision=precision))
 
 
 class ScatterAccumulator:
@@ -119,9 +119,14 @@ class ScatterAccumulator:
     """
 
     def __init__(
-        self, n_classes: int, dim: int, device: torch.device | str = "cpu", backend: str | None = None
+        self,
+        n_classes: int,
+        dim: int,
+        device: torch.device | str = "cpu",
+        backend: str | None = None,
+        precision: str = "ieee",
     ):
-        self.n_classes, self.dim, self.backend = n_classes, dim, backend
+        self.n_classes, self.dim, self.backend, self.precision = n_classes, dim, backend, precision
         self._acc = ClassMoments.zeros(n_classes, dim, device)
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -135,7 +140,7 @@ class ScatterAccumulator:
             raise ValueError(f"labels must lie in [0, {self.n_classes})")
         device = self._acc.mean.device
         present, compact = torch.unique(labels.to(device), return_inverse=True)
-        part = chunk_moments(x.to(device), compact, len(present), self.backend)
+        part = chunk_moments(x.to(device), compact, len(present), self.backend, self.precision)
         self._acc.merge_rows(present, part)
 
     def result(self) -> ClassMoments:
@@ -143,18 +148,27 @@ class ScatterAccumulator:
 
 
 def make_accumulator(
-    n_classes: int, dim: int, device: torch.device | str = "cpu", backend: str | None = None
+    n_classes: int,
+    dim: int,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+    precision: str = "ieee",
 ) -> MomentAccumulator:
     """The accumulator for a device (`backend` or CLPT_KERNEL_BACKEND forces torch or triton)."""
-    return ScatterAccumulator(n_classes, dim, device, backend)
+    return ScatterAccumulator(n_classes, dim, device, backend, precision)
 
 
 # --- the stage -----------------------------------------------------------------
 
 
-def fit_class_stats(chunks, classes: range, dim: int, device: torch.device | str = "cpu") -> ClassMoments:
-    """Stream (features (n, d), labels (n,)) chunks; the moments (count, mean, M2) of `classes`."""
-    acc = make_accumulator(len(classes), dim, device)
+def fit_class_stats(
+    chunks, classes: range, dim: int, device: torch.device | str = "cpu", precision: str = "ieee"
+) -> ClassMoments:
+    """Stream (features (n, d), labels (n,)) chunks; the moments (count, mean, M2) of `classes`.
+
+    `precision`: the Triton kernel's products on a GPU (stats.kernel_precision); exact by default.
+    """
+    acc = make_accumulator(len(classes), dim, device, precision=precision)
     for x, y in chunks:
         acc.update(x, y - classes.start)
     return acc.result()
@@ -175,7 +189,7 @@ def stats_stage(ctx) -> tuple[list[Path], dict]:
     chunks = artifacts.iter_feature_chunks(
         run.root, t, "train", run.cfg.stats.chunk_rows
     )  # checksums verified
-    m = fit_class_stats(chunks, classes, feats.shape[1], device)
+    m = fit_class_stats(chunks, classes, feats.shape[1], device, run.cfg.stats.kernel_precision)
     counts = m.count.to(torch.int64).tolist()
     few = [classes.start + i for i, k in enumerate(counts) if k < 2]
     if few:

@@ -48,7 +48,7 @@ def task_seed(cfg: RunConfig, t: int, salt: int = 0) -> int:
 
 def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, dict]:
     """The pre-trained backbone (with LoRA if configured) and no heads; the record of its weights."""
-    backbone = create_backbone(cfg.backbone)
+    backbone = create_backbone(cfg.backbone, image_size=cfg.benchmark.image_size)
     record = weights_record(cfg.backbone, backbone)
     if cfg.lora.targets:  # task 0: A from the SVD of the pre-trained weights, B = 0
         apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=True)
@@ -163,6 +163,9 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         world_size=world,
         num_workers=cfg.system.num_workers,
     )
+    from clpt import precision as P
+
+    prec = P.resolve(cfg.system.precision, device)
     model.train()
     losses = []
     t0 = time.perf_counter()
@@ -170,7 +173,8 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         total, correct, loss_sum = 0, 0, 0.0
         for x, y in loader:
             y_local = y - classes.start  # labels within the current task
-            logits = net(x)  # (B, |task|): the current task's logits only
+            with P.autocast(prec, device):  # the forward pass only; the loss in float32
+                logits = net(x).float()  # (B, |task|): the current task's logits only
             loss = task_loss(logits, y_local, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -196,7 +200,11 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
             time.perf_counter() - t0,
         )
     model.eval()
-    return {"epoch_loss": [round(v, 6) for v in losses], "train_images": int(len(loader.indices))}
+    return {
+        "epoch_loss": [round(v, 6) for v in losses],
+        "train_images": int(len(loader.indices)),
+        "precision": prec,
+    }
 
 
 def train_task_sl(model, bench, cfg, t: int, device: torch.device, learner_state: dict) -> dict:

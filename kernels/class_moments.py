@@ -235,13 +235,14 @@ def class_scatter_triton(
     block_d: int = 64,
     block_n: int = 32,
     rows_per_piece: int = 1024,
-    precision: str = "tf32",
+    precision: str = "ieee",
     num_warps: int = 4,
 ):
     """count, shift, sum, scatter with the fused Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1).
 
     `precision` is the tl.dot input precision for the float32 products: "ieee"
-    (exact fp32), "tf32" (tensor cores, ~1e-3 relative per product), or "tf32x3".
+    (exact fp32, the default: covariances at float32 accuracy), "tf32" (tensor
+    cores, ~1e-3 relative per product, faster), or "tf32x3".
     """
     if triton is None:
         raise RuntimeError("triton is not installed: use backend='torch'")
@@ -294,12 +295,19 @@ def choose_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def class_scatter(
-    x: torch.Tensor, labels: torch.Tensor, n_classes: int, backend: str | None = None, **kwargs
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    backend: str | None = None,
+    precision: str = "ieee",
+    **kwargs,
 ):
     """count (C,) int64, shift (C, d), sum (C, d), scatter (C, d, d) float32 (symmetric to rounding).
 
-    See the module docstring.
+    `precision` applies to the Triton kernel's products ("ieee" exact float32,
+    "tf32", "tf32x3"); the torch backend computes in float32 (torch's default
+    float32 matmul precision). See the module docstring.
     """
     if choose_backend(x.device, backend) == "triton":
-        return class_scatter_triton(x, labels, n_classes, **kwargs)
+        return class_scatter_triton(x, labels, n_classes, precision=precision, **kwargs)
     return class_scatter_torch(x, labels, n_classes, **kwargs)

@@ -57,7 +57,10 @@ def test_a_hand_edited_result_is_shown_damaged_and_never_reported(run_copy):
     assert open_run(run_copy).state("eval", 3) == "done"
     res = cli("eval", run_copy, "--task", 4, "--json")  # the report would read it: refused
     one_line_error(
-        res, 4, "a result file of eval of task 4 was changed", f"clpt eval {run_copy} --task 4 --force"
+        res,
+        4,
+        "eval of task 4 is damaged: tasks/004/eval.json was changed",
+        f"clpt eval {run_copy} --task 4 --force",
     )
     assert cli("eval", run_copy, "--task", 4, "--force").exit_code == 0  # the named fix works
     head = run_copy / "tasks" / "004" / "heads" / "lda.json"

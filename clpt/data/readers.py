@@ -148,6 +148,12 @@ def read_wnid_folders(root: Path, name: str, split_seed: int, train_fraction: fl
     if not base.is_dir() or not _class_folders(base):
         raise _missing(f"{name} ({name}/<wnid>/*.jpg)", root, f"extract {name}.tar into benchmark.root")
     classes = _class_folders(base)
+    empty = [c for c in classes if not _image_files(base / c)]
+    if empty:
+        raise DataError(
+            f"{len(empty)} class folder(s) under {base} hold no images (e.g. {base / empty[0]})",
+            hint=f"put images ({', '.join(IMAGE_SUFFIXES)}) into them, or remove the folders",
+        )
     tr_p, tr_y, te_p, te_y = [], [], [], []
     for c, wnid in enumerate(classes):
         files = _image_files(base / wnid)
@@ -187,6 +193,12 @@ def read_imagefolder(root: Path, name: str = "imagefolder") -> RawDataset:
         )
     splits = []
     for d in (root / "train", test_dir):
+        empty = [c for c in classes if not _image_files(d / c)]
+        if empty:
+            raise DataError(
+                f"{len(empty)} class folder(s) under {d} hold no images (e.g. {d / empty[0]})",
+                hint=f"put images ({', '.join(IMAGE_SUFFIXES)}) into them, or remove them from every split",
+            )
         samples = make_dataset(str(d), to_idx, extensions=IMAGE_SUFFIXES)
         splits.append(
             RawSplit(np.asarray([y for _, y in samples], dtype=np.int64), paths=[p for p, _ in samples])
