@@ -126,6 +126,9 @@ def _setup(
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    from clpt import progress
+
+    progress.configure(enabled=not quiet, console=err)
 
 
 def _open(run_dir: Path):
@@ -221,6 +224,17 @@ def eval_(
     _print_report(report(run, task), json_)
 
 
+SeedsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--seeds",
+        help="Several seeds, e.g. 1993,1996,1997: RUN_DIR becomes a folder of runs, one per seed "
+        "(RUN_DIR/seed_1993, ...), each seed setting the class order and the training seed.",
+        show_default=False,
+    ),
+]
+
+
 @app.command("run")
 @guarded
 def run_(
@@ -230,8 +244,44 @@ def run_(
     force: ForceOpt = False,
     json_: JsonOpt = False,
     wait: WaitOpt = False,
+    seeds: SeedsOpt = None,
 ) -> None:
     """Every stage not yet done (or stale), for every task, in order; creates the run if needed."""
+    if seeds is not None:
+        _run_seeds(run_dir, seeds, config, set_ or [], force, json_, wait)
+        return
+    _run_one(run_dir, config, set_, force, json_, wait)
+
+
+def _run_seeds(
+    parent: Path, seeds: str, config, set_: list[str], force: bool, json_: bool, wait: bool
+) -> None:
+    """One run per seed under `parent`; an existing seed folder is continued (same settings), not overwritten."""
+    try:
+        values = [int(s) for s in seeds.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ClptError(f"--seeds {seeds!r} is not a comma-separated list of integers",
+                        hint="e.g. --seeds 1993,1996,1997") from None  # fmt: skip
+    if not values or len(set(values)) != len(values):
+        raise ClptError(f"--seeds {seeds!r} must list distinct seeds", hint="e.g. --seeds 1993,1996,1997")
+    if any(o.split("=", 1)[0].strip() in ("seed", "benchmark.seed") for o in set_):
+        raise ClptError("--seeds sets seed and benchmark.seed itself", hint="drop them from --set")
+    if (parent / "config.yaml").exists():
+        raise ClptError(
+            f"{parent} is a run folder, not a folder of runs", hint="give --seeds a new or parent folder"
+        )
+    docs = []
+    for s in values:
+        err.print(f"seed {s}: {parent / f'seed_{s}'}")
+        docs.append(_run_one(parent / f"seed_{s}", config, [*set_, f"seed={s}", f"benchmark.seed={s}"],
+                             force, False, wait, quiet_report=True))  # fmt: skip
+    if json_:
+        _print_json({"runs": docs})
+    else:
+        err.print(f"{len(values)} runs done; summary: `clpt report {parent}`")
+
+
+def _run_one(run_dir, config, set_, force, json_, wait, quiet_report: bool = False) -> dict:
     from clpt import config as C
     from clpt.evaluate import report
     from clpt.run import create_run, run_all
@@ -264,7 +314,57 @@ def run_(
 
     with run_lock(run.root, wait):
         run_all(run, force=force, on_stage=on_stage)
-    _print_report(report(run), json_)
+    rep = report(run)
+    if not quiet_report:
+        _print_report(rep, json_)
+    return rep
+
+
+@app.command("report")
+@guarded
+def report_(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run folders, or folders holding runs.", show_default=False)
+    ],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="table | markdown | csv | latex | json (one document)")
+    ] = "table",
+    plots: Annotated[
+        Path | None, typer.Option("--plots", help="Write PNG figures into this folder.", show_default=False)
+    ] = None,
+) -> None:
+    """Finished runs grouped by config (all but the seeds): mean ± std over seeds per classifier, costs,
+    and the published numbers beside ours with the gap and any protocol difference."""
+    from clpt import report as R
+
+    if fmt not in R.FORMATS:
+        raise ClptError(f"unknown format {fmt!r}", hint=f"choose from: {', '.join(R.FORMATS)}")
+    done, skipped = R.load(runs)
+    for run, why in skipped:
+        err.print(f"skipped {run}: {why}")
+    if not done:
+        raise ClptError("no finished run among the given folders", hint="finish them with `clpt run RUN`")
+    rows = R.summarize(R.group(done))
+    if plots is not None:
+        from clpt.plots import write_plots
+
+        for p in write_plots(plots, done, rows):
+            err.print(f"wrote {p}")
+    if fmt != "table":
+        text = R.render(rows, skipped, fmt)
+        print(text, end="" if text.endswith("\n") else "\n")
+        return
+    table = Table(title=f"{len(done)} finished run(s), {len({r['group'] for r in rows})} group(s) (%)")
+    for col in R.HEADER:
+        table.add_column(
+            col, justify="left" if col in ("group", "classifier", "published (gap)") else "right"
+        )
+    for r in rows:
+        table.add_row(*R._cells(r))
+    out.print(table)
+    for line in R._footnotes(rows, []):
+        if line:
+            out.print(line)
 
 
 @app.command()
@@ -419,7 +519,8 @@ def _print_report(rep: dict, as_json: bool) -> None:
     out.print(table)
     out.print(
         f"Last-Acc {100 * rep['last_acc']:.2f}  Inc-Acc {100 * rep['inc_acc']:.2f}  "
-        f"Forgetting {100 * rep['forgetting']:.2f}  (after task {t} of {rep['n_tasks']})"
+        + (f"Top-5 {100 * rep['top5']:.2f}  " if rep.get("top5") is not None else "")
+        + f"Forgetting {100 * rep['forgetting']:.2f}  (after task {t} of {rep['n_tasks']})"
     )
     _print_heads(rep)
 

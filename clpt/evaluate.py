@@ -18,21 +18,35 @@ from clpt.errors import MissingInputError
 
 
 def accuracy_row(logits: torch.Tensor, labels: torch.Tensor, tasks: list[list[int]]) -> dict:
+    """Top-1 accuracy overall and per task, top-5 overall, and each task's number of test images."""
     pred = logits.argmax(dim=1)
     correct = pred == labels
-    per_task = []
+    k = min(5, logits.shape[1])
+    top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    per_task, per_task_n = [], []
     for start, stop in tasks:
         mask = (labels >= start) & (labels < stop)
         per_task.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
-    return {"accuracy": float(correct.float().mean()), "per_task": per_task, "n_test": int(len(labels))}
+        per_task_n.append(int(mask.sum()))
+    return {
+        "accuracy": float(correct.float().mean()),
+        "top5": float(top5.float().mean()),
+        "per_task": per_task,
+        "per_task_n": per_task_n,
+        "n_test": int(len(labels)),
+    }
 
 
-def metrics(acc_matrix: list[list[float]], accuracies: list[float]) -> dict:
-    """Last-Acc, Inc-Acc and forgetting from rows 0..T (rows are ragged: row i has i + 1 entries).
+def metrics(acc_matrix: list[list[float]], accuracies: list[float], counts: list[int] | None = None) -> dict:
+    """Last-Acc, Inc-Acc, forgetting, old/new accuracy from rows 0..T (row i has i + 1 entries).
 
     Two conventions (METHOD_HEADS.md 1): `last_acc` / `inc_acc` are sample-weighted, the accuracy
     over all test images of the seen classes (SLCA, MIST, PILOT); `last_acc_task_balanced` /
     `inc_acc_task_balanced` average the per-task accuracies of each row (RanPAC's tables).
+
+    Old and new classes after the last task T (tasks < T and task T): `old_task_acc` averages the
+    old tasks' accuracies (task-averaged); `old_acc` and `new_acc` weight them by test images
+    (sample-weighted; needs `counts`, the last row's images per task, else None).
     """
     T = len(acc_matrix) - 1
     last = acc_matrix[T]
@@ -41,7 +55,12 @@ def metrics(acc_matrix: list[list[float]], accuracies: list[float]) -> dict:
         old = float(np.mean(last[:T]))
     else:
         forgetting, old = 0.0, float("nan")
+    old_sw = None
+    if counts is not None and len(counts) == len(last) and T > 0 and sum(counts[:T]):
+        old_sw = float(np.dot(last[:T], counts[:T]) / sum(counts[:T]))
     return {
+        "old_acc": old_sw,
+        "new_acc": last[T],
         "last_acc": accuracies[T],
         "inc_acc": float(np.mean(accuracies)),
         "forgetting": forgetting,
@@ -63,7 +82,9 @@ def eval_stage(ctx) -> tuple[list[Path], dict]:
     own = METHODS.get(run.cfg.method).classifier
     if own is not None:  # a statistics head is the method's classifier: its row is the method's row
         row = artifacts.read_eval(artifacts.head_eval_path(run.root, own, t), "clpt-head-eval")
-        row = {k: row[k] for k in ("accuracy", "per_task", "n_test", "task")}
+        row = {
+            k: row[k] for k in ("accuracy", "top5", "per_task", "per_task_n", "n_test", "task") if k in row
+        }
         artifacts.write_eval(out, row)
         return [out], {"accuracy": row["accuracy"], "classifier": own}
     heads = artifacts.load_aligned_heads(artifacts.aligned_path(run.root, t))
@@ -116,7 +137,8 @@ def _matrix(run, t: int, stage: str, path_of, fmt: str, command: str) -> tuple[l
         r = artifacts.read_eval(path_of(i), fmt, command.format(run=run.root, task=i) + " --force")
         rows.append(r["per_task"])
         accs.append(r["accuracy"])
-    return rows, accs
+        extra = {"top5": r.get("top5"), "counts": r.get("per_task_n")}  # absent in rows of older runs
+    return rows, accs, extra
 
 
 def head_report(run, t: int) -> dict:
@@ -129,11 +151,12 @@ def head_report(run, t: int) -> dict:
         stage = f"head:{name}"
         if not all(run.state(stage, i) in ("done", "damaged") for i in range(t + 1)):
             continue  # not evaluated up to task t; a damaged row is an error (in _matrix), never skipped
-        rows, accs = _matrix(
+        rows, accs, extra = _matrix(
             run, t, stage, lambda i, n=name: artifacts.head_eval_path(run.root, n, i),
             "clpt-head-eval", f"clpt heads {{run}} --head {name} --task {{task}}",
         )  # fmt: skip
-        out[name] = {"accuracy": accs[t], "accuracies": accs, "acc_matrix": rows, **metrics(rows, accs)}
+        out[name] = {"accuracy": accs[t], "top5": extra["top5"], "accuracies": accs, "acc_matrix": rows,
+                     **metrics(rows, accs, extra["counts"])}  # fmt: skip
     return out
 
 
@@ -146,7 +169,7 @@ def report(run, t: int | None = None) -> dict:
                 f"{run.root} has no evaluated task yet", hint=f"run `clpt run {run.root}`"
             )
         t = max(done)
-    rows, accs = _matrix(
+    rows, accs, extra = _matrix(
         run,
         t,
         "eval",
@@ -160,8 +183,9 @@ def report(run, t: int | None = None) -> dict:
         "task": t,
         "n_tasks": run.info.n_tasks,
         "accuracy": accs[t],
+        "top5": extra["top5"],
         "accuracies": accs,
         "acc_matrix": rows,
-        **metrics(rows, accs),
+        **metrics(rows, accs, extra["counts"]),
         "heads": head_report(run, t),
     }

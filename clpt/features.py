@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clpt import artifacts
+from clpt import artifacts, progress
 from clpt import distributed as dist
 from clpt.data.benchmark import Benchmark, Split
 from clpt.data.loader import batches
@@ -73,29 +73,38 @@ def extract_split(
     model.eval()
     chunk_starts = list(range(done, n, chunk_rows))
     mine = chunk_starts[dist.rank() :: dist.world_size()]
-    for start in mine:
-        stop = min(start + chunk_rows, n)
-        out = []
-        for x, _ in batches(
-            bench, split, rows[start:stop], batch_size, device, train=False, num_workers=num_workers
-        ):
-            with autocast(precision, device):
-                out.append(model.features(x).float().cpu())
-        chunk = torch.cat(out)
-        if not bool(torch.isfinite(chunk).all()):  # stopped where it appears: never cached
-            raise DataError(
-                f"the backbone of task {t} produced non-finite {split_name} features (rows {start}-{stop - 1}): "
-                "the model diverged",
-                hint=f"re-train task {t} with a lower train.lr (`clpt train-task RUN --task {t} --force`)",
-            )
-        feats_arr[start:stop] = chunk.numpy()
-        labels_arr[start:stop] = split.labels[rows[start:stop]]
-        if dist.world_size() == 1:
-            feats_arr.attrs["rows_done"] = stop  # commit after the data
+    todo = sum(min(st + chunk_rows, n) - st for st in mine)
+    with progress.bar(f"task {t} extract {split_name}", todo) as shown:
+        for start in mine:
+            _extract_chunk(model, bench, split, rows, start, min(start + chunk_rows, n), batch_size, device,
+                           num_workers, precision, feats_arr, labels_arr, t, split_name, shown)  # fmt: skip
     dist.barrier()
     if dist.is_main():
         feats_arr.attrs["rows_done"] = n
     return n
+
+
+def _extract_chunk(model, bench, split, rows, start, stop, batch_size, device, num_workers, precision,
+                   feats_arr, labels_arr, t, split_name, shown) -> None:  # fmt: skip
+    """Features of rows[start:stop], checked finite, written, then committed (one process)."""
+    out = []
+    for x, _ in batches(
+        bench, split, rows[start:stop], batch_size, device, train=False, num_workers=num_workers
+    ):
+        with autocast(precision, device):
+            out.append(model.features(x).float().cpu())
+        shown.advance(len(x))
+    chunk = torch.cat(out)
+    if not bool(torch.isfinite(chunk).all()):  # stopped where it appears: never cached
+        raise DataError(
+            f"the backbone of task {t} produced non-finite {split_name} features (rows {start}-{stop - 1}): "
+            "the model diverged",
+            hint=f"re-train task {t} with a lower train.lr (`clpt train-task RUN --task {t} --force`)",
+        )
+    feats_arr[start:stop] = chunk.numpy()
+    labels_arr[start:stop] = split.labels[rows[start:stop]]
+    if dist.world_size() == 1:
+        feats_arr.attrs["rows_done"] = stop  # commit after the data
 
 
 def extract_stage(ctx) -> tuple[list[Path], dict]:

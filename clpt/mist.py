@@ -335,6 +335,7 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
         "selected_share": selected / sum(p.numel() for p in named.values()),
         "updated_share_per_step": round(sum(shares) / max(len(shares), 1), 6),
         "train_images": int(len(loader.indices)),
+        "images_seen": int(len(loader.indices)) * mc.epochs * 2,  # two views per image, every epoch
         "precision": prec,
     }
 

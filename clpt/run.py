@@ -407,14 +407,59 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
     if dist.is_main():
         run.invalidate(stage, t)  # first: a killed stage must not look finished
     dist.barrier()
+    meter = CostMeter(run.cfg.system.device)
     t0 = time.perf_counter()
     outputs, summary = spec.fn(StageContext(run, t, not force, inputs))
     dist.barrier()
     marker = None
     if dist.is_main():
-        marker = run.complete(stage, t, inputs, outputs, time.perf_counter() - t0, summary)
+        seconds = time.perf_counter() - t0
+        summary = {**summary, "cost": meter.cost(seconds, summary)}
+        marker = run.complete(stage, t, inputs, outputs, seconds, summary)
     marker = dist.broadcast_object(marker)
     return StageResult(stage, t, False, marker)
+
+
+class CostMeter:
+    """What a stage cost: wall time, peak host memory, peak GPU memory, GPU-hours, images per second.
+
+    Host memory is the process's peak resident set (`getrusage`) at the stage's
+    end, so it includes what earlier stages of the same process used. GPU memory
+    is the peak allocated by torch during the stage (reset at its start);
+    GPU-hours count every rank's GPU.
+    """
+
+    def __init__(self, device: str):
+        import torch
+
+        from clpt import distributed as dist
+
+        self.device = dist.resolve_device(device)
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def cost(self, seconds: float, summary: dict) -> dict:
+        import resource
+
+        import torch
+
+        from clpt import distributed as dist
+
+        out = {
+            "seconds": round(seconds, 3),
+            "device": str(self.device),
+            "peak_host_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        if self.cuda:
+            out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+            out["gpu_hours"] = round(seconds * dist.world_size() / 3600, 6)
+        images = summary.get("images_seen")
+        if images:
+            out["images_per_second"] = round(images / max(seconds, 1e-9), 1)
+        elif summary.get("images_per_second"):
+            out["images_per_second"] = summary["images_per_second"]
+        return out
 
 
 def run_all(

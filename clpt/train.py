@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clpt import artifacts
+from clpt import artifacts, progress
 from clpt import distributed as dist
 from clpt.backbone import create_backbone, weights_record
 from clpt.config import Loss, RunConfig, Schedule, Trainable
@@ -169,25 +169,28 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     model.train()
     losses = []
     t0 = time.perf_counter()
+    n_images = -(-len(loader.indices) // world)  # this rank's share
     for epoch in range(cfg.train.epochs):
         total, correct, loss_sum = 0, 0, 0.0
-        for x, y in loader:
-            y_local = y - classes.start  # labels within the current task
-            with P.autocast(prec, device):  # the forward pass only; the loss in float32
-                logits = net(x).float()  # (B, |task|): the current task's logits only
-            loss = task_loss(logits, y_local, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = loss.item()
-            if not math.isfinite(value):  # stop before a NaN model is written
-                raise ClptError(
-                    f"training of task {t} diverged: the loss became {value} in epoch {epoch + 1}",
-                    hint="lower train.lr (or train.backbone_lr_scale) and re-run the task with --force",
-                )
-            loss_sum += value * len(y)
-            total += len(y)
-            correct += (logits.argmax(1) == y_local).sum().item()
+        with progress.bar(f"task {t} train, epoch {epoch + 1}/{cfg.train.epochs}", n_images) as shown:
+            for x, y in loader:
+                shown.advance(len(y))
+                y_local = y - classes.start  # labels within the current task
+                with P.autocast(prec, device):  # the forward pass only; the loss in float32
+                    logits = net(x).float()  # (B, |task|): the current task's logits only
+                loss = task_loss(logits, y_local, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = loss.item()
+                if not math.isfinite(value):  # stop before a NaN model is written
+                    raise ClptError(
+                        f"training of task {t} diverged: the loss became {value} in epoch {epoch + 1}",
+                        hint="lower train.lr (or train.backbone_lr_scale) and re-run the task with --force",
+                    )
+                loss_sum += value * len(y)
+                total += len(y)
+                correct += (logits.argmax(1) == y_local).sum().item()
         sched.step()
         losses.append(loss_sum / max(total, 1))
         log.info(
@@ -203,6 +206,7 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     return {
         "epoch_loss": [round(v, 6) for v in losses],
         "train_images": int(len(loader.indices)),
+        "images_seen": int(len(loader.indices)) * cfg.train.epochs,
         "precision": prec,
     }
 

@@ -677,8 +677,8 @@ def kill9_trials(tmp: Path, trials: int, seed: int = 0) -> list[dict]:
     for i in range(trials):
         run = tmp / f"kill9-{i:02d}"
         kills = []
-        for _ in range(3):  # up to three kills per trial
-            at = rng.uniform(3.0, full)
+        for _ in range(3):  # up to three kills per trial, each at a random moment of the (remaining) run
+            at = rng.uniform(3.0, 0.9 * full)
             p = subprocess.Popen(
                 [sys.executable, "-m", "clpt_cli", "run", str(run), *sets(*TINY)],
                 stdout=subprocess.DEVNULL,

@@ -1,0 +1,100 @@
+"""`clpt report --plots DIR`: PNG figures of a report (matplotlib, no display needed).
+
+    heatmap_<k>_<method>_<benchmark>_seed<S>.png   the accuracy matrix of run k (method's own classifier)
+    accuracy_curves.png           accuracy on all seen classes after each task, mean with a
+                                  band of one std over seeds, one line per method or head
+    final_per_task.png            accuracy on each task's classes after the last task
+                                  (what was forgotten), mean and std over seeds
+
+Each PNG carries its panel count and what it shows in its `Description` text
+chunk (JSON), so a script can check a figure without looking at it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80]
+
+
+def _save(fig, path: Path, what: dict) -> Path:
+    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Description": json.dumps(what)})
+    _plt().close(fig)
+    return path
+
+
+def write_plots(out_dir: Path, runs, rows: list[dict]) -> list[Path]:
+    """Write every figure for `runs` (RunResult) and `rows` (report.summarize) into out_dir."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, r in enumerate(runs):  # one heatmap per run
+        m = r.classifiers[r.method]["acc_matrix"]
+        n = len(m)
+        a = np.full((n, n), np.nan)
+        for i, row in enumerate(m):
+            a[i, : len(row)] = 100 * np.asarray(row)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+        im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
+        for i in range(n):
+            for j in range(i + 1):
+                ax.text(j, i, f"{a[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if a[i, j] < 60 else "black")  # fmt: skip
+        ax.set_xlabel("task evaluated")
+        ax.set_ylabel("after training task")
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_title(f"{r.method} on {r.benchmark}, seed {r.seed[0]}: accuracy (%)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        name = f"heatmap_{k + 1:02d}_{_slug(r.method + '_' + r.benchmark)}_seed{r.seed[0]}.png"
+        written.append(
+            _save(fig, out_dir / name, {"panels": 1, "kind": "heatmap", "run": str(r.path), "tasks": n})
+        )
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        mean, std = np.asarray(row["accuracies"]["mean"]), np.asarray(row["accuracies"]["std"])
+        x = np.arange(1, len(mean) + 1)
+        label = f"{row['group']} / {row['classifier']} (n={len(row['seeds'])})"
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    if rows:
+        ax.set_xticks(range(1, len(rows[0]["accuracies"]["mean"]) + 1))
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("accuracy on all seen classes (%)")
+    ax.set_title("accuracy after each task (band: one std over seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    written.append(
+        _save(fig, out_dir / "accuracy_curves.png", {"panels": 1, "kind": "curves", "lines": len(rows)})
+    )
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(len(rows), 1)
+    for k, row in enumerate(rows):
+        mean, std = np.asarray(row["final_per_task"]["mean"]), np.asarray(row["final_per_task"]["std"])
+        x = np.arange(len(mean)) + (k - (len(rows) - 1) / 2) * width
+        ax.bar(x, mean, width, yerr=std, capsize=1.5, label=f"{row['group']} / {row['classifier']}")
+    ax.set_xlabel("task")
+    ax.set_ylabel("accuracy on the task's classes after the last task (%)")
+    ax.set_title("final accuracy per task (what was forgotten)", fontsize=10)
+    ax.legend(fontsize=6, loc="lower right")
+    written.append(_save(fig, out_dir / "final_per_task.png", {"panels": 1, "kind": "final_per_task",
+                                                                "bars": len(rows)}))  # fmt: skip
+    return written

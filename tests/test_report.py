@@ -1,0 +1,187 @@
+"""`clpt report`: synthetic finished runs with known numbers, every format parsed back, the PNGs, the
+published table, and `clpt run --seeds`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clpt import artifacts
+from clpt import config as C
+from clpt.run import create_run
+from clpt.stages import run_order
+from clpt_cli.main import app
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def fake_run(
+    root: Path, seed: int, rows: list[list[float]], extra: list[str] = (), finish: bool = True
+) -> Path:
+    """A run on the built-in benchmark whose stages are marked done through clpt's own marker code,
+    with evaluation rows `rows` (row i: accuracy on tasks 0..i after task i); no training happens."""
+    cfg = C.resolve(None, [f"seed={seed}", f"benchmark.seed={seed}", "heads.enabled=[]", *extra])
+    run = create_run(root, cfg)
+    n_tasks = run.info.n_tasks if finish else 1
+    for t in range(n_tasks):
+        for stage in run_order(run.cfg):
+            inputs = run.require(stage, t)
+            if stage == "eval":
+                per = rows[t]
+                out = artifacts.eval_path(root, t)
+                artifacts.write_eval(out, {"task": t, "per_task": per, "accuracy": float(np.mean(per)),
+                                           "n_test": 400 * (t + 1)})  # fmt: skip
+            else:
+                out = run.task_dir(t) / f"{stage}.fake"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text("x")
+            run.complete(
+                stage, t, inputs, [out], 1.0, {"cost": {"seconds": 1.0, "peak_host_mib": 100.0 + seed}}
+            )
+    return root
+
+
+def rows_for(a: float) -> list[list[float]]:
+    """Five tasks: task j's accuracy after task i is a - 0.05 (i - j)."""
+    return [[a - 0.05 * (i - j) for j in range(i + 1)] for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    for seed, a in ((1993, 0.80), (1996, 0.90), (1997, 0.85)):
+        fake_run(root / "slca" / f"seed_{seed}", seed, rows_for(a))
+    fake_run(root / "tau" / "seed_1993", 1993, rows_for(0.70), ["align.tau=0.2"])
+    fake_run(root / "unfinished", 1993, rows_for(0.5), finish=False)
+    return root
+
+
+def test_groups_mean_std_and_the_unfinished_run(runs):
+    res = cli("report", runs, "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert [s["run"].endswith("unfinished") for s in doc["skipped"]] == [True]
+    assert "unfinished: 1 of 5 tasks evaluated" in doc["skipped"][0]["why"]
+    by = {r["group"]: r for r in doc["rows"]}
+    assert len(by) == 2  # align.tau differs: two groups, each named by what differs
+    three = next(r for g, r in by.items() if "align.tau=0.1" in g)
+    one = next(r for g, r in by.items() if "align.tau=0.2" in g)
+    # Last-Acc of each run: mean of [a - 0.2, a - 0.15, a - 0.1, a - 0.05, a] = a - 0.1
+    lasts = np.array([70.0, 80.0, 75.0])
+    assert three["last_acc"]["n"] == 3 and three["seeds"] == [1993, 1996, 1997]
+    assert three["last_acc"]["mean"] == pytest.approx(lasts.mean())
+    assert three["last_acc"]["std"] == pytest.approx(lasts.std(ddof=1))  # 5.0
+    # forgetting: max earlier accuracy (a, on the diagonal) minus the last row, averaged over tasks 0..3
+    assert three["forgetting"]["mean"] == pytest.approx(100 * np.mean([0.2, 0.15, 0.1, 0.05]))
+    assert three["forgetting"]["std"] == pytest.approx(0.0, abs=1e-9)
+    assert one["last_acc"] == {"mean": pytest.approx(60.0), "std": 0.0, "n": 1}
+    assert three["cost"]["peak_host_mib"] == pytest.approx(100 + np.mean([1993, 1996, 1997]))
+
+
+def test_every_format_parses_back(runs):
+    rows = list(csv.DictReader(io.StringIO(cli("report", runs, "-f", "csv").stdout)))
+    assert len(rows) == 2 and {r["n_seeds"] for r in rows} == {"3", "1"}
+    assert float(next(r for r in rows if r["n_seeds"] == "3")["last_acc_mean"]) == pytest.approx(75.0)
+    md = cli("report", runs, "-f", "markdown").stdout.strip().splitlines()
+    table = [line for line in md if line.startswith("|")]
+    assert len(table) == 2 + 2 and len({line.count("|") for line in table}) == 1
+    assert "75.00 ± 5.00" in table[2] + table[3]
+    assert any(line.startswith("- skipped") for line in md)
+    tex = cli("report", runs, "-f", "latex").stdout
+    assert tex.startswith("\\begin{tabular}") and tex.count("\\\\") == 3 and "75.00 $\\pm$ 5.00" in tex
+    assert cli("report", runs, "-f", "yaml").exit_code == 1
+
+
+def test_plots_are_valid_pngs_with_their_panels(runs, tmp_path):
+    res = cli("report", runs, "--plots", tmp_path / "fig", "-f", "json")
+    assert res.exit_code == 0 and json.loads(res.stdout)  # stdout stays one JSON document
+    files = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    heatmaps = [f for f in files if f.startswith("heatmap_")]
+    assert files[:2] == ["accuracy_curves.png", "final_per_task.png"] and len(heatmaps) == 4
+    assert sorted(f.rsplit("_seed", 1)[1] for f in heatmaps) == [
+        "1993.png",
+        "1993.png",
+        "1996.png",
+        "1997.png",
+    ]
+    for p in (tmp_path / "fig").iterdir():
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            what = json.loads(im.text["Description"])
+        assert what["panels"] == 1
+        if what["kind"] == "curves":
+            assert what["lines"] == 2
+        if what["kind"] == "heatmap":
+            assert what["tasks"] == 5
+
+
+def test_published_entries_carry_sources_and_flag_protocol_differences():
+    from clpt import published as P
+
+    assert P.TABLE and all(p.source and p.backbone and p.convention for p in P.TABLE)
+    slca = {p.metric: p.value for p in P.lookup("slca", "cifar100")}
+    assert slca == {"last_acc": 91.53, "inc_acc": 94.09}
+    p = P.lookup("slca", "cifar100")[0]
+    same = {"backbone": p.backbone, "normalization": "dataset", "split": [10, 10], "seeds": 3}
+    assert P.protocol_flags(p, same) == []
+    flags = P.protocol_flags(
+        p, {**same, "backbone": "vit_base_patch16_224.augreg2_in21k_ft_in1k", "seeds": 1}
+    )
+    assert len(flags) == 2 and "augreg2" in flags[0] and "1 seed" in flags[1]
+
+
+def test_run_seeds_makes_one_run_per_seed_and_continues(tmp_path, tiny, clpt_cache):
+    args = ["run", tmp_path / "s", "--seeds", "1993,1996", *sum((["--set", o] for o in tiny), []),
+            "--set", "heads.enabled=[]", "--set", "train.batch_size=128"]  # fmt: skip
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    runs = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert runs == ["seed_1993", "seed_1996"]
+    cfgs = [C.load_resolved(tmp_path / "s" / r / "config.yaml") for r in runs]
+    assert [(c.seed, c.benchmark.seed) for c in cfgs] == [(1993, 1993), (1996, 1996)]
+    again = cli(*args)  # continued, not overwritten
+    assert again.exit_code == 0 and "train        done already" in again.stderr
+    assert cli("run", tmp_path / "s", "--seeds", "1993,x").exit_code == 1
+
+
+def test_progress_goes_to_stderr_only_and_quiet_silences_it(capsys, monkeypatch):
+    from clpt import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+    progress.configure(enabled=True)  # stderr is not a terminal here: plain lines
+    with progress.bar("task 0 train, epoch 1/1", total=10) as shown:
+        for _ in range(5):
+            shown.advance(2)
+    out, err = capsys.readouterr()
+    assert out == "" and "task 0 train, epoch 1/1: 10/10 img" in err
+    progress.configure(enabled=False)
+    with progress.bar("quiet", total=10) as shown:
+        shown.advance(10)
+    assert capsys.readouterr() == ("", "")
+    progress.configure(enabled=True)
+
+
+def test_top5_and_old_new_accuracy_in_both_conventions():
+    import torch
+
+    from clpt.evaluate import accuracy_row, metrics
+
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 5, 1, 1, 1, 1], [5, 0, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 0, 1, 4])
+    row = accuracy_row(logits, labels, [[0, 2], [2, 6]])
+    assert row["accuracy"] == 0.5 and row["top5"] == 0.75  # label 0 of row 2 is outside its top 5
+    assert row["per_task"] == pytest.approx([2 / 3, 0.0]) and row["per_task_n"] == [3, 1]
+    m = metrics([[1.0], [0.5, 0.9], [0.6, 0.3, 0.8]], [1.0, 0.7, 0.55], counts=[100, 300, 100])
+    assert m["old_task_acc"] == pytest.approx(0.45)  # task-averaged: (0.6 + 0.3) / 2
+    assert m["old_acc"] == pytest.approx((0.6 * 100 + 0.3 * 300) / 400)  # sample-weighted
+    assert m["new_acc"] == 0.8 and metrics([[1.0]], [1.0])["old_acc"] is None
