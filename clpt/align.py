@@ -142,7 +142,21 @@ def align_on_stats(
         )
     covs = covariance(stats.count, stats.m2, cfg.stats.ridge)
     seed = task_seed(cfg, current_task, salt=2)
-    return align_heads(heads, stats.mean, covs, stats.task_of_class, current_task, cfg, device, seed)
+    tasks = class_tasks(stats.task_of_class, current_task, cfg.align.task_of_class)
+    return align_heads(heads, stats.mean, covs, tasks, current_task, cfg, device, seed)
+
+
+def class_tasks(true_tasks: torch.Tensor, current_task: int, mode: str = "true") -> torch.Tensor:
+    """The task index t_c of each class as alignment uses it (mean shrink, SLCA++'s scales).
+
+    "true": the task the class was learned in. "authors": `class // size of the current task`, as
+    the authors' code computes it; equal to the true task while all tasks have one size, different
+    at Cars-196's last step (a 16-class task after nine of 20), where it reproduces their number.
+    """
+    if mode == "true":
+        return true_tasks
+    size = int((true_tasks == current_task).sum())
+    return torch.arange(len(true_tasks), device=true_tasks.device) // size
 
 
 def align_stage(ctx) -> tuple[list[Path], dict]:

@@ -119,6 +119,8 @@ class AlignConfig:
     mean_shrink: bool = True  # SLCA: mu' = mu * (0.9 + 0.1 (t_c + 1) / (T + 1))
     sample_scale: bool = False  # SLCA++: samples of task t_c times 1 / (1 + s (T - t_c)), s ~ U(0.01, 0.03)
     head_scale: bool = False  # SLCA++: after alignment, old head t_c gets input scale 1 + 0.02 (T - t_c)
+    task_of_class: str = "true"  # true | authors: class // size of the current task, as the authors' code
+    # (differs only when the current task's size differs: Cars-196's last task of 16 classes)
 
 
 @dataclass
@@ -151,6 +153,9 @@ class SystemConfig:
     feature_chunk_rows: int = 2048  # zarr chunk height of feature stores
     deterministic: bool = True  # torch deterministic algorithms (CPU runs repeat bit for bit)
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on a GPU that supports it): forward passes only
+    eval_every: int = (
+        0  # test accuracy on the seen classes every N training epochs (logged; 0: never; authors: 5)
+    )
 
 
 # Heads evaluated by `clpt run` by default (README: "Classifier heads"). Every one is
@@ -471,8 +476,13 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
     ):
         if isinstance(val, int):
             check(val >= 1, f"{name}: must be >= 1")
+    if isinstance(cfg.system.eval_every, int):
+        check(cfg.system.eval_every >= 0, "system.eval_every: must be >= 0 (0: never)")
     if isinstance(cfg.system.num_workers, int):
         check(cfg.system.num_workers >= 0, "system.num_workers: must be >= 0")
+    if isinstance(a.task_of_class, str):
+        check(a.task_of_class in ("true", "authors"),
+              f"align.task_of_class: {a.task_of_class!r} is not one of true, authors")  # fmt: skip
     if isinstance(a.tau, float):
         check(a.tau > 0, "align.tau: must be > 0")
     lo = cfg.lora

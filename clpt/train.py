@@ -170,6 +170,7 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     losses = []
     t0 = time.perf_counter()
     n_images = -(-len(loader.indices) // world)  # this rank's share
+    during: list[dict] = []
     for epoch in range(cfg.train.epochs):
         total, correct, loss_sum = 0, 0, 0.0
         with progress.bar(f"task {t} train, epoch {epoch + 1}/{cfg.train.epochs}", n_images) as shown:
@@ -192,6 +193,14 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
                 total += len(y)
                 correct += (logits.argmax(1) == y_local).sum().item()
         sched.step()
+        every = cfg.system.eval_every
+        if every and (epoch + 1) % every == 0:
+            acc = test_accuracy(model, bench, classes.stop, cfg, device, prec)
+            during.append({"epoch": epoch + 1, "test_acc": round(acc, 6)})
+            log.info(
+                "task %d epoch %d: test accuracy on classes 0-%d: %.4f", t, epoch + 1, classes.stop - 1, acc
+            )
+            model.train()
         losses.append(loss_sum / max(total, 1))
         log.info(
             "task %d epoch %d/%d: loss %.4f, train acc %.3f (%.0f s)",
@@ -207,8 +216,30 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         "epoch_loss": [round(v, 6) for v in losses],
         "train_images": int(len(loader.indices)),
         "images_seen": int(len(loader.indices)) * cfg.train.epochs,
+        **({"test_acc_during_training": during} if during else {}),
         "precision": prec,
     }
+
+
+def test_accuracy(model: CLModel, bench: Benchmark, n_seen: int, cfg: RunConfig, device, prec: str) -> float:
+    """Accuracy of the model's current heads on the test images of classes 0..n_seen-1 (argmax over all).
+
+    Monitoring only: the random number generators are restored afterwards, so a run trains the same
+    with and without it. Every rank evaluates the whole test set (no collective needed).
+    """
+    from clpt import precision as P
+
+    rows = bench.test.indices_of(range(0, n_seen))
+    correct = 0
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        for x, y in batches(bench, bench.test, rows, cfg.system.extract_batch_size, device, train=False,
+                            num_workers=cfg.system.num_workers):  # fmt: skip
+            with P.autocast(prec, device):
+                logits = model(x).float()
+            correct += int((logits.argmax(1) == y).sum())
+    return correct / max(len(rows), 1)
 
 
 def train_task_sl(model, bench, cfg, t: int, device: torch.device, learner_state: dict) -> dict:

@@ -114,9 +114,26 @@ def test_shipped_config_is_valid_and_equals_the_presets(path):
             f"benchmark.name={cfg.benchmark.name}",
             f"benchmark.root={cfg.benchmark.root}",
             f"method={cfg.method}",
+            *MOCOV3.get((path.stem.endswith("_mocov3"), cfg.method), []),
         ]
     )
     assert cfg == preset  # the file spells out exactly the published defaults
+
+
+# The papers' MoCo v3 setting: 90 epochs, SLCA milestone 80, SLCA++ milestones [60, 80] (multistep).
+_MOCO = ["backbone.name=vit_base_patch16_224", "backbone.checkpoint=checkpoints/mocov3-vit-base-300ep.pth",
+         "train.epochs=90"]  # fmt: skip
+MOCOV3 = {
+    (True, "slca"): [*_MOCO, "train.milestones=[80]"],
+    (True, "slca_pp"): [*_MOCO, "train.milestones=[60,80]", "train.schedule=multistep"],
+}
+
+
+def test_mocov3_configs_for_the_four_benchmarks():
+    names = {p.stem for p in CONFIGS}
+    for bench in ("cifar100", "imagenet-r", "cub200", "cars196"):
+        for method in ("slca", "slca_pp"):
+            assert f"{bench}_{method}_mocov3" in names
 
 
 def test_slca_pp_published_settings_per_benchmark():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fake_data import (
+    _image,
     make_cars_devkit,
     make_cifar100,
     make_cub,
@@ -291,3 +292,45 @@ def test_a_methods_protocol_sets_normalisation_and_the_training_crop(tmp_path):
     cars = C.resolve(overrides=["method=simplecil", "benchmark.name=cars196", "benchmark.root=x"])
     assert cars.benchmark.normalization == "imagenet" and cars.benchmark.train_crop_scale is None
     assert C.resolve(overrides=["method=simplecil_mist"]).mist.frozen_quantile == 1.0
+
+
+def test_presplit_cub_reads_under_its_preset_with_cubs_transforms(tmp_path):
+    """`cub_200/{train,val}/<class>/` (the authors' instructions) is CUB, not a generic image folder."""
+    from clpt.data.benchmark import load_benchmark
+    from clpt.data.readers import read_dataset
+    from clpt.data.transforms import file_transform
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        for split, n in (("train", 4), ("val", 2)):
+            for i in range(n):
+                _image(tmp_path / "cub_200" / split / f"{c + 1:03d}.Bird_{c}" / f"{i}.jpg", rng)
+    raw = read_dataset("cub200", str(tmp_path), False, 0)
+    assert raw.name == "cub200" and raw.class_names == ["001.Bird_0", "002.Bird_1", "003.Bird_2"]
+    assert (
+        np.bincount(raw.train.labels).tolist() == [4] * 3 and np.bincount(raw.test.labels).tolist() == [2] * 3
+    )
+    assert raw.info["split"] == "as distributed"
+    bench = load_benchmark(BenchmarkConfig(name="cub200", root=str(tmp_path), init_classes=2, increment=1))
+    assert bench.family == "fixed_resize" and bench.mean == IMAGENET_MEAN
+    steps = file_transform(bench.family, True, 224).transforms
+    assert type(steps[1]).__name__ == "Resize" and steps[1].size == [
+        300,
+        300,
+    ]  # Resize(300) + RandomCrop(224)
+    assert type(steps[2]).__name__ == "RandomCrop"
+
+
+def test_cifar_test_resize_matches_pil_bicubic_within_one_level():
+    """The on-device test transform of CIFAR-100 against torchvision's Resize(256) + CenterCrop(224) on PIL."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from clpt.data import transforms as T
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    tv = v2.Compose([v2.Resize(256, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(224)])
+    ref = np.stack([np.asarray(tv(Image.fromarray(im))) for im in a]).astype(np.float64)
+    ours = T.resize_center_crop(T.to_float(torch.from_numpy(a)), 256, 224)
+    ours = (ours * 255).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1.0 + 1e-6

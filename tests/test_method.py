@@ -249,3 +249,22 @@ def test_accuracy_row_uses_all_seen_classes():
     labels = torch.tensor([0, 1, 3, 2])
     row = accuracy_row(logits, labels, [[0, 2], [2, 4]])
     assert row["accuracy"] == 0.5 and row["per_task"] == [0.5, 0.5]
+
+
+def test_cars_task_of_class_option_reproduces_the_authors_index():
+    """align.task_of_class=authors: class // current task size; the true task otherwise (Cars: 9 x 20 + 16)."""
+    from clpt.align import class_tasks
+    from clpt.data.benchmark import task_ranges
+
+    tasks = task_ranges(196, 20, 20)
+    assert [len(r) for r in tasks] == [20] * 9 + [16]
+    for t in range(10):
+        seen = tasks[t].stop
+        true = torch.tensor([next(i for i, r in enumerate(tasks) if c in r) for c in range(seen)])
+        authors = class_tasks(true, t, "authors")
+        assert torch.equal(class_tasks(true, t, "true"), true)
+        if t < 9:
+            assert torch.equal(authors, true)  # equal while every task has 20 classes
+        else:
+            assert torch.equal(authors, torch.arange(196) // 16)  # the authors' last step
+            assert not torch.equal(authors, true) and int(authors.max()) == 12

@@ -185,3 +185,16 @@ def test_top5_and_old_new_accuracy_in_both_conventions():
     assert m["old_task_acc"] == pytest.approx(0.45)  # task-averaged: (0.6 + 0.3) / 2
     assert m["old_acc"] == pytest.approx((0.6 * 100 + 0.3 * 300) / 400)  # sample-weighted
     assert m["new_acc"] == 0.8 and metrics([[1.0]], [1.0])["old_acc"] is None
+
+
+def test_test_accuracy_every_n_epochs_is_recorded_and_changes_no_result(tmp_path, tiny, finished_run):
+    run = tmp_path / "watch"
+    res = cli("run", run, "--json", *sum((["--set", o] for o in tiny), []),
+              "--set", "system.eval_every=1", "--set", "heads.enabled=[]")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    marker = json.loads((run / "tasks" / "002" / "train.done.json").read_text())
+    during = marker["summary"]["test_acc_during_training"]
+    assert [d["epoch"] for d in during] == [1] and 0 < during[0]["test_acc"] <= 1
+    assert "test accuracy on classes 0-29" in res.stderr
+    ref = json.loads(cli("eval", finished_run, "--task", 4, "--json").stdout)
+    assert json.loads(res.stdout)["acc_matrix"] == ref["acc_matrix"]  # monitoring changed nothing

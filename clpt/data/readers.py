@@ -206,7 +206,24 @@ def read_imagefolder(root: Path, name: str = "imagefolder") -> RawDataset:
     return RawDataset(name, root, classes, splits[0], splits[1], {"layout": f"train/, {test_dir.name}/"})
 
 
+def _presplit(root: Path, *names: str) -> Path | None:
+    """The folder among root and root/<name> holding train/ and val/ (or test/) class folders, if any."""
+    for base in (root, *(root / n for n in names)):
+        if (base / "train").is_dir() and any((base / d).is_dir() for d in ("val", "test")):
+            return base
+    return None
+
+
 def read_cub200(root: Path) -> RawDataset:
+    """CUB-200-2011 as distributed (the txt files), or pre-split as the authors' instructions produce
+    (`cub_200/{train,val}/<class>/`), read under the CUB preset with CUB's transforms either way."""
+    pre = _presplit(root, "cub_200", "CUB_200_2011")
+    if pre is not None:
+        raw = read_imagefolder(pre, name="cub200")
+        raw.info.update(
+            {"layout": f"{pre.name}/train/, {pre.name}/val/ (pre-split)", "split": "as distributed"}
+        )
+        return raw
     base = _find(root, "CUB_200_2011")
     need = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "images")
     if not all((base / f).exists() for f in need):

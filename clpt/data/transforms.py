@@ -98,16 +98,34 @@ def brightness_jitter(x: torch.Tensor, amount: float, generator: torch.Generator
     return (x * f.to(x.device, x.dtype).view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
+def _to_8bit(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_(0, 1).mul_(255).round_().div_(255)
+
+
+def pil_bicubic_resize(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """PIL's `Image.resize(BICUBIC)` on a (B, C, H, W) batch in [0, 1] at 8-bit levels, on its device.
+
+    PIL resamples horizontally, then vertically, with its bicubic kernel (a = -0.5, support widened
+    when downscaling) and rounds to 8 bits after each pass. torch's antialiased bicubic is that
+    kernel, so two passes with the same rounding match PIL within 1/255 (tests/test_data.py).
+    """
+    h, w = x.shape[-2:]
+    if nw != w:
+        x = _to_8bit(F.interpolate(x, size=(h, nw), mode="bicubic", align_corners=False, antialias=True))
+    if nh != h:
+        x = _to_8bit(F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True))
+    return x
+
+
 def resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
-    """Resize(resize, bicubic) of the shorter side, then CenterCrop(size)."""
+    """Resize(resize, bicubic) of the shorter side, then CenterCrop(size): torchvision's test transform
+    on a PIL image (sizes as torchvision computes them), within 1/255."""
     h, w = x.shape[-2:]
     nh, nw = (
-        (resize, max(resize, round(w * resize / h)))
-        if h <= w
-        else (max(resize, round(h * resize / w)), resize)
+        (resize, max(resize, int(resize * w / h))) if h <= w else (max(resize, int(resize * h / w)), resize)
     )
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h).clamp_(0, 1)
-    top, left = (nh - size) // 2, (nw - size) // 2
+    x = pil_bicubic_resize(x, nh, nw)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return x[..., top : top + size, left : left + size]
 
 
