@@ -101,8 +101,15 @@ def _extract_chunk(model, bench, split, rows, start, stop, batch_size, device, n
             "the model diverged",
             hint=f"re-train task {t} with a lower train.lr (`clpt train-task RUN --task {t} --force`)",
         )
-    feats_arr[start:stop] = chunk.numpy()
-    labels_arr[start:stop] = split.labels[rows[start:stop]]
+    try:
+        feats_arr[start:stop] = chunk.numpy()
+        labels_arr[start:stop] = split.labels[rows[start:stop]]
+    except OSError as e:  # a full disk, a read-only store: nothing past the committed rows counts
+        from clpt.errors import from_os_error
+
+        raise from_os_error(
+            e, f"cannot write the {split_name} features of task {t} to {feats_arr.store}"
+        ) from None
     if dist.world_size() == 1:
         feats_arr.attrs["rows_done"] = stop  # commit after the data
 

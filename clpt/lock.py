@@ -53,8 +53,11 @@ def run_lock(root: Path, wait: bool = False) -> Iterator[None]:
                 hint="wait for it to finish, or pass --wait to run after it",
             ) from None
         command = " ".join(["clpt", *sys.argv[1:3]]) if sys.argv else "clpt"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} ({command})\n".encode(), 0)
+        try:  # who holds the run, for the next writer's message; best effort (a full disk refuses it)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} ({command})\n".encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock
