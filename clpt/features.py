@@ -108,7 +108,8 @@ def _extract_chunk(model, bench, split, rows, start, stop, batch_size, device, n
         from clpt.errors import from_os_error
 
         raise from_os_error(
-            e, f"cannot write the {split_name} features of task {t} to {feats_arr.store}"
+            e,
+            f"cannot write the {split_name} features of task {t} to {str(feats_arr.store).removeprefix('file://')}",
         ) from None
     if dist.world_size() == 1:
         feats_arr.attrs["rows_done"] = stop  # commit after the data
