@@ -129,6 +129,7 @@ def _setup(
     from clpt import progress
 
     progress.configure(enabled=not quiet, console=err)
+    err.quiet = quiet or rank != 0  # stage lines and notes: silenced by --quiet (errors still show)
 
 
 def _open(run_dir: Path):
@@ -539,7 +540,23 @@ def _print_heads(rep: dict) -> None:
 
 
 def main() -> None:
-    app()
+    """The `clpt` entry point: a usage error (an unknown option, a missing argument) is one line too."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # click's UsageError family (typer vendors its own click: matched by shape)
+        if not (hasattr(e, "format_message") and hasattr(e, "ctx") and getattr(e, "exit_code", 1) == 2):
+            raise
+        where = e.ctx.command_path if e.ctx is not None else "clpt"
+        hint = f"see `{where} --help`"
+        if getattr(e, "option_name", None) in ("--quiet", "-q", "--debug"):
+            hint = f"{e.option_name} belongs before the command: `clpt {e.option_name} {where.split()[-1]} ...`"
+        message = e.format_message().rstrip(".")
+        errors.print(f"error: {message}; fix: {hint}", markup=False, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted: finished stages are kept; re-run the same command to continue")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
     heatmap_<k>_<method>_<benchmark>_seed<S>.png   the accuracy matrix of run k (method's own classifier)
     accuracy_curves.png           accuracy on all seen classes after each task, mean with a
-                                  band of one std over seeds, one line per method or head
+                                  band of one std over seeds: one line per method (its own
+                                  classifier) when there are several groups, else the
+                                  method and each of its heads
     final_per_task.png            accuracy on each task's classes after the last task
                                   (what was forgotten), mean and std over seeds
 
@@ -67,12 +69,16 @@ def write_plots(out_dir: Path, runs, rows: list[dict]) -> list[Path]:
             _save(fig, out_dir / name, {"panels": 1, "kind": "heatmap", "run": str(r.path), "tasks": n})
         )
 
+    # Several groups: one line per method (its own classifier); one group: the method and its heads.
+    if len({r["group"] for r in rows}) > 1:
+        rows = [r for r in rows if not r["classifier"].startswith("head:")]
+    colors = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+    for k, row in enumerate(rows):
         mean, std = np.asarray(row["accuracies"]["mean"]), np.asarray(row["accuracies"]["std"])
         x = np.arange(1, len(mean) + 1)
         label = f"{row['group']} / {row['classifier']} (n={len(row['seeds'])})"
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label, color=colors[k % len(colors)])
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     if rows:
         ax.set_xticks(range(1, len(rows[0]["accuracies"]["mean"]) + 1))
@@ -80,7 +86,7 @@ def write_plots(out_dir: Path, runs, rows: list[dict]) -> list[Path]:
     ax.set_ylabel("accuracy on all seen classes (%)")
     ax.set_title("accuracy after each task (band: one std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     written.append(
         _save(fig, out_dir / "accuracy_curves.png", {"panels": 1, "kind": "curves", "lines": len(rows)})
     )
@@ -90,11 +96,12 @@ def write_plots(out_dir: Path, runs, rows: list[dict]) -> list[Path]:
     for k, row in enumerate(rows):
         mean, std = np.asarray(row["final_per_task"]["mean"]), np.asarray(row["final_per_task"]["std"])
         x = np.arange(len(mean)) + (k - (len(rows) - 1) / 2) * width
-        ax.bar(x, mean, width, yerr=std, capsize=1.5, label=f"{row['group']} / {row['classifier']}")
+        ax.bar(x, mean, width, yerr=std, capsize=1.5, label=f"{row['group']} / {row['classifier']}",
+               color=colors[k % len(colors)])  # fmt: skip
     ax.set_xlabel("task")
     ax.set_ylabel("accuracy on the task's classes after the last task (%)")
     ax.set_title("final accuracy per task (what was forgotten)", fontsize=10)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     written.append(_save(fig, out_dir / "final_per_task.png", {"panels": 1, "kind": "final_per_task",
                                                                 "bars": len(rows)}))  # fmt: skip
     return written

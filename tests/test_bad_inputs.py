@@ -170,3 +170,24 @@ def test_an_error_quoting_brackets_is_printed_as_it_is(run_copy, monkeypatch):
     res = cli("status", run_copy)
     assert res.exit_code == 4
     assert res.stderr.strip() == "error: chunk b'[/x]\\x8a[bold]' is damaged; fix: re-run [it]"
+
+
+def test_usage_errors_are_one_line_with_exit_2(tmp_path):
+    for args, needle in (
+        (["run", "--quiet", str(tmp_path)], "--quiet belongs before the command"),
+        (["status"], "Missing argument"),
+        (["bogus"], "No such command 'bogus'"),
+    ):
+        p = subprocess.run([sys.executable, "-m", "clpt_cli", *args], capture_output=True, text=True)
+        lines = p.stderr.strip().splitlines()
+        assert (
+            p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+        ), (
+            args,
+            p.stderr,
+        )
+
+
+def test_quiet_silences_stage_lines_but_not_results(run_copy):
+    res = cli("--quiet", "run", run_copy, "--json")
+    assert res.exit_code == 0 and res.stderr == "" and json.loads(res.stdout)["task"] == 4
