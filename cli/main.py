@@ -549,7 +549,9 @@ def main() -> None:
         where = e.ctx.command_path if e.ctx is not None else "clpt"
         hint = f"see `{where} --help`"
         if getattr(e, "option_name", None) in ("--quiet", "-q", "--debug"):
-            hint = f"{e.option_name} belongs before the command: `clpt {e.option_name} {where.split()[-1]} ...`"
+            hint = (
+                f"{e.option_name} belongs before the command: `clpt {e.option_name} {where.split()[-1]} ...`"
+            )
         message = e.format_message().rstrip(".")
         errors.print(f"error: {message}; fix: {hint}", markup=False, highlight=False)
         sys.exit(2)
