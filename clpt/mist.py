@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpt import distributed as dist
+from clpt import progress
 from clpt.data.loader import batches
 
 log = logging.getLogger("clpt")
@@ -287,27 +288,31 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
     for epoch in range(1, mc.epochs):
         total, n = 0.0, 0
         moved = torch.zeros((), device=device)
-        for step, (x, y) in enumerate(loader):
-            x2 = torch.cat([x, second_view(x, gen)])
-            with amp():
-                z = net(x2)
-            loss = mi_loss(z.float(), y, mc.tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sample = step == 0  # the share statistic: the epoch's first step
-            movable = masker(all_params, gen, movable=mc.mask_update or sample)
-            if mc.mask_update:
-                before = {k: p.detach().clone() for k, p in all_params.items()}
-            opt.step()
-            if mc.mask_update:  # the paper's words: entries not selected this step stay bit-identical
-                with torch.no_grad():
-                    for k, p in all_params.items():
-                        sel = movable.get(k)
-                        p.copy_(before[k] if sel is None else torch.where(sel, p, before[k]))
-            if sample:  # backbone entries whose gradient passes, on one step per epoch
-                moved += sum(movable[k].sum() for k in named if k in movable)
-            total += loss.detach() * len(y)
-            n += len(y)
+        with progress.bar(
+            f"task {t} MIST, epoch {epoch + 1}/{mc.epochs}", -(-len(loader.indices) // world)
+        ) as shown:
+            for step, (x, y) in enumerate(loader):
+                shown.advance(len(y))
+                x2 = torch.cat([x, second_view(x, gen)])
+                with amp():
+                    z = net(x2)
+                loss = mi_loss(z.float(), y, mc.tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sample = step == 0  # the share statistic: the epoch's first step
+                movable = masker(all_params, gen, movable=mc.mask_update or sample)
+                if mc.mask_update:
+                    before = {k: p.detach().clone() for k, p in all_params.items()}
+                opt.step()
+                if mc.mask_update:  # the paper's words: entries not selected this step stay bit-identical
+                    with torch.no_grad():
+                        for k, p in all_params.items():
+                            sel = movable.get(k)
+                            p.copy_(before[k] if sel is None else torch.where(sel, p, before[k]))
+                if sample:  # backbone entries whose gradient passes, on one step per epoch
+                    moved += sum(movable[k].sum() for k in named if k in movable)
+                total += loss.detach() * len(y)
+                n += len(y)
         losses.append(float(total) / max(n, 1))  # one host sync per epoch
         if not math.isfinite(losses[-1]):  # stop before a NaN backbone is written
             from clpt.errors import ClptError
