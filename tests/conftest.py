@@ -9,15 +9,9 @@ from pathlib import Path
 
 import pytest
 
-# Fast settings for end-to-end runs on the built-in benchmark (5 tasks of 10 classes).
-TINY = [
-    "train.epochs=1",
-    "train.milestones=[1]",
-    "align.epochs=2",
-    "align.samples_per_class=32",
-    "system.feature_chunk_rows=256",
-]
-
+# Fast settings for end-to-end runs on the built-in benchmark (5 tasks of 10 classes),
+# shared with the bad-input matrix script.
+from bad_inputs import TINY  # noqa: E402
 
 # No test may read or write the user's real cache: point CLPT_CACHE_DIR at a
 # private folder before anything is imported (subprocesses inherit it).
