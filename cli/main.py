@@ -55,6 +55,9 @@ SetOpt = Annotated[
 _DEBUG = os.environ.get("CLPT_DEBUG", "") not in ("", "0")
 
 
+INTERRUPTED = "interrupted: finished stages are kept; re-run the same command to continue"
+
+
 def _fail(line: str, code: int) -> typer.Exit:
     from rich.markup import escape
 
@@ -83,11 +86,11 @@ def guarded(fn):
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            errors.print("interrupted: finished stages are kept; re-run the same command to continue")
+            errors.print(INTERRUPTED)
             raise typer.Exit(130) from None
         except Exception as e:
             if interrupt.received():  # a DataLoader worker or a collective died of the same Ctrl-C
-                errors.print("interrupted: finished stages are kept; re-run the same command to continue")
+                errors.print(INTERRUPTED)
                 raise typer.Exit(130) from None
             if isinstance(e, ClptError):
                 raise _fail(e.one_line(), e.exit_code) from None
@@ -361,9 +364,9 @@ def report_(
             col, justify="left" if col in ("group", "classifier", "published (gap)") else "right"
         )
     for r in rows:
-        table.add_row(*R._cells(r))
+        table.add_row(*R.cells(r))
     out.print(table)
-    for line in R._footnotes(rows, []):
+    for line in R.footnotes(rows, []):
         if line:
             out.print(line)
 
@@ -556,7 +559,7 @@ def main() -> None:
         errors.print(f"error: {message}; fix: {hint}", markup=False, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        errors.print("interrupted: finished stages are kept; re-run the same command to continue")
+        errors.print(INTERRUPTED)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -131,23 +131,27 @@ def open_node(
         ) from None
 
 
-def _metadata_damaged(store: Path, path: str, keys: tuple[str, ...]) -> bool:
-    """Whether a zarr.json on the way to the arrays exists but is not a valid JSON object."""
-    import json
-
+def _metadata_path(store: Path, path: str, keys: tuple[str, ...] = ()) -> list[Path]:
+    """The `zarr.json` files from the store's root down to group `path`, then those of its arrays `keys`."""
     parts = path.split("/")
     nodes = [store] + [store.joinpath(*parts[: i + 1]) for i in range(len(parts))]
-    nodes += [store.joinpath(*parts, k) for k in keys]
-    for node in nodes:
-        meta = node / "zarr.json"
-        if not meta.exists():
-            continue
-        try:
-            if not isinstance(json.loads(meta.read_bytes()), dict):
-                return True
-        except ValueError:
-            return True
-    return False
+    return [n / "zarr.json" for n in nodes + [store.joinpath(*parts, k) for k in keys]]
+
+
+def _metadata(meta: Path) -> dict | None:
+    """A zarr.json's document; None if it is not a JSON object (damaged)."""
+    import json
+
+    try:
+        doc = json.loads(meta.read_bytes())
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _metadata_damaged(store: Path, path: str, keys: tuple[str, ...]) -> bool:
+    """Whether a zarr.json on the way to the arrays exists but is not a valid JSON object."""
+    return any(meta.exists() and _metadata(meta) is None for meta in _metadata_path(store, path, keys))
 
 
 def writable_group(store: Path, path: str) -> zarr.Group:
@@ -162,16 +166,8 @@ def writable_group(store: Path, path: str) -> zarr.Group:
         return zarr.open_group(store, mode="a").require_group(path)
     except _BAD_METADATA:
         pass
-    import json
-
-    parts = path.split("/")
-    for node in [store] + [store.joinpath(*parts[: i + 1]) for i in range(len(parts))]:
-        meta = node / "zarr.json"
-        try:
-            ok = meta.exists() and json.loads(meta.read_bytes()).get("node_type") == "group"
-        except (ValueError, AttributeError):
-            ok = False
-        if meta.exists() and not ok:
+    for meta in _metadata_path(store, path):
+        if meta.exists() and (_metadata(meta) or {}).get("node_type") != "group":
             write_json(meta, {"attributes": {}, "zarr_format": 3, "node_type": "group"})
     return zarr.open_group(store, mode="a").require_group(path)
 
@@ -281,12 +277,17 @@ def save_heads(path: Path, heads, task: int) -> None:
     )
 
 
+def load_error_detail(e: Exception) -> str:
+    """The telling line of a failed `load_state_dict`: its first size mismatch, else its first line."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0].strip())
+
+
 def _wrong_content(path: Path, e: Exception, command: str) -> DataError:
     """A checkpoint that reads but does not fit: missing entries, wrong shapes, sizes that disagree."""
-    first = str(e).strip().splitlines() or [type(e).__name__]
-    detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0].strip())
     return DataError(
-        f"{path} does not fit this run ({type(e).__name__}: {detail[:160]})", hint=f"re-run {command}"
+        f"{path} does not fit this run ({type(e).__name__}: {load_error_detail(e)[:160]})",
+        hint=f"re-run {command}",
     )
 
 

@@ -97,10 +97,10 @@ def load_weights_file(model: VisionTransformer, path: Path) -> dict:
         sd = {k: v for k, v in checkpoint_filter_fn(sd, model).items() if not k.startswith(_NOT_BACKBONE)}
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except (RuntimeError, ValueError, KeyError, AttributeError) as e:  # wrong shapes, foreign layouts
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        detail = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0].strip())
+        from clpt.artifacts import load_error_detail
+
         raise DataError(
-            f"{path} does not fit {name_of(model)}: {detail[:200]}",
+            f"{path} does not fit {name_of(model)}: {load_error_detail(e)[:200]}",
             hint="check that the checkpoint was made for backbone.name",
         ) from None
     missing = [k for k in missing if not k.startswith(_NOT_BACKBONE)]

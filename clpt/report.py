@@ -172,17 +172,12 @@ def group(runs: list[RunResult]) -> list[Group]:
 
 
 def _differing(cfg: dict, others: list[dict]) -> list[str]:
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
+    from clpt.config import flatten
 
-    mine = dict(flat(cfg))
+    mine = flatten(cfg)
     diff = set()
     for o in others:
-        theirs = dict(flat(o))
+        theirs = flatten(o)
         diff |= {f"{k}={mine.get(k)}" for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
     return sorted(diff)
 
@@ -275,7 +270,7 @@ def _short(metric: str) -> str:
 HEADER = ("group", "classifier", "seeds", "Last-Acc", "Inc-Acc", "Forgetting", "wall s", "published (gap)")
 
 
-def _cells(row: dict, latex: bool = False) -> list[str]:
+def cells(row: dict, latex: bool = False) -> list[str]:
     return [row["group"], row["classifier"], str(len(row["seeds"])),
             *(_pm(row[m], latex) for m in SHOWN), f"{row['cost']['total_seconds']:.0f}", _published_cell(row)]  # fmt: skip
 
@@ -306,21 +301,21 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], fmt: str) -> str:
         return buf.getvalue()
     if fmt == "markdown":
         lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
-        lines += _footnotes(rows, skipped)
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(r)) + " |" for r in rows]
+        lines += footnotes(rows, skipped)
         return "\n".join(lines) + "\n"
     if fmt == "latex":
         esc = lambda s: s.replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")  # noqa: E731
         lines = ["\\begin{tabular}{ll" + "r" * (len(HEADER) - 2) + "}", "\\toprule",
                  " & ".join(HEADER) + " \\\\", "\\midrule"]  # fmt: skip
-        lines += [" & ".join(esc(c) if i in (0, 1, 7) else c for i, c in enumerate(_cells(r, latex=True))) + " \\\\"
+        lines += [" & ".join(esc(c) if i in (0, 1, 7) else c for i, c in enumerate(cells(r, latex=True))) + " \\\\"
                   for r in rows]  # fmt: skip
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
     raise ClptError(f"unknown format {fmt!r}", hint=f"choose from: {', '.join(FORMATS)}")
 
 
-def _footnotes(rows: list[dict], skipped: list[tuple[str, str]]) -> list[str]:
+def footnotes(rows: list[dict], skipped: list[tuple[str, str]]) -> list[str]:
     out = []
     srcs = sorted({p["source"] for r in rows for p in r["published"]})
     flags = [(r["group"], r["classifier"], p["protocol_differs"]) for r in rows for p in r["published"]

@@ -295,15 +295,10 @@ def with_input_size(cfg: RunConfig) -> RunConfig:
 
 def config_differences(run: Run, cfg: RunConfig) -> list[str]:
     """The dotted keys whose values differ between the run's saved config and `cfg`."""
-
-    def walk(a, b, prefix):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                yield from walk(a.get(k), b.get(k), f"{prefix}{k}.")
-        elif a != b:
-            yield f"{prefix[:-1]} ({a!r} in the run, {b!r} given)"
-
-    return list(walk(config_mod.to_dict(run.cfg), config_mod.to_dict(with_input_size(cfg)), ""))
+    a = config_mod.flatten(config_mod.to_dict(run.cfg))
+    b = config_mod.flatten(config_mod.to_dict(with_input_size(cfg)))
+    return [f"{k} ({a.get(k)!r} in the run, {b.get(k)!r} given)" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]  # fmt: skip
 
 
 def edit_config(run: Run, overrides: list[str]) -> Run:
@@ -348,7 +343,7 @@ def open_run(root: Path) -> Run:
 def _read_info(root: Path) -> RunInfo:
     """benchmark.json, with every field present and of its type (or a one-line DataError)."""
     rec = artifacts.read_record(root, "clpt-benchmark")
-    types = {f.name: f.type for f in dataclasses.fields(RunInfo)}
+    names = {f.name for f in dataclasses.fields(RunInfo)}
     expect = {
         "benchmark": str,
         "n_classes": int,
@@ -358,7 +353,7 @@ def _read_info(root: Path) -> RunInfo:
         "source": dict,
     }
     bad = sorted(k for k, tp in expect.items() if not isinstance(rec.get(k), tp))
-    extra = sorted(set(rec) - set(types))
+    extra = sorted(set(rec) - names)
     if bad or extra or not all(isinstance(r, list) and len(r) == 2 for r in rec["tasks"]):
         raise DataError(
             f"{artifacts.run_record_path(root, 'clpt-benchmark')} is damaged: "
