@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clpt import artifacts
+from clpt import artifacts, progress
 from clpt import distributed as dist
 from clpt.config import RunConfig
 from clpt.errors import ClptError
@@ -87,8 +87,11 @@ def align_heads(
     cfg: RunConfig,
     device: torch.device,
     seed: int,
+    label: str = "",
 ) -> list[float]:
-    """Train all heads in place on sampled features; returns the mean loss per epoch."""
+    """Train all heads in place on sampled features; returns the mean loss per epoch.
+
+    `label` names a progress bar over the epochs ("" shows none)."""
     a = cfg.align
     heads.to(device).train()
     heads.requires_grad_(True)
@@ -103,22 +106,24 @@ def align_heads(
     gen = torch.Generator(device=device).manual_seed(seed)
     sizes = heads.sizes
     losses = []
-    for _ in range(a.epochs):
-        x, y = sampler.sample(a.samples_per_class, gen, shrink)
-        if a.sample_scale:
-            x = x * sample_scale_slca_pp(task_of_class[y], current_task, gen)[:, None]
-        perm = torch.randperm(len(y), generator=gen, device=device)
-        x, y = x[perm], y[perm]
-        total = 0.0
-        for start in range(0, len(y), a.batch_size):
-            xb, yb = x[start : start + a.batch_size], y[start : start + a.batch_size]
-            loss = ca_loss(heads(xb), yb, sizes, a.tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(yb)
-        sched.step()
-        losses.append(total / len(y))
+    with progress.bar(label, a.epochs if label else 0, unit="epoch") as shown:
+        for _ in range(a.epochs):
+            x, y = sampler.sample(a.samples_per_class, gen, shrink)
+            if a.sample_scale:
+                x = x * sample_scale_slca_pp(task_of_class[y], current_task, gen)[:, None]
+            perm = torch.randperm(len(y), generator=gen, device=device)
+            x, y = x[perm], y[perm]
+            total = 0.0
+            for start in range(0, len(y), a.batch_size):
+                xb, yb = x[start : start + a.batch_size], y[start : start + a.batch_size]
+                loss = ca_loss(heads(xb), yb, sizes, a.tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(yb)
+            sched.step()
+            losses.append(total / len(y))
+            shown.advance()
     heads.eval()
     if a.head_scale:
         heads.input_scale.copy_(head_input_scales(len(sizes), current_task).to(heads.input_scale))
@@ -126,7 +131,7 @@ def align_heads(
 
 
 def align_on_stats(
-    heads: Heads, stats, current_task: int, cfg: RunConfig, device: torch.device
+    heads: Heads, stats, current_task: int, cfg: RunConfig, device: torch.device, label: str = ""
 ) -> list[float]:
     """Align `heads` in place on the class statistics of tasks 0..current_task (a `ClassStats`).
 
@@ -143,7 +148,7 @@ def align_on_stats(
     covs = covariance(stats.count, stats.m2, cfg.stats.ridge)
     seed = task_seed(cfg, current_task, salt=2)
     tasks = class_tasks(stats.task_of_class, current_task, cfg.align.task_of_class)
-    return align_heads(heads, stats.mean, covs, tasks, current_task, cfg, device, seed)
+    return align_heads(heads, stats.mean, covs, tasks, current_task, cfg, device, seed, label)
 
 
 def class_tasks(true_tasks: torch.Tensor, current_task: int, mode: str = "true") -> torch.Tensor:
@@ -172,7 +177,7 @@ def align_stage(ctx) -> tuple[list[Path], dict]:
         return [out], {"aligned": False, "reason": reason}
     device = dist.resolve_device(cfg.system.device)
     stats = HeadContext(run.root, cfg, t, run.info.tasks, device).class_stats()
-    losses = align_on_stats(heads, stats, t, cfg, device)
+    losses = align_on_stats(heads, stats, t, cfg, device, label=f"task {t} align")
     if dist.is_main():
         artifacts.save_heads(out, heads.cpu(), t)
     return [out], {"aligned": True, "epoch_loss": [round(v, 6) for v in losses]}

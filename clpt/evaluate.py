@@ -108,7 +108,7 @@ def head_stage(name: str):
         if not dist.is_main():
             return [out], {}
         device = dist.resolve_device(run.cfg.system.device)
-        hctx = HeadContext(run.root, run.cfg, t, run.info.tasks, device)
+        hctx = HeadContext(run.root, run.cfg, t, run.info.tasks, device, label=f"task {t} head:{name}")
         t0 = time.perf_counter()
         scores = HEADS.get(name).fit(hctx, run.cfg.heads.of(name))
         fit_s = time.perf_counter() - t0

@@ -42,6 +42,7 @@ class _Plain:
     def __init__(self, what: str, total: int, unit: str):
         self.what, self.total, self.unit = what, total, unit
         self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
+        self.shown = -1  # `done` when the last line was printed
 
     def advance(self, n: int = 1) -> None:
         self.done += n
@@ -51,6 +52,9 @@ class _Plain:
             self.line(now)
 
     def line(self, now: float) -> None:
+        if self.shown == self.done:
+            return
+        self.shown = self.done
         rate = self.done / max(now - self.t0, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 and self.total else 0.0
         print(f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.0f} {self.unit}/s, {left:.0f} s left)",
@@ -94,3 +98,11 @@ def bar(what: str, total: int, unit: str = "img") -> Iterator[_Null | _Plain | _
                TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=_console, transient=True) as progress:
         yield _Rich(progress, progress.add_task(what, total=total))
+
+
+def rows(chunks, what: str, total: int, unit: str = "row"):
+    """Yield the (x, labels) chunks unchanged, advancing a bar by the rows of each."""
+    with bar(what, total, unit) as shown:
+        for chunk in chunks:
+            yield chunk
+            shown.advance(len(chunk[-1]))

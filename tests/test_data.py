@@ -321,6 +321,77 @@ def test_presplit_cub_reads_under_its_preset_with_cubs_transforms(tmp_path):
     assert type(steps[2]).__name__ == "RandomCrop"
 
 
+def _authors_cars(root, names, train=3, val=2, seed=0):
+    """`cars196/{train,val}/<name>/` and `label_map.txt` beside it, as the authors' split_car.py leaves them."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        for split, n in (("train", train), ("val", val)):
+            for i in range(n):
+                _image(root / "cars196" / split / name / f"{i:06d}.jpg", rng)
+    (root / "label_map.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+
+
+def test_presplit_cars_with_a_label_map_reads_under_its_preset(tmp_path):
+    from clpt.data import readers
+    from clpt.data.readers import read_dataset
+    from clpt.data.transforms import file_transform
+
+    names = ["Acura_TL_Sedan_2012", "AM_General_Hummer_SUV_2000", "Audi_S4_Sedan_2012"]
+    _authors_cars(tmp_path, names)
+    raw = read_dataset("cars196", str(tmp_path), False, 0)
+    # numbered as ImageFolder numbers the folders (the authors' class order), not as the map lists them
+    assert raw.name == "cars196" and raw.class_names == sorted(names)
+    assert (
+        np.bincount(raw.train.labels).tolist() == [3] * 3 and np.bincount(raw.test.labels).tolist() == [2] * 3
+    )
+    assert all(
+        f"/cars196/val/{raw.class_names[y]}/" in p
+        for p, y in zip(raw.test.paths, raw.test.labels, strict=True)
+    )
+    assert raw.info["label_map"] == str(tmp_path / "label_map.txt") and raw.info["split"] == "as distributed"
+    bench = load_benchmark(BenchmarkConfig(name="cars196", root=str(tmp_path), init_classes=2, increment=1))
+    assert bench.family == "fixed_resize" and bench.mean == IMAGENET_MEAN  # Cars' own transforms
+    steps = file_transform(bench.family, True, 224).transforms
+    assert type(steps[1]).__name__ == "Resize" and type(steps[2]).__name__ == "RandomCrop"
+
+    # the sizes of the official test and training sets, swapped: said, and recorded with the split
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("clpt").addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(readers, "CARS_OFFICIAL", (6, 9))
+            swapped = read_dataset("cars196", str(tmp_path), False, 0)
+    finally:
+        logging.getLogger("clpt").removeHandler(handler)
+    assert any("swapped" in m for m in seen) and "swapped" in swapped.info["split"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda r: (r / "label_map.txt").write_text("1 Acura\n2 Audi\n"),
+            r"class folder\(s\) under .* are not in",
+        ),
+        (lambda r: (r / "label_map.txt").write_text("1 Acura\n2 Audi\n3 BMW\n4 Fiat\n"), "have no folder"),
+        (lambda r: (r / "label_map.txt").write_text("1 Acura\nAudi\n3 BMW\n"), "line 2 is not"),
+        (lambda r: (r / "label_map.txt").write_bytes(b"\xff\xfe\x00"), "cannot read"),
+    ],
+)
+def test_presplit_cars_label_map_that_disagrees_is_one_clear_error(tmp_path, edit, message):
+    from clpt.data.readers import read_dataset
+
+    _authors_cars(tmp_path, ["Acura", "Audi", "BMW"], train=1, val=1)
+    edit(tmp_path)
+    with pytest.raises(DataError, match=message) as e:
+        read_dataset("cars196", str(tmp_path), False, 0)
+    assert e.value.hint and "\n" not in str(e.value)
+
+
 def test_cifar_test_resize_matches_pil_bicubic_within_one_level():
     """The on-device test transform of CIFAR-100 against torchvision's Resize(256) + CenterCrop(224) on PIL."""
     from torchvision.transforms import InterpolationMode, v2

@@ -198,3 +198,23 @@ def test_test_accuracy_every_n_epochs_is_recorded_and_changes_no_result(tmp_path
     assert "test accuracy on classes 0-29" in res.stderr
     ref = json.loads(cli("eval", finished_run, "--task", 4, "--json").stdout)
     assert json.loads(res.stdout)["acc_matrix"] == ref["acc_matrix"]  # monitoring changed nothing
+
+
+def test_head_fitting_shows_progress_on_stderr_and_json_stays_valid(run_copy, monkeypatch):
+    """fit-stats (rows), align (epochs) and a head streaming cached features (rows of each task)."""
+    from clpt import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+    stats = cli("fit-stats", run_copy, "--task", 1, "--force")
+    assert stats.exit_code == 0, stats.stderr
+    assert stats.stdout == "" and "task 1 fit-stats: 1200/1200 row" in stats.stderr
+    align = cli("align", run_copy, "--task", 1, "--force")
+    assert align.exit_code == 0 and "task 1 align: 2/2 epoch" in align.stderr
+    head = cli("heads", run_copy, "--head", "ranpac", "--task", 1, "--force")
+    assert head.exit_code == 0, head.stderr
+    assert "task 1 head:ranpac, features of task 0: 1200/1200 row" in head.stderr
+    assert "task 1 head:ranpac, features of task 1: 1200/1200 row" in head.stderr
+    res = cli("eval", run_copy, "--task", 1, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["task"] == 1
+    quiet = cli("--quiet", "fit-stats", run_copy, "--task", 1, "--force")
+    assert quiet.exit_code == 0 and "fit-stats:" not in quiet.stderr

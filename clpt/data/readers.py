@@ -13,7 +13,8 @@ dataset's own class numbering (the run's class order is applied later).
 | cub200      | `CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,      |
 |             | classes.txt,images/}`                                                      |
 | cars196     | `stanford_cars/{devkit/,cars_train/,cars_test/,cars_test_annos_withlabels.mat}` |
-|             | (the devkit layout torchvision reads), or `train/<class>/`, `test/<class>/` |
+|             | (the devkit layout torchvision reads), or pre-split `cars196/{train,val}/<class>/` |
+|             | (the authors' split_car.py, folders named by label_map.txt; also train/ test/) |
 | imagefolder | `train/<class>/*`, and `test/<class>/*` or `val/<class>/*`                  |
 
 `root` may name the dataset folder itself or its parent.
@@ -265,10 +266,33 @@ def read_cub200(root: Path) -> RawDataset:
 
 
 def read_cars196(root: Path) -> RawDataset:
-    """Stanford Cars: the devkit layout (through torchvision's StanfordCars) or train/ test/ folders."""
-    if (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir()):
-        ds = read_imagefolder(root, name="cars196")
-        ds.info["layout"] = "train/<class>/, test/<class>/"
+    """Stanford Cars: the devkit layout (through torchvision's StanfordCars), or pre-split folders.
+
+    Pre-split: `train/<class>/` and `val/<class>/` (or `test/`) in root, `root/cars196` or
+    `root/stanford_cars`, as the authors' `split_car.py` writes them, its class folders named by
+    `label_map.txt`. Classes are numbered by sorted folder name, as torchvision's ImageFolder (and
+    so the authors' code) numbers them; the devkit layout numbers them as `cars_meta.mat` lists
+    them, which need not be the same order: one seed may give the two layouts different class orders. A `label_map.txt` beside the
+    folders (or one level up) is checked against them: every folder a class of the map, every
+    class of the map a folder.
+    """
+    pre = _presplit(root, "cars196", "stanford_cars")
+    if pre is not None:
+        ds = read_imagefolder(pre, name="cars196")
+        ds.info.update(
+            {
+                "layout": f"{pre.name}/ {ds.info['layout']} (pre-split)",
+                "split": "as distributed",
+                "class numbering": "class folders sorted by name (torchvision ImageFolder)",
+            }
+        )
+        label_map = next(
+            (p for p in (pre / "label_map.txt", pre.parent / "label_map.txt") if p.is_file()), None
+        )
+        if label_map is not None:
+            _check_label_map(label_map, ds.class_names, pre)
+            ds.info["label_map"] = str(label_map)
+        _warn_if_cars_split_swapped(ds)
         return ds
     from torchvision.datasets import StanfordCars
 
@@ -294,6 +318,50 @@ def read_cars196(root: Path) -> RawDataset:
         raws[1],
         {"layout": "stanford_cars devkit"},
     )
+
+
+CARS_OFFICIAL = (8144, 8041)  # Stanford Cars: training and test images
+
+
+def _check_label_map(path: Path, folders: list[str], base: Path) -> None:
+    """`<id> <class name>` per line, as `split_car.py` reads it; its names must be the class folders."""
+    try:
+        rows = [line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"cannot read {path} ({type(e).__name__})", hint="fix or remove the label map"
+        ) from None
+    bad = next((i for i, r in enumerate(rows) if len(r) != 2), None)
+    if bad is not None:
+        raise DataError(
+            f"{path}: line {bad + 1} is not '<class id> <class name>'",
+            hint="use the label_map.txt the folders were made with, or remove it",
+        )
+    names = {r[1].strip() for r in rows}
+    extra = [f for f in folders if f not in names]
+    if extra:
+        raise DataError(
+            f"{len(extra)} class folder(s) under {base / 'train'} are not in {path} (e.g. {extra[0]!r})",
+            hint="use the label_map.txt the folders were made with, or remove it",
+        )
+    missing = sorted(names - set(folders))
+    if missing:
+        raise DataError(
+            f"{len(missing)} class(es) of {path} have no folder under {base / 'train'} (e.g. {missing[0]!r})",
+            hint="re-run the split so that every class has its folders, or remove the label map",
+        )
+
+
+def _warn_if_cars_split_swapped(ds: RawDataset) -> None:
+    """Pre-split Cars whose train/ holds as many images as the official test set and the reverse."""
+    counts = (len(ds.train.paths), len(ds.test.paths))
+    if counts == CARS_OFFICIAL[::-1]:
+        note = (
+            f"train/ holds {counts[0]} images and the test folder {counts[1]}: the sizes of the official "
+            f"test and training sets, swapped"
+        )
+        log.warning("Stanford Cars: %s (the official split trains on %d images)", note, CARS_OFFICIAL[0])
+        ds.info["split"] = f"as distributed; {note}"
 
 
 def read_dataset(name: str, root: str, download: bool, split_seed: int) -> RawDataset:

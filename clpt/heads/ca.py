@@ -28,7 +28,7 @@ def fit(ctx, settings: CAHeadConfig):
         return ctx.aligned_heads().to(ctx.device).eval()
     heads = ctx.trained_heads()
     if ctx.task > 0:
-        align_on_stats(heads, ctx.class_stats(), ctx.task, ctx.cfg, ctx.device)
+        align_on_stats(heads, ctx.class_stats(), ctx.task, ctx.cfg, ctx.device, label=ctx.label)
     return heads.to(ctx.device).eval()
 
 
