@@ -30,7 +30,9 @@ app = typer.Typer(
 )
 # Under torchrun only rank 0 speaks; the other ranks work silently (errors still show).
 _QUIET_RANK = int(os.environ.get("RANK", "0")) != 0
-out = Console(highlight=False, soft_wrap=True, quiet=_QUIET_RANK)  # stdout: results
+# Piped or redirected, tables keep their natural width (up to 200 columns) instead of rich's 80.
+_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+out = Console(highlight=False, soft_wrap=True, quiet=_QUIET_RANK, width=_PIPE_WIDTH)  # stdout: results
 err = Console(stderr=True, highlight=False, soft_wrap=True, quiet=_QUIET_RANK)  # stderr: logs, progress
 errors = Console(stderr=True, highlight=False, soft_wrap=True)  # errors, from any rank
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,9 @@ def test_every_format_parses_back(runs):
     tex = cli("report", runs, "-f", "latex").stdout
     assert tex.startswith("\\begin{tabular}") and tex.count("\\\\") == 3 and "75.00 $\\pm$ 5.00" in tex
     assert cli("report", runs, "-f", "yaml").exit_code == 1
+    piped = cli("report", runs).stdout  # the terminal table, piped: natural width, a row a line
+    if "COLUMNS" not in os.environ:  # an explicit COLUMNS is rich's to honour
+        assert sum("75.00 ± 5.00" in line and "slca" in line for line in piped.splitlines()) == 1
 
 
 def test_plots_are_valid_pngs_with_their_panels(runs, tmp_path):
