@@ -106,7 +106,7 @@ def align_heads(
     gen = torch.Generator(device=device).manual_seed(seed)
     sizes = heads.sizes
     losses = []
-    with progress.bar(label, a.epochs if label else 0, unit="epoch") as shown:
+    with progress.bar(label, a.epochs, unit="epoch") as shown:
         for _ in range(a.epochs):
             x, y = sampler.sample(a.samples_per_class, gen, shrink)
             if a.sample_scale:

@@ -415,16 +415,21 @@ def _finite(x: np.ndarray, what: str, command: str) -> np.ndarray:
     return x
 
 
-def iter_feature_chunks(root: Path, t: int, split: str, rows: int):
-    """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time (checksums verified)."""
+def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = ""):
+    """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time (checksums verified).
+
+    `label` names a progress bar over the rows ("" shows none)."""
+    from clpt import progress
+
     feats, labels = open_features(root, t, split)
     what, cmd = f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}"
-    for start in range(0, feats.shape[0], rows):
-        sel = slice(start, start + rows)
-        yield (
-            torch.from_numpy(_finite(read_checked(feats, sel, what, cmd), what, cmd)),
-            torch.from_numpy(read_checked(labels, sel, what, cmd)),
-        )
+    with progress.bar(label, feats.shape[0], unit="row") as shown:
+        for start in range(0, feats.shape[0], rows):
+            sel = slice(start, start + rows)
+            x = torch.from_numpy(_finite(read_checked(feats, sel, what, cmd), what, cmd))
+            y = torch.from_numpy(read_checked(labels, sel, what, cmd))
+            yield x, y
+            shown.advance(len(y))
 
 
 def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:

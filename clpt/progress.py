@@ -77,8 +77,8 @@ def _is_terminal() -> bool:
 
 @contextlib.contextmanager
 def bar(what: str, total: int, unit: str = "img") -> Iterator[_Null | _Plain | _Rich]:
-    """A progress display for `total` units of work, on stderr."""
-    if not _enabled or total <= 0:
+    """A progress display for `total` units of work, on stderr; an empty `what` shows none."""
+    if not _enabled or total <= 0 or not what:
         yield _Null()
         return
     if not _is_terminal():
@@ -98,11 +98,3 @@ def bar(what: str, total: int, unit: str = "img") -> Iterator[_Null | _Plain | _
                TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=_console, transient=True) as progress:
         yield _Rich(progress, progress.add_task(what, total=total))
-
-
-def rows(chunks, what: str, total: int, unit: str = "row"):
-    """Yield the (x, labels) chunks unchanged, advancing a bar by the rows of each."""
-    with bar(what, total, unit) as shown:
-        for chunk in chunks:
-            yield chunk
-            shown.advance(len(chunk[-1]))

@@ -175,7 +175,7 @@ def fit_class_stats(
 
 
 def stats_stage(ctx) -> tuple[list[Path], dict]:
-    from clpt import artifacts, progress
+    from clpt import artifacts
     from clpt import distributed as dist
 
     run, t = ctx.run, ctx.task
@@ -187,9 +187,8 @@ def stats_stage(ctx) -> tuple[list[Path], dict]:
     feats, _ = artifacts.open_features(run.root, t, "train")
     device = dist.resolve_device(run.cfg.system.device)  # CUDA -> the Triton kernel, CPU -> BLAS
     chunks = artifacts.iter_feature_chunks(
-        run.root, t, "train", run.cfg.stats.chunk_rows
+        run.root, t, "train", run.cfg.stats.chunk_rows, f"task {t} fit-stats"
     )  # checksums verified
-    chunks = progress.rows(chunks, f"task {t} fit-stats", feats.shape[0])
     m = fit_class_stats(chunks, classes, feats.shape[1], device, run.cfg.stats.kernel_precision)
     counts = m.count.to(torch.int64).tolist()
     few = [classes.start + i for i, k in enumerate(counts) if k < 2]

@@ -272,9 +272,9 @@ def read_cars196(root: Path) -> RawDataset:
     `root/stanford_cars`, as the authors' `split_car.py` writes them, its class folders named by
     `label_map.txt`. Classes are numbered by sorted folder name, as torchvision's ImageFolder (and
     so the authors' code) numbers them; the devkit layout numbers them as `cars_meta.mat` lists
-    them, which need not be the same order: one seed may give the two layouts different class orders. A `label_map.txt` beside the
-    folders (or one level up) is checked against them: every folder a class of the map, every
-    class of the map a folder.
+    them, which need not be the same order: one seed may give the two layouts different class
+    orders. A `label_map.txt` beside the folders (or one level up) is checked against them: every
+    folder a class of the map, every class of the map a folder.
     """
     pre = _presplit(root, "cars196", "stanford_cars")
     if pre is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from clpt import artifacts, progress
+from clpt import artifacts
 from clpt.registry import Registry
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # (N, d) features -> (N, C) scores, argmax predicts
@@ -99,11 +99,8 @@ class HeadContext:
 
     def train_chunks(self, i: int, rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Cached training features of task i (extracted with task i's backbone), on the device."""
-        chunks = artifacts.iter_feature_chunks(self.root, i, "train", rows)
-        if self.label:
-            total = artifacts.open_features(self.root, i, "train")[0].shape[0]
-            chunks = progress.rows(chunks, f"{self.label}, features of task {i}", total)
-        for x, y in chunks:
+        label = f"{self.label}, features of task {i}" if self.label else ""
+        for x, y in artifacts.iter_feature_chunks(self.root, i, "train", rows, label):
             yield x.to(self.device), y.to(self.device)
 
     def feature_dim(self) -> int:
