@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clpt.backbone  # noqa: F401  (registers clpt_vit_micro)
-from clpt.data.benchmark import FAMILY, Benchmark, Split, task_ranges
+from clpt.data.benchmark import Benchmark, Split, task_ranges
 from clpt.data.loader import batches
+from clpt.data.registry import READERS
 
 
 def sync(device: torch.device) -> None:
@@ -60,7 +61,8 @@ def make_imagenet_r_like(n: int, folder: Path, seed: int = 0) -> Split:
 
 
 def bench_for(name: str, split: Split, size: int) -> Benchmark:
-    family, mean, std = FAMILY[name]
+    spec = READERS.get(name)
+    family, mean, std = spec.family, spec.mean, spec.std
     n_cls = int(split.labels.max()) + 1
     return Benchmark(
         name,

@@ -33,14 +33,13 @@ SIZES = {"cifar100": (50_000, 768, 100), "imagenet-r": (24_000, 768, 200)}
 
 
 def builtin_runs(out: Path, overrides: list[str]) -> list[dict]:
-    from clpt import config as C
-    from clpt.evaluate import report
     from clpt.io import read_json
-    from clpt.run import create_run, run_all
+    from clpt.run import create_run, report, run_all
+    from clpt.stages import resolve as R
 
     rows = []
     for method in ("frozen_ca", "slca"):
-        cfg = C.resolve(overrides=[f"method={method}", *overrides])
+        cfg = R.resolve(overrides=[f"method={method}", *overrides])
         run = create_run(out / method, cfg)
         run_all(run)
         rep = report(run)
@@ -60,10 +59,10 @@ def builtin_runs(out: Path, overrides: list[str]) -> list[dict]:
 def _fit_one(args) -> dict:
     """In a fresh process: fit one head on synthetic features; time and peak memory of the fit alone."""
     head, (n, d, c), device, ranpac_dim = args
-    from clpt import config as C
     from clpt.heads import HEADS as REG
     from clpt.heads import InMemoryCache
     from clpt.model import Heads
+    from clpt.stages import resolve as R
 
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(c, d, generator=g) * 0.5 + 1.0  # ViT-like: large common mean
@@ -71,14 +70,13 @@ def _fit_one(args) -> dict:
     x = mu[y] + torch.randn(len(y), d, generator=g)
     inc = c // 10
     tasks = [[i, i + inc] for i in range(0, c, inc)]
-    cfg = C.resolve(
+    cfg = R.resolve(
         overrides=["benchmark.name=imagefolder", "benchmark.root=.", f"heads.ranpac.dim={ranpac_dim}"]
     )
-    ctx = InMemoryCache(x, y, tasks, len(tasks) - 1, cfg, device)
+    # heads of the right shape stand in for the trained ones (ca, linear)
+    ctx = InMemoryCache(x, y, tasks, len(tasks) - 1, cfg, device, heads=Heads(d, [inc] * len(tasks)))
     settings = cfg.heads.of(head)
-    if head in ("ca", "linear"):  # heads of the right shape stand in for the trained ones
-        heads = Heads(d, [inc] * len(tasks))
-        ctx.trained_heads = ctx.aligned_heads = lambda: heads
+    if head in ("ca", "linear"):
         cfg.align.enabled = head == "linear"  # linear: just the heads; ca: align them from the statistics
     dev = torch.device(device)
     if dev.type == "cuda":

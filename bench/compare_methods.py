@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from clpt import config as C
-from clpt.evaluate import report
-from clpt.run import create_run, run_all
+from clpt.run import create_run, report, run_all
+from clpt.stages import resolve as R
 
 # The paper's methods and baselines, as configs over the same code.
 VARIANTS = {
@@ -34,7 +34,7 @@ VARIANTS = {
     "slca": ["method=slca"],
     "slca_pp": ["method=slca_pp"],
     "slca_pp_mlp": ["method=slca_pp", "lora.targets=[qkv,mlp]"],
-    # METHOD_HEADS.md: statistics heads on a frozen backbone, and with MIST's sparse tuning
+    # docs/methods/heads.md: statistics heads on a frozen backbone, and with MIST's sparse tuning
     "simplecil": ["method=simplecil"],
     "simplecil_mist": ["method=simplecil_mist"],
     "ranpac_frozen": ["method=ranpac_frozen"],
@@ -53,7 +53,7 @@ def trainable_parameters(cfg: C.RunConfig) -> tuple[int, float]:
     from clpt.methods import METHODS
     from clpt.train import initial_model, param_groups
 
-    bare = C.build_config(C.deep_merge(C.to_dict(cfg), {"backbone": {"pretrained": False}}))
+    bare = R.build_config(C.deep_merge(C.to_dict(cfg), {"backbone": {"pretrained": False}}))
     model, _ = initial_model(bare, torch.device("cpu"))
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     learner = METHODS.get(cfg.method).learner
@@ -82,7 +82,7 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="clpt-bench-"))
     rows = []
     for method in args.methods:
-        cfg = C.resolve(overrides=[*VARIANTS[method], *args.overrides])
+        cfg = R.resolve(overrides=[*VARIANTS[method], *args.overrides])
         t0 = time.perf_counter()
         run = create_run(out / method, cfg)
         run_all(run)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from clpt import distributed as dist
 from clpt.errors import ClptError
 
 app = typer.Typer(
@@ -29,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Under torchrun only rank 0 speaks; the other ranks work silently (errors still show).
-_QUIET_RANK = int(os.environ.get("RANK", "0")) != 0
+_QUIET_RANK = not dist.is_main()
 # Piped or redirected, tables keep their natural width (up to 200 columns) instead of rich's 80.
 _PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
 out = Console(highlight=False, soft_wrap=True, quiet=_QUIET_RANK, width=_PIPE_WIDTH)  # stdout: results
@@ -95,7 +96,9 @@ def guarded(fn):
                 errors.print(INTERRUPTED)
                 raise typer.Exit(130) from None
             if isinstance(e, ClptError):
-                raise _fail(e.one_line(), e.exit_code) from None
+                from clpt.stages import explain  # the fix of a library error: its stage's command
+
+                raise _fail(explain(e).one_line(), e.exit_code) from None
             if isinstance(e, OSError) and e.errno is not None:
                 raise _fail(from_os_error(e).one_line(), 1) from None
             if _DEBUG:
@@ -108,8 +111,6 @@ def guarded(fn):
                 1,
             ) from None
         finally:
-            from clpt import distributed as dist
-
             dist.shutdown()  # a process group left open can abort the interpreter at exit
 
     return wrapper
@@ -124,8 +125,7 @@ def _setup(
 ) -> None:
     global _DEBUG
     _DEBUG = debug or os.environ.get("CLPT_DEBUG", "") not in ("", "0")
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    level = logging.WARNING if quiet or not dist.is_main() else logging.INFO
     handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
     logger = logging.getLogger("clpt")
     logger.handlers[:] = [handler]
@@ -134,23 +134,14 @@ def _setup(
     from clpt import progress
 
     progress.configure(enabled=not quiet, console=err)
-    err.quiet = quiet or rank != 0  # stage lines and notes: silenced by --quiet (errors still show)
-
-
-def _open(run_dir: Path):
-    from clpt import distributed as dist
-    from clpt.run import open_run
-
-    run = open_run(run_dir)
-    dist.init_from_env(run.cfg.system.device)
-    return run
+    err.quiet = quiet or not dist.is_main()  # stage lines and notes: silenced by --quiet (errors still show)
 
 
 def _stage(run_dir: Path, stage: str, task: int, force: bool, wait: bool = False) -> None:
     from clpt.lock import run_lock
-    from clpt.run import run_stage
+    from clpt.run import open_for_work, run_stage
 
-    run = _open(run_dir)
+    run = open_for_work(run_dir)
     with run_lock(run.root, wait):
         res = run_stage(run, stage, task, force=force)
     if res.skipped:
@@ -163,10 +154,10 @@ def _stage(run_dir: Path, stage: str, task: int, force: bool, wait: bool = False
 @guarded
 def init(run_dir: RunArg, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Create a run folder from a config file and overrides (defaults: the built-in benchmark)."""
-    from clpt import config as C
     from clpt.run import create_run
+    from clpt.stages.resolve import resolve
 
-    cfg = C.resolve(config, set_ or [])
+    cfg = resolve(config, set_ or [])
     run = create_run(run_dir, cfg)
     err.print(f"created run {run.root}: {run.info.benchmark}, {run.info.n_tasks} tasks, method {cfg.method}")
 
@@ -218,11 +209,10 @@ def eval_(
     run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, json_: JsonOpt = False, wait: WaitOpt = False
 ) -> None:
     """Accuracy of the aligned classifier on all seen classes: row TASK of the accuracy matrix."""
-    from clpt.evaluate import report
     from clpt.lock import run_lock
-    from clpt.run import run_stage
+    from clpt.run import open_for_work, report, run_stage
 
-    run = _open(run_dir)
+    run = open_for_work(run_dir)
     run.check_task(task)
     if force or run.state("eval", task) != "done":  # a finished evaluation is only read: no lock
         with run_lock(run.root, wait):
@@ -253,77 +243,31 @@ def run_(
     seeds: SeedsOpt = None,
 ) -> None:
     """Every stage not yet done (or stale), for every task, in order; creates the run if needed."""
+    from clpt import run as R
+
     if seeds is not None:
-        _run_seeds(run_dir, seeds, config, set_ or [], force, json_, wait)
+        docs = R.run_seeds(run_dir, R.parse_seeds(seeds), config, set_ or [], force, wait, _on_stage,
+                           on_seed=lambda s, folder: err.print(f"seed {s}: {folder}"), on_start=_announce)  # fmt: skip
+        if json_:
+            _print_json({"runs": docs})
+        else:
+            err.print(f"{len(docs)} runs done; summary: `clpt report {run_dir}`")
         return
-    _run_one(run_dir, config, set_, force, json_, wait)
+    _print_report(R.run_one(run_dir, config, set_, force, wait, _on_stage, on_start=_announce), json_)
 
 
-def _run_seeds(
-    parent: Path, seeds: str, config, set_: list[str], force: bool, json_: bool, wait: bool
-) -> None:
-    """One run per seed under `parent`; an existing seed folder is continued (same settings), not overwritten."""
-    try:
-        values = [int(s) for s in seeds.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise ClptError(f"--seeds {seeds!r} is not a comma-separated list of integers",
-                        hint="e.g. --seeds 1993,1996,1997") from None  # fmt: skip
-    if not values or len(set(values)) != len(values):
-        raise ClptError(f"--seeds {seeds!r} must list distinct seeds", hint="e.g. --seeds 1993,1996,1997")
-    if any(o.split("=", 1)[0].strip() in ("seed", "benchmark.seed") for o in set_):
-        raise ClptError("--seeds sets seed and benchmark.seed itself", hint="drop them from --set")
-    if (parent / "config.yaml").exists():
-        raise ClptError(
-            f"{parent} is a run folder, not a folder of runs", hint="give --seeds a new or parent folder"
-        )
-    docs = []
-    for s in values:
-        err.print(f"seed {s}: {parent / f'seed_{s}'}")
-        docs.append(_run_one(parent / f"seed_{s}", config, [*set_, f"seed={s}", f"benchmark.seed={s}"],
-                             force, False, wait, quiet_report=True))  # fmt: skip
-    if json_:
-        _print_json({"runs": docs})
-    else:
-        err.print(f"{len(values)} runs done; summary: `clpt report {parent}`")
-
-
-def _run_one(run_dir, config, set_, force, json_, wait, quiet_report: bool = False) -> dict:
-    from clpt import config as C
-    from clpt.evaluate import report
-    from clpt.run import create_run, run_all
+def _announce(run) -> None:
     from clpt.stages import run_order
 
-    if not (run_dir / "config.yaml").exists():
-        create_run(run_dir, C.resolve(config, set_ or []))
-    elif config is not None or set_:  # the command that created the run, again: continue it if it agrees
-        from clpt.run import config_differences, open_run
-
-        diff = config_differences(open_run(run_dir), C.resolve(config, set_ or []))
-        if diff:
-            raise ClptError(
-                f"{run_dir} already holds a run with other settings: {'; '.join(diff[:3])}"
-                + (f" and {len(diff) - 3} more" if len(diff) > 3 else ""),
-                hint=f"use `clpt config {run_dir} --set ...` for editable keys, or a new run folder",
-            )
-    run = _open(run_dir)
-    n = run.info.n_tasks
-
-    def on_stage(res) -> None:
-        what = "done already" if res.skipped else f"{res.marker['seconds']:.1f} s"
-        err.print(f"[{res.task + 1}/{n}] {res.stage:<12} {what}")
-
     err.print(
-        f"run {run.root}: {run.info.benchmark}, {n} tasks x {len(run_order(run.cfg))} stages, "
+        f"run {run.root}: {run.info.benchmark}, {run.info.n_tasks} tasks x {len(run_order(run.cfg))} stages, "
         f"method {run.cfg.method}, heads {', '.join(run.cfg.heads.enabled) or 'none'}"
     )
-    from clpt.lock import run_lock
 
-    with run_lock(run.root, wait):
-        run_all(run, force=force, on_stage=on_stage)
-    rep = report(run)
-    if not quiet_report:
-        _print_report(rep, json_)
-    return rep
+
+def _on_stage(res) -> None:
+    what = "done already" if res.skipped else f"{res.marker['seconds']:.1f} s"
+    err.print(f"[{res.task + 1}/{res.n_tasks}] {res.stage:<12} {what}")
 
 
 @app.command("report")
@@ -439,34 +383,17 @@ def heads_(
     --set heads.NAME.KEY=VALUE changes a head's settings first: exactly that head
     becomes stale and is refitted. Heads: ca, linear, ncm, lda, fecam, ranpac.
     """
-    from clpt.evaluate import report
-    from clpt.heads import HEADS
-    from clpt.lock import run_lock
-    from clpt.run import edit_config, open_run, run_stage
+    from clpt.run import refit_heads
 
-    for name in head or []:
-        if name not in HEADS:
-            raise ClptError(f"unknown head {name!r}", hint=f"choose from: {', '.join(HEADS.names())}")
-    open_run(run_dir)  # a clear error for a folder that is not a run, before locking it
-    with run_lock(run_dir, wait):
-        if set_:
-            edit_config(open_run(run_dir), set_)
-        run = _open(run_dir)
-        last = run.info.n_tasks - 1 if task is None else task
-        run.check_task(last)
-        names = head or list(run.cfg.heads.enabled)
-        for t in range(last + 1):
-            for name in names:
-                res = run_stage(run, f"head:{name}", t, force=force)
-                fit = res.marker["summary"].get("fit_seconds", 0)
-                err.print(
-                    f"[{t + 1}/{last + 1}] {name:<7} {'done already' if res.skipped else f'{fit:.2f} s fit'}"
-                )
-    rep = report(run, last) if run.state("eval", last) == "done" else None
-    if rep is None:
-        from clpt.evaluate import head_report
+    def on_stage(res) -> None:
+        fit = res.marker["summary"].get("fit_seconds", 0)
+        name = res.stage.removeprefix("head:")
+        last = res.n_tasks - 1 if task is None else task
+        err.print(
+            f"[{res.task + 1}/{last + 1}] {name:<7} {'done already' if res.skipped else f'{fit:.2f} s fit'}"
+        )
 
-        rep = {"run": str(run.root), "method": run.cfg.method, "task": last, "heads": head_report(run, last)}
+    rep = refit_heads(run_dir, head, task, set_ or [], force, wait, on_stage)
     if json_:
         _print_json(rep)
     else:

@@ -1,4 +1,4 @@
-"""Stage 3: Classifier Alignment on the cached class statistics (METHOD.md).
+"""Classifier Alignment on class statistics (docs/methods/slca.md, stage 3).
 
 Only for tasks after the first; the backbone is not used. Each epoch draws
 `samples_per_class` features per seen class from N(mu_c', Sigma_c), shuffles
@@ -12,16 +12,16 @@ pre-alignment heads, and alignment is redone from scratch for each task.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from clpt import artifacts, progress
-from clpt import distributed as dist
+from clpt import progress
 from clpt.config import RunConfig
 from clpt.errors import ClptError
 from clpt.model import Heads
+from clpt.seeding import ALIGN, task_seed
+from clpt.stats import covariance
 
 log = logging.getLogger("clpt")
 
@@ -62,7 +62,7 @@ class GaussianSampler:
         if bad:
             raise ClptError(
                 f"covariance of class(es) {bad[:10]} is not positive definite",
-                hint="raise stats.ridge (published: 1e-4) and re-run `clpt fit-stats ... --force`",
+                hint="raise stats.ridge (published: 1e-4); it is added where the statistics are used",
             )
         self.mean = means.to(device=device, dtype=torch.float32)  # (C, d)
         self.chol = chol.to(device=device, dtype=torch.float32)  # (C, d, d), lower
@@ -135,18 +135,15 @@ def align_on_stats(
 ) -> list[float]:
     """Align `heads` in place on the class statistics of tasks 0..current_task (a `ClassStats`).
 
-    The ridge of METHOD.md (`stats.ridge`) is added to the stored covariances here, where it is used.
+    The ridge (`stats.ridge`, docs/methods/slca.md) is added to the stored covariances here, where it is used.
     """
-    from clpt.artifacts import covariance
-    from clpt.train import task_seed
-
     if len(stats.mean) != heads.n_classes:
         raise ClptError(
             f"statistics cover {len(stats.mean)} classes but the heads have {heads.n_classes}",
-            hint="re-run `clpt fit-stats RUN --task N --force` for the tasks 0..T",
+            hint=f"redo the class statistics of tasks 0..{current_task} with --force",
         )
     covs = covariance(stats.count, stats.m2, cfg.stats.ridge)
-    seed = task_seed(cfg, current_task, salt=2)
+    seed = task_seed(cfg.seed, current_task, ALIGN)
     tasks = class_tasks(stats.task_of_class, current_task, cfg.align.task_of_class)
     return align_heads(heads, stats.mean, covs, tasks, current_task, cfg, device, seed, label)
 
@@ -162,22 +159,3 @@ def class_tasks(true_tasks: torch.Tensor, current_task: int, mode: str = "true")
         return true_tasks
     size = int((true_tasks == current_task).sum())
     return torch.arange(len(true_tasks), device=true_tasks.device) // size
-
-
-def align_stage(ctx) -> tuple[list[Path], dict]:
-    from clpt.heads import HeadContext
-
-    run, t, cfg = ctx.run, ctx.task, ctx.run.cfg
-    out = artifacts.aligned_path(run.root, t)
-    heads = artifacts.load_trained_heads(artifacts.model_path(run.root, t))
-    if t == 0 or not cfg.align_enabled:
-        reason = "first task" if t == 0 else f"method {cfg.method} has no alignment"
-        if dist.is_main():
-            artifacts.save_heads(out, heads, t)
-        return [out], {"aligned": False, "reason": reason}
-    device = dist.resolve_device(cfg.system.device)
-    stats = HeadContext(run.root, cfg, t, run.info.tasks, device).class_stats()
-    losses = align_on_stats(heads, stats, t, cfg, device, label=f"task {t} align")
-    if dist.is_main():
-        artifacts.save_heads(out, heads.cpu(), t)
-    return [out], {"aligned": True, "epoch_loss": [round(v, 6) for v in losses]}

@@ -12,22 +12,24 @@
     RUN/tasks/003/heads/<name>.json      row 3 of head <name>'s accuracy matrix    format clpt-head-eval
     RUN/tasks/003/<stage>.done.json      stage markers                              (clpt.run)
 
-Stages read and write files only through this module: training, extraction,
-alignment, the heads and evaluation import no other stage's code to read a file.
-Every artifact records its format and `format_version`; a file of another
-format or version is a one-line `DataError` naming the command that rebuilds it.
+This module only stores: it builds no model and computes nothing. The stages
+(`clpt.stages`) read and write files only through it; models are rebuilt from
+what it reads by `clpt.checkpoint`. Every artifact records its format and
+`format_version`; a file of another format or version is a one-line `DataError`
+whose `Redo` names the stage that rebuilds it (the wiring formats its command).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
-from clpt.errors import DataError, MissingInputError
+from clpt import progress
+from clpt.errors import DataError, MissingInputError, Redo, from_os_error
 from clpt.io import read_json, torch_save, write_json
 
 # format name -> current version. A reader accepts exactly this version.
@@ -90,10 +92,6 @@ def stats_group(t: int) -> str:
     return f"task_{t:03d}"
 
 
-def _rebuild_hint(command: str) -> str:
-    return f"rebuild it with `{command}`"
-
-
 def _codecs() -> dict:
     """zstd, then a crc32c checksum of every chunk, verified by zarr on each read."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -106,20 +104,38 @@ def _codecs() -> dict:
 _BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError)
 
 
+def _group(node: zarr.Group | zarr.Array) -> zarr.Group:
+    if not isinstance(node, zarr.Group):
+        raise TypeError(f"{node} is an array where a group belongs")  # read as damaged metadata
+    return node
+
+
+def _array(node: zarr.Group | zarr.Array) -> zarr.Array:
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{node} is a group where an array belongs")  # read as damaged metadata
+    return node
+
+
+def rows_done(feats: zarr.Array, default: int = 0) -> int:
+    """The committed row count of a feature array (its `rows_done` attribute)."""
+    value = feats.attrs.get("rows_done", default)
+    return int(value) if isinstance(value, int | float) else default
+
+
 def open_node(
-    store: Path, path: str, keys: tuple[str, ...], what: str, command: str, missing: MissingInputError
+    store: Path, path: str, keys: tuple[str, ...], what: str, redo: Redo, missing: MissingInputError
 ):
     """The arrays `keys` of the group `path` in `store` for reading, with their group's attributes.
 
     A store or group that is absent raises `missing`; metadata that is damaged
     (a garbled or truncated `zarr.json` anywhere on the way) is a one-line
-    DataError naming the command that rebuilds it.
+    DataError whose Redo names the stage that rebuilds it.
     """
     if not (Path(store) / path).is_dir():
         raise missing
     try:
-        g = zarr.open_group(store, mode="r")[path]
-        return g, [g[k] for k in keys]
+        g = _group(zarr.open_group(store, mode="r")[path])
+        return g, [_array(g[k]) for k in keys]
     except FileNotFoundError:
         raise missing from None
     except _BAD_METADATA as e:
@@ -127,7 +143,7 @@ def open_node(
             raise missing from None
         raise DataError(
             f"{what} is damaged (unreadable zarr metadata: {str(e).splitlines()[0][:60] if str(e) else type(e).__name__})",
-            hint=f"re-run `{command} --force`",
+            redo=redo,
         ) from None
 
 
@@ -172,14 +188,14 @@ def writable_group(store: Path, path: str) -> zarr.Group:
     return zarr.open_group(store, mode="a").require_group(path)
 
 
-def read_checked(arr: zarr.Array, sel, what: str, command: str) -> np.ndarray:
+def read_checked(arr: zarr.Array, sel, what: str, redo: Redo) -> np.ndarray:
     """arr[sel], with a failed checksum or undecodable chunk as a one-line DataError naming the stage to redo."""
     try:
         return np.asarray(arr[sel])
     except (ValueError, RuntimeError, OSError) as e:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         detail = "a chunk's crc32c checksum does not match" if "checksum" in text.lower() else text[:80]
-        raise DataError(f"{what} is damaged ({detail})", hint=f"re-run `{command} --force`") from None
+        raise DataError(f"{what} is damaged ({detail})", redo=redo) from None
 
 
 # --- JSON records of the run: benchmark, manifest, backbone ------------------------------
@@ -198,9 +214,7 @@ def write_record(root: Path, kind: str, obj: dict) -> None:
 def read_record(root: Path, kind: str) -> dict:
     """A run record without its format fields (records from before versioning count as version 1)."""
     path = run_record_path(root, kind)
-    hint = (
-        f"restore {path.name} from a backup or a copy of the run, or start a new run folder with `clpt init`"
-    )
+    hint = f"restore {path.name} from a backup or a copy of the run, or create the run again in a new folder"
     try:
         obj = read_json(path)
     except FileNotFoundError:
@@ -215,131 +229,62 @@ def read_record(root: Path, kind: str) -> dict:
     return obj
 
 
-# --- torch files: model checkpoints and heads ------------------------------------------
+# --- torch files: model checkpoints and heads (built and read back by clpt.checkpoint) ----------
 
 
-def _tagged(fmt: str, payload: dict) -> dict:
-    return {"format": fmt, "format_version": FORMATS[fmt], **payload}
+def write_torch(path: Path, fmt: str, payload: dict) -> None:
+    """A clpt torch file of format `fmt`, tagged with its current version (atomic)."""
+    torch_save(path, {"format": fmt, "format_version": FORMATS[fmt], **payload})
 
 
-def read_torch(path: Path, fmt: str, command: str = "the stage that wrote it, with --force") -> dict:
-    """A clpt torch file of format `fmt` at its current version, or a one-line DataError."""
+def read_torch(path: Path, fmt: str, redo: Redo) -> dict:
+    """A clpt torch file of format `fmt` at its current version, or a one-line error naming `redo`."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{path} does not exist", hint=f"run {command}")
+        raise MissingInputError(
+            f"{path} does not exist", redo=Redo(redo.stage, redo.task, redo.root, force=False)
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unpickling errors all mean an unreadable file
-        raise DataError(f"cannot read {path} ({type(e).__name__})", hint=f"re-run {command}") from None
+        raise DataError(f"cannot read {path} ({type(e).__name__})", redo=redo) from None
     if not isinstance(obj, dict) or obj.get("format") not in (fmt, f"{fmt}-v1"):
-        raise DataError(f"{path} is not a clpt {fmt} file", hint=f"re-run {command}")
+        raise DataError(f"{path} is not a clpt {fmt} file", redo=redo)
     version = obj.get("format_version", 1)
     if version != FORMATS[fmt]:
         raise DataError(
-            f"{path} has {fmt} format version {version}, this clpt reads {FORMATS[fmt]}",
-            hint=f"re-run {command}",
+            f"{path} has {fmt} format version {version}, this clpt reads {FORMATS[fmt]}", redo=redo
         )
     return obj
 
 
-def save_model(
-    path: Path, backbone: torch.nn.Module, heads, backbone_cfg, task: int, extra: dict | None = None
-):
-    torch_save(
-        path,
-        _tagged(
-            "clpt-model",
-            {
-                "task": task,
-                "backbone_name": backbone_cfg.name,
-                "reset_final_norm": backbone_cfg.reset_final_norm,
-                "dim": heads.dim,
-                "head_sizes": heads.sizes,
-                "backbone": backbone.state_dict(),
-                "heads": heads.state_dict(),
-                **(extra or {}),
-            },
-        ),
-    )
-
-
-def read_model(path: Path) -> dict:
-    return read_torch(path, "clpt-model", _redo("train-task", path))
-
-
-def save_heads(path: Path, heads, task: int) -> None:
-    torch_save(
-        path,
-        _tagged(
-            "clpt-heads",
-            {"task": task, "dim": heads.dim, "head_sizes": heads.sizes, "heads": heads.state_dict()},
-        ),
-    )
-
-
-def load_error_detail(e: Exception) -> str:
-    """The telling line of a failed `load_state_dict`: its first size mismatch, else its first line."""
-    lines = str(e).strip().splitlines() or [type(e).__name__]
-    return next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0].strip())
-
-
-def _wrong_content(path: Path, e: Exception, command: str) -> DataError:
-    """A checkpoint that reads but does not fit: missing entries, wrong shapes, sizes that disagree."""
-    return DataError(
-        f"{path} does not fit this run ({type(e).__name__}: {load_error_detail(e)[:160]})",
-        hint=f"re-run {command}",
-    )
-
-
-def _heads_from(obj: dict, path: Path, command: str):
-    from clpt.model import Heads
-
-    try:
-        heads = Heads(int(obj["dim"]), [int(s) for s in obj["head_sizes"]])
-        heads.load_state_dict(obj["heads"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise _wrong_content(path, e, command) from None
-    return heads
-
-
-def _redo(command: str, path: Path) -> str:
-    """`clpt COMMAND RUN --task T --force` for a file RUN/tasks/T/<file>."""
-    path = Path(path)
-    try:
-        t = int(path.parent.name)
-        return f"`clpt {command} {path.parent.parent.parent} --task {t} --force`"
-    except ValueError:
-        return f"`clpt {command} RUN --task T --force`"
-
-
-def load_trained_heads(path: Path):
-    """The heads of a model checkpoint (as after the Slow Learner, before alignment)."""
-    return _heads_from(read_model(path), path, _redo("train-task", path))
-
-
-def load_aligned_heads(path: Path):
-    cmd = _redo("align", path)
-    return _heads_from(read_torch(path, "clpt-heads", cmd), path, cmd)
-
-
-def load_model(path: Path, cfg, device: torch.device):
-    """Backbone (with LoRA when configured) and heads of a model checkpoint, on `device`."""
-    from clpt.backbone import create_backbone
-    from clpt.lora import apply_lora
-    from clpt.model import CLModel
-
-    ckpt = read_model(path)
-    backbone = create_backbone(cfg.backbone, pretrained=False, image_size=cfg.benchmark.image_size)
-    if cfg.lora.targets:  # the LoRA weights come from the checkpoint
-        apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=False)
-    try:
-        backbone.load_state_dict(ckpt["backbone"], strict=True)
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise _wrong_content(path, e, _redo("train-task", path)) from None
-    return CLModel(backbone, _heads_from(ckpt, path, _redo("train-task", path))).to(device)
-
-
 # --- features ---------------------------------------------------------------------------
+
+
+class FeatureWriter:
+    """Rows of one feature store group, written chunk by chunk; `rows_done` committed after the data.
+
+    `commit_each`: commit after every chunk (one process writes in order); under
+    several ranks chunks land out of order, and rank 0 commits once at `finish`.
+    """
+
+    def __init__(self, feats: zarr.Array, labels: zarr.Array, rows_done: int, commit_each: bool = True):
+        self.feats, self.labels, self.rows_done, self.commit_each = feats, labels, rows_done, commit_each
+
+    def write(self, start: int, x: np.ndarray, y: np.ndarray) -> None:
+        stop = start + len(x)
+        try:
+            self.feats[start:stop] = x
+            self.labels[start:stop] = y
+        except OSError as e:  # a full disk, a read-only store: nothing past the committed rows counts
+            raise from_os_error(
+                e, f"cannot write features to {str(self.feats.store).removeprefix('file://')}"
+            ) from None
+        if self.commit_each:
+            self.feats.attrs["rows_done"] = stop  # commit after the data
+
+    def finish(self, n: int) -> None:
+        self.feats.attrs["rows_done"] = n
 
 
 def prepare_features(
@@ -350,7 +295,7 @@ def prepare_features(
     g = writable_group(store, name)
     if resume:
         try:
-            feats, labels = g["feats"], g["labels"]
+            feats, labels = _array(g["feats"]), _array(g["labels"])
             same = (
                 feats.shape == (n, d)
                 and labels.shape == (n,)
@@ -360,11 +305,9 @@ def prepare_features(
         except _BAD_METADATA:  # absent, or damaged: written afresh
             same = False
         if same:
-            return feats, labels, int(feats.attrs.get("rows_done", 0))
+            return feats, labels, rows_done(feats)
     for key in ("feats", "labels"):  # damaged array metadata is not read back, only replaced
         if (store / name / key).is_dir():
-            import shutil
-
             shutil.rmtree(store / name / key)
     feats = g.create_array(
         "feats", shape=(n, d), chunks=(chunk_rows, d), dtype="float32", overwrite=True, **_codecs()
@@ -383,35 +326,38 @@ def prepare_features(
     return feats, labels, 0
 
 
+def _extract_redo(root: Path, t: int, force: bool = True) -> Redo:
+    return Redo("extract", t, str(root), force)
+
+
 def open_features_for_append(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Array]:
-    g = zarr.open_group(features_path(root), mode="r+")[feature_group(t, split)]
-    return g["feats"], g["labels"]
+    g = _group(zarr.open_group(features_path(root), mode="r+")[feature_group(t, split)])
+    return _array(g["feats"]), _array(g["labels"])
 
 
 def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Array]:
     """The cached (feats, labels) arrays of a task and split, checked complete and of this format."""
     missing = MissingInputError(
         f"no complete {split} features for task {t} in {features_path(root)}",
-        hint=f"run `clpt extract {root} --task {t}`",
+        redo=_extract_redo(root, t, False),
     )
     _, (feats, labels) = open_node(
         features_path(root), feature_group(t, split), ("feats", "labels"),
-        f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}", missing,
+        f"the cached {split} features of task {t}", _extract_redo(root, t), missing,
     )  # fmt: skip
-    if int(feats.attrs.get("rows_done", -1)) != feats.shape[0]:
+    if rows_done(feats, -1) != feats.shape[0]:
         raise missing
     version = feats.attrs.get("format_version", 1)
     if version != FORMATS["clpt-features"] and version not in READABLE["clpt-features"]:
         raise DataError(
-            f"{split} features of task {t} have format version {version}",
-            hint=f"re-run `clpt extract {root} --task {t} --force`",
+            f"{split} features of task {t} have format version {version}", redo=_extract_redo(root, t)
         )
     return feats, labels
 
 
-def _finite(x: np.ndarray, what: str, command: str) -> np.ndarray:
+def _finite(x: np.ndarray, what: str, redo: Redo) -> np.ndarray:
     if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise DataError(f"{what} contain non-finite values", hint=f"re-run `{command} --force`")
+        raise DataError(f"{what} contain non-finite values", redo=redo)
     return x
 
 
@@ -419,25 +365,23 @@ def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = 
     """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time (checksums verified).
 
     `label` names a progress bar over the rows ("" shows none)."""
-    from clpt import progress
-
     feats, labels = open_features(root, t, split)
-    what, cmd = f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}"
+    what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t)
     with progress.bar(label, feats.shape[0], unit="row") as shown:
         for start in range(0, feats.shape[0], rows):
             sel = slice(start, start + rows)
-            x = torch.from_numpy(_finite(read_checked(feats, sel, what, cmd), what, cmd))
-            y = torch.from_numpy(read_checked(labels, sel, what, cmd))
+            x = torch.from_numpy(_finite(read_checked(feats, sel, what, redo), what, redo))
+            y = torch.from_numpy(read_checked(labels, sel, what, redo))
             yield x, y
             shown.advance(len(y))
 
 
 def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = open_features(root, t, split)
-    what, cmd = f"the cached {split} features of task {t}", f"clpt extract {root} --task {t}"
+    what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t)
     return (
-        torch.from_numpy(_finite(read_checked(feats, ..., what, cmd), what, cmd)),
-        torch.from_numpy(read_checked(labels, ..., what, cmd)),
+        torch.from_numpy(_finite(read_checked(feats, ..., what, redo), what, redo)),
+        torch.from_numpy(read_checked(labels, ..., what, redo)),
     )
 
 
@@ -478,25 +422,14 @@ def save_stats(root: Path, t: int, classes: range, count, mean, m2, source: str)
 
 def load_stats(root: Path, t: int) -> dict[str, np.ndarray]:
     """classes, count, mean, m2 of task t (float64 sufficient statistics, no ridge)."""
-    hint = f"re-run `clpt fit-stats {root} --task {t} --force`"
-    what, cmd = f"the statistics of task {t}", f"clpt fit-stats {root} --task {t}"
+    what, redo = f"the statistics of task {t}", Redo("stats", t, str(root))
     keys = ("classes", "count", "mean", "m2")
-    missing = MissingInputError(f"no statistics of task {t} in {stats_path(root)}", hint=hint)
-    g, arrays = open_node(stats_path(root), stats_group(t), keys, what, cmd, missing)
+    missing = MissingInputError(f"no statistics of task {t} in {stats_path(root)}", redo=redo)
+    g, arrays = open_node(stats_path(root), stats_group(t), keys, what, redo, missing)
     version = g.attrs.get("format_version", 1)
     if version != FORMATS["clpt-stats"]:
-        raise DataError(f"statistics of task {t} have format version {version}", hint=hint)
-    return {k: read_checked(a, ..., what, cmd) for k, a in zip(keys, arrays, strict=True)}
-
-
-def covariance(count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """(C, d, d) unbiased covariance M2 / (n - 1) + ridge * I; classes with < 2 rows get ridge * I alone."""
-    count = count.to(m2.dtype)
-    denom = (count - 1).clamp(min=1)[:, None, None]
-    cov = torch.where((count >= 2)[:, None, None], m2 / denom, torch.zeros_like(m2))
-    if ridge:
-        cov = cov + ridge * torch.eye(m2.shape[-1], dtype=m2.dtype, device=m2.device)
-    return cov
+        raise DataError(f"statistics of task {t} have format version {version}", redo=redo)
+    return {k: read_checked(a, ..., what, redo) for k, a in zip(keys, arrays, strict=True)}
 
 
 # --- evaluations ---------------------------------------------------------------------------
@@ -506,16 +439,11 @@ def write_eval(path: Path, row: dict, fmt: str = "clpt-eval") -> None:
     write_json(path, {"format": fmt, "format_version": FORMATS[fmt], **row})
 
 
-def read_eval(path: Path, fmt: str = "clpt-eval", command: str = "`clpt eval RUN --task T --force`") -> dict:
+def read_eval(path: Path, fmt: str, redo: Redo) -> dict:
     try:
         row = read_json(path)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({type(e).__name__})", hint=f"re-run {command}") from None
+        raise DataError(f"cannot read {path} ({type(e).__name__})", redo=redo) from None
     if not isinstance(row, dict) or row.get("format", fmt) != fmt or "per_task" not in row:
-        raise DataError(f"{path} is not a clpt {fmt} file", hint=f"re-run {command}")
+        raise DataError(f"{path} is not a clpt {fmt} file", redo=redo)
     return row
-
-
-def artifact_info() -> dict[str, Any]:
-    """The formats and versions this clpt writes (for `clpt status --json` and the docs)."""
-    return dict(FORMATS)

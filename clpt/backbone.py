@@ -1,6 +1,6 @@
 """Backbones: timm ViTs, the built-in micro ViT, weight loading and the feature.
 
-The feature of METHOD.md is the class token after the final LayerNorm, which a
+The feature of docs/methods/slca.md is the class token after the final LayerNorm, which a
 timm ViT built with `num_classes=0` and `global_pool='token'` returns from
 `forward`. With `reset_final_norm` (the reference code's quirk, on by default)
 the pre-trained final norm is replaced by a fresh `LayerNorm(d)` (weight 1,
@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from clpt.config import BackboneConfig
-from clpt.errors import DataError, MissingInputError
+from clpt.errors import ConfigError, DataError, MissingInputError, load_error_detail
 
 # The built-in backbone is a timm model registered in a leaf module; importing it registers it.
 from clpt.vit_micro import BUILTIN_NAME, BUILTIN_TAG, builtin_weights_path, cache_dir  # noqa: F401
@@ -97,8 +97,6 @@ def load_weights_file(model: VisionTransformer, path: Path) -> dict:
         sd = {k: v for k, v in checkpoint_filter_fn(sd, model).items() if not k.startswith(_NOT_BACKBONE)}
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except (RuntimeError, ValueError, KeyError, AttributeError) as e:  # wrong shapes, foreign layouts
-        from clpt.artifacts import load_error_detail
-
         raise DataError(
             f"{path} does not fit {name_of(model)}: {load_error_detail(e)[:200]}",
             hint="check that the checkpoint was made for backbone.name",
@@ -140,15 +138,24 @@ def _local_cache_only_unless_reachable(timeout: float = 3.0):
         constants.HF_HUB_OFFLINE = saved
 
 
+def _vit(model: nn.Module) -> VisionTransformer:
+    """A timm model as the ViT it is (clpt's backbones are timm VisionTransformers)."""
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError([f"backbone.name: {type(model).__name__} is not a timm VisionTransformer"])
+    return model
+
+
 def _from_hub(name: str, image_size: int | None = None) -> VisionTransformer:
     """timm's pre-trained weights: from the local Hugging Face cache, or downloaded when the network allows."""
     try:
         with _local_cache_only_unless_reachable():
-            return timm.create_model(
-                name, pretrained=True, num_classes=0, global_pool="token", **_size_kw(image_size)
+            return _vit(
+                timm.create_model(
+                    name, pretrained=True, num_classes=0, global_pool="token", **_size_kw(image_size)
+                )
             )
     except Exception as e:  # offline, missing in the cache, HTTP errors: no weights for us
-        if isinstance(e, DataError):
+        if isinstance(e, DataError | ConfigError):
             raise
         hub = (
             getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) if timm.is_model(name) else None
@@ -176,8 +183,6 @@ def input_size(cfg: BackboneConfig, requested: int | None) -> int:
     backbone is then built for it and timm resamples the pre-trained position
     embeddings. Anything else is a ConfigError, raised when the run is created.
     """
-    from clpt.errors import ConfigError
-
     name = _builtin_name(cfg.name)
     with torch.device("meta"):  # the architecture only: no memory, no weights
         model = _architecture(name)
@@ -197,7 +202,7 @@ def input_size(cfg: BackboneConfig, requested: int | None) -> int:
 
 def create_backbone(
     cfg: BackboneConfig, pretrained: bool | None = None, image_size: int | None = None
-) -> nn.Module:
+) -> VisionTransformer:
     """The backbone of `cfg`, with pre-trained weights unless `pretrained=False`.
 
     Order: architecture (for `image_size` input; None: the backbone's own), then
@@ -220,8 +225,10 @@ def create_backbone(
                 hint="run `clpt pretrain-builtin` (or `clpt run`, which pre-trains it first)",
             )
         try:
-            model = timm.create_model(
-                name, pretrained=True, num_classes=0, global_pool="token", **_size_kw(image_size)
+            model = _vit(
+                timm.create_model(
+                    name, pretrained=True, num_classes=0, global_pool="token", **_size_kw(image_size)
+                )
             )
         except (RuntimeError, ValueError, EOFError) as e:
             raise DataError(

@@ -1,9 +1,14 @@
-"""Typed run configuration: dataclasses, presets, file loading, overrides, validation.
+"""Typed run configuration: the dataclasses, their value checks, file loading, overrides.
 
-Precedence, lowest first: dataclass defaults < benchmark preset < method preset
-< config file (YAML or TOML) < command-line overrides (`section.key=value`).
-Every problem (unknown key, wrong type, bad value) is collected and reported at
-once in a `ConfigError`. The resolved configuration is saved in the run folder
+Each section is a dataclass with commented defaults and a `problems()` method
+that checks its own values; the sections know nothing of the registries
+(methods, heads, benchmark readers), and importing this module imports no
+torch. Composition with the registries (presets, each head's settings, the
+checks that need a registry) is `clpt.stages.resolve`: precedence, lowest
+first, dataclass defaults < benchmark preset < method preset < config file
+(YAML or TOML) < command-line overrides (`section.key=value`). Every problem
+(unknown key, wrong type, bad value) is collected and reported at once in a
+`ConfigError`. The resolved configuration is saved in the run folder
 (`config.yaml`) and every later stage reads it from there.
 """
 
@@ -14,6 +19,7 @@ import enum
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,26 @@ from typing import Any
 import yaml
 
 from clpt.errors import ConfigError
+
+# --- value checks, shared by the sections' problems() ------------------------------------------
+
+
+def checks(obj: Any, rules: Iterable[tuple[str, Callable[[Any], bool], str]]) -> list[str]:
+    """`key: message` for every (key, test, message) whose test fails on a value of the right type.
+
+    A value whose type was already wrong (None after coercion) is skipped: its
+    type problem is reported once, by the parser.
+    """
+    out = []
+    for key, test, message in rules:
+        value = getattr(obj, key)
+        if value is not None and not test(value):
+            out.append(f"{key}: {message}")
+    return out
+
+
+def one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), f"is not one of {', '.join(choices)}"
 
 
 class Trainable(enum.StrEnum):
@@ -50,9 +76,27 @@ class BenchmarkConfig:
     )
     download: bool = True  # CIFAR-100: download when missing and the network allows
     split_seed: int = 0  # ImageNet-R, ImageNet-A: seed of the deterministic 80/20 per-class split
-    normalization: str = "dataset"  # dataset (METHOD.md's table) | imagenet | none (pixels in [0, 1])
+    normalization: str = (
+        "dataset"  # dataset (docs/methods/slca.md's table) | imagenet | none (pixels in [0, 1])
+    )
     train_crop_scale: list[float] | None = None  # RandomResizedCrop scale; None -> (0.08, 1)
     train_interpolation: str = "bicubic"  # RandomResizedCrop interpolation: bicubic | bilinear
+
+    def problems(self) -> list[str]:
+        out = checks(self, [
+            ("init_classes", lambda v: v >= 1, "must be >= 1"),
+            ("increment", lambda v: v >= 1, "must be >= 1"),
+            ("image_size", lambda v: v >= 8, "must be >= 8"),
+            ("normalization", *one_of("dataset", "imagenet", "none")),
+            ("train_interpolation", *one_of("bicubic", "bilinear")),
+        ])  # fmt: skip
+        if self.name != "builtin" and self.name is not None and self.root is None:
+            out.append(f"root: required for benchmark {self.name!r} (the dataset folder)")
+        crop = self.train_crop_scale
+        if isinstance(crop, list) and all(isinstance(v, float) for v in crop):
+            if not (len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1):
+                out.append("train_crop_scale: must be [low, high] with 0 < low <= high <= 1")
+        return out
 
 
 @dataclass
@@ -62,10 +106,13 @@ class BackboneConfig:
     checkpoint: str | None = None  # local weights file, used instead of the hub
     reset_final_norm: bool = True  # reference-code quirk: fresh LayerNorm(d) replaces the final norm
 
+    def problems(self) -> list[str]:
+        return []  # the name is checked against timm when the run is created (clpt.backbone)
+
 
 @dataclass
 class TrainConfig:
-    """Stage 1, the Slow Learner (METHOD.md)."""
+    """Stage 1, the Slow Learner (docs/methods/slca.md)."""
 
     epochs: int = 20
     milestones: list[int] = field(default_factory=lambda: [18])  # MultiStepLR, gamma 0.1
@@ -81,6 +128,21 @@ class TrainConfig:
     sce_alpha: float = 1.0  # SCE weight of CE (1.0 CIFAR/CUB, 0.5 ImageNet-R/Cars)
     sce_beta: float = 0.1  # SCE weight of reverse CE (0.1 CIFAR/CUB, 0.5 ImageNet-R/Cars)
 
+    def problems(self) -> list[str]:
+        out = checks(self, [
+            ("epochs", lambda v: v >= 1, "must be >= 1"),
+            ("batch_size", lambda v: v >= 1, "must be >= 1"),
+            ("lr", lambda v: v > 0, "must be > 0"),
+            ("backbone_lr_scale", lambda v: v >= 0, "must be >= 0 (0 freezes the backbone)"),
+            ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+        ])  # fmt: skip
+        m = self.milestones
+        if isinstance(self.epochs, int) and isinstance(m, list) and all(isinstance(x, int) for x in m):
+            if not (all(0 < x <= self.epochs for x in m) and m == sorted(m)):
+                out.append(f"milestones: {m} must be increasing epochs in 1..{self.epochs}")
+        return out
+
 
 @dataclass
 class LoraConfig:
@@ -94,6 +156,18 @@ class LoraConfig:
     lr_first: float = 5e-3  # LoRA learning rate at task 0
     lr: float = 1e-3  # LoRA learning rate at later tasks
 
+    def problems(self) -> list[str]:
+        out = checks(self, [
+            ("rank", lambda v: v >= 1, "must be >= 1"),
+            ("lr_first", lambda v: v > 0, "must be > 0"),
+            ("lr", lambda v: v > 0, "must be > 0"),
+        ])  # fmt: skip
+        if isinstance(self.targets, list):
+            bad = [x for x in self.targets if x not in ("qkv", "mlp")]
+            if bad:
+                out.append(f"targets: {bad} not among: qkv, mlp")
+        return out
+
 
 @dataclass
 class StatsConfig:
@@ -102,6 +176,13 @@ class StatsConfig:
     ridge: float = 1e-4  # added to every covariance's diagonal
     chunk_rows: int = 65536  # feature rows per accumulation step (one kernel launch; 200 MB at d = 768)
     kernel_precision: str = "ieee"  # Triton (GPU) products: ieee (exact float32) | tf32 | tf32x3 (faster)
+
+    def problems(self) -> list[str]:
+        return checks(self, [
+            ("ridge", lambda v: v >= 0, "must be >= 0"),
+            ("chunk_rows", lambda v: v >= 1, "must be >= 1"),
+            ("kernel_precision", *one_of("ieee", "tf32", "tf32x3")),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -122,10 +203,21 @@ class AlignConfig:
     task_of_class: str = "true"  # true | authors: class // size of the current task, as the authors' code
     # (differs only when the current task's size differs: Cars-196's last task of 16 classes)
 
+    def problems(self) -> list[str]:
+        return checks(self, [
+            ("epochs", lambda v: v >= 1, "must be >= 1"),
+            ("lr", lambda v: v > 0, "must be > 0"),
+            ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("samples_per_class", lambda v: v >= 1, "must be >= 1"),
+            ("batch_size", lambda v: v >= 1, "must be >= 1"),
+            ("tau", lambda v: v > 0, "must be > 0"),
+            ("task_of_class", *one_of("true", "authors")),
+        ])  # fmt: skip
+
 
 @dataclass
 class MistConfig:
-    """MIST, the sparse-tuning learner (METHOD_HEADS.md 3); used by methods whose learner is `mist`."""
+    """MIST, the sparse-tuning learner (docs/methods/mist.md); used by methods whose learner is `mist`."""
 
     epochs: int = 20  # per task, the first of which is the sensitivity pass
     batch_size: int = 56  # 56 with RanPAC, 32 with SimpleCIL (method presets)
@@ -144,6 +236,16 @@ class MistConfig:
     mask_update: bool = False  # true: unselected entries stay bit-identical (the paper's words)
     first_task_only: bool = False  # MIST on task 0 only (the paper's "before freeze-based methods")
 
+    def problems(self) -> list[str]:
+        return checks(self, [
+            ("epochs", lambda v: v >= 2, "must be >= 2"),
+            ("batch_size", lambda v: v >= 1, "must be >= 1"),
+            ("proj_dim", lambda v: v >= 1, "must be >= 1"),
+            ("select", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+            ("keep", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+            ("frozen_quantile", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ])  # fmt: skip
+
 
 @dataclass
 class SystemConfig:
@@ -157,6 +259,19 @@ class SystemConfig:
         0  # test accuracy on the seen classes every N training epochs (logged; 0: never; authors: 5)
     )
 
+    def problems(self) -> list[str]:
+        out = checks(self, [
+            ("num_workers", lambda v: v >= 0, "must be >= 0"),
+            ("extract_batch_size", lambda v: v >= 1, "must be >= 1"),
+            ("feature_chunk_rows", lambda v: v >= 1, "must be >= 1"),
+            ("eval_every", lambda v: v >= 0, "must be >= 0 (0: never)"),
+            ("precision", *one_of("fp32", "bf16", "auto")),
+        ])  # fmt: skip
+        dev = self.device
+        if isinstance(dev, str) and not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+            out.append(f"device: {dev!r} is not one of auto, cpu, cuda, cuda:N")
+        return out
+
 
 # Heads evaluated by `clpt run` by default (README: "Classifier heads"). Every one is
 # fitted from the run's cache in seconds on the built-in benchmark.
@@ -165,19 +280,30 @@ DEFAULT_HEADS = ["ca", "linear", "ncm", "lda", "fecam", "ranpac"]
 
 @dataclass
 class HeadsConfig:
-    """Classifier heads fitted from the cache: which ones `clpt run` evaluates, and each one's settings."""
+    """Classifier heads fitted from the cache: which ones `clpt run` evaluates, and each one's settings.
+
+    `settings` holds one dataclass per registered head (`clpt.heads`); the
+    resolver (`clpt.stages.resolve`) fills it, so this module needs no registry.
+    """
 
     enabled: list[str] = field(default_factory=lambda: list(DEFAULT_HEADS))
     settings: dict[str, Any] = field(default_factory=dict)  # head name -> its config dataclass
 
-    def __post_init__(self) -> None:
-        from clpt.heads import HEADS
-
-        for name, spec in HEADS.items():
-            self.settings.setdefault(name, spec.config_cls())
-
     def of(self, name: str) -> Any:
-        return self.settings[name]
+        try:
+            return self.settings[name]
+        except KeyError:
+            raise KeyError(
+                f"no settings for head {name!r}: build the config with clpt.stages.resolve "
+                "(resolve, default_config), which fills every registered head's settings"
+            ) from None
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for name, settings in self.settings.items():
+            check = getattr(settings, "problems", None)
+            out.extend(f"{name}.{p}" for p in (check() if check is not None else []))
+        return out
 
 
 @dataclass
@@ -194,6 +320,13 @@ class RunConfig:
     mist: MistConfig = field(default_factory=MistConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
 
+    def problems(self) -> list[str]:
+        """Every value problem of every section, `section.key: message` (the registries' checks: resolve)."""
+        out: list[str] = []
+        for name in SECTIONS:
+            out.extend(f"{name}.{p}" for p in getattr(self, name).problems())
+        return out
+
     @property
     def align_enabled(self) -> bool:
         return bool(self.align.enabled)
@@ -202,42 +335,6 @@ class RunConfig:
     def align_weight_decay(self) -> float:
         return self.train.weight_decay if self.align.weight_decay is None else self.align.weight_decay
 
-
-# Published settings per benchmark (METHOD.md). The built-in one is sized for a CPU.
-BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
-    "builtin": {
-        "benchmark": {"init_classes": 10, "increment": 10},
-        "backbone": {"name": "clpt_vit_micro"},
-        "train": {"epochs": 6, "milestones": [5], "batch_size": 64},
-        "system": {"num_workers": 0},
-        # d = 128: a 2048-wide random projection keeps the demo's RanPAC fits to about a second
-        "heads": {"ranpac": {"dim": 2048}},
-        "mist": {"epochs": 6},  # as train.epochs: sized for a 2-core CPU
-    },
-    "cifar100": {
-        "benchmark": {"init_classes": 10, "increment": 10},
-        "train": {"epochs": 20, "milestones": [18], "weight_decay": 5e-4},
-    },
-    "imagenet-r": {
-        "benchmark": {"init_classes": 20, "increment": 20},
-        "train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4},
-        "heads": {"fecam": {"shrink1": 10.0, "shrink2": 10.0}},  # FeCAM's ImageNet-R setting
-    },
-    "imagenet-a": {  # PILOT / RanPAC / MIST: 10 tasks of 20
-        "benchmark": {"init_classes": 20, "increment": 20},
-        "train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4},
-    },
-    "cub200": {
-        "benchmark": {"init_classes": 20, "increment": 20},
-        "train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4},
-    },
-    "cars196": {
-        "benchmark": {"init_classes": 20, "increment": 20},
-        "train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4},
-        "align": {"tau": 0.05},
-    },
-    "imagefolder": {},
-}
 
 SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "heads", "mist", "system")
 
@@ -320,7 +417,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+def coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -330,12 +427,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if value is None:
             problems.append(f"{where}: must not be empty")
             return None
-        return _coerce(value, inner[0], where, problems)
+        return coerce(value, inner[0], where, problems)
     if origin is list:
         if not isinstance(value, list | tuple):
             problems.append(f"{where}: expected a list, got {value!r}")
             return []
-        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return [coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value.value if isinstance(value, enum.Enum) else value)
@@ -374,30 +471,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     return None
 
 
-def _build_heads(raw: Any, problems: list[str]) -> HeadsConfig:
-    """`heads: {enabled: [...], <head>: {...}}`: each head's settings are its registered dataclass."""
-    from clpt.heads import HEADS
-
-    heads = HeadsConfig()
-    if not isinstance(raw, dict):
-        problems.append(f"heads: expected a mapping, got {raw!r}")
-        return heads
-    for key, value in raw.items():
-        if key == "enabled":
-            heads.enabled = _coerce(value, list[str], "heads.enabled", problems) or []
-            bad = [h for h in heads.enabled if h not in HEADS]
-            if bad:
-                problems.append(f"heads.enabled: {bad} not among: {', '.join(HEADS.names())}")
-        elif key in HEADS:
-            heads.settings[key] = _build_section(HEADS.get(key).config_cls, value, f"heads.{key}", problems)
-        else:
-            problems.append(f"heads.{key}: unknown key (valid: enabled, {', '.join(HEADS.names())})")
-    return heads
-
-
-def _build_section(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
-    if cls is HeadsConfig:
-        return _build_heads(raw, problems)
+def build_section(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """An instance of dataclass `cls` from a raw mapping; type problems are appended to `problems`."""
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping, got {raw!r}")
         return cls()
@@ -409,177 +484,8 @@ def _build_section(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
     obj = cls()
     for f in dataclasses.fields(cls):
         if f.name in raw:
-            setattr(obj, f.name, _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}", problems))
+            setattr(obj, f.name, coerce(raw[f.name], hints[f.name], f"{where}.{f.name}", problems))
     return obj
-
-
-def _validate(cfg: RunConfig, problems: list[str]) -> None:
-    def check(cond: bool, msg: str) -> None:
-        if not cond:
-            problems.append(msg)
-
-    from clpt.methods import METHODS, REQUIRED_KEYS
-
-    b, t, a, s = cfg.benchmark, cfg.train, cfg.align, cfg.stats
-    if isinstance(cfg.method, str):
-        if cfg.method not in METHODS:
-            problems.append(f"method: {cfg.method!r} is not one of: {', '.join(METHODS.names())}")
-        else:
-            for key in REQUIRED_KEYS:
-                section, name = key.split(".")
-                check(
-                    getattr(getattr(cfg, section), name) is not None,
-                    f"{key}: method {cfg.method!r} leaves it unset; its registration must set it "
-                    f"(or give {key} in the config)",
-                )
-    for name, settings in cfg.heads.settings.items():
-        validate = getattr(settings, "problems", None)
-        if validate is not None:
-            problems.extend(f"heads.{name}.{p}" for p in validate())
-    check(
-        b.name in BENCHMARK_PRESETS,
-        f"benchmark.name: {b.name!r} is not one of: {', '.join(BENCHMARK_PRESETS)}",
-    )
-    if b.name not in ("builtin",):
-        check(b.root is not None, f"benchmark.root: required for benchmark {b.name!r} (the dataset folder)")
-    if isinstance(b.init_classes, int):
-        check(b.init_classes >= 1, "benchmark.init_classes: must be >= 1")
-    if isinstance(b.image_size, int):
-        check(b.image_size >= 8, "benchmark.image_size: must be >= 8")
-    if isinstance(b.increment, int):
-        check(b.increment >= 1, "benchmark.increment: must be >= 1")
-    if isinstance(t.epochs, int):
-        check(t.epochs >= 1, "train.epochs: must be >= 1")
-        if isinstance(t.milestones, list) and all(isinstance(m, int) for m in t.milestones):
-            check(
-                all(0 < m <= t.epochs for m in t.milestones) and t.milestones == sorted(t.milestones),
-                f"train.milestones: {t.milestones} must be increasing epochs in 1..{t.epochs}",
-            )
-    for name, val in (("train.lr", t.lr), ("align.lr", a.lr)):
-        if isinstance(val, float):
-            check(val > 0, f"{name}: must be > 0")
-    if isinstance(t.backbone_lr_scale, float):
-        check(t.backbone_lr_scale >= 0, "train.backbone_lr_scale: must be >= 0 (0 freezes the backbone)")
-    for name, val in (("train.momentum", t.momentum), ("align.momentum", a.momentum)):
-        if isinstance(val, float):
-            check(0 <= val < 1, f"{name}: must be in [0, 1)")
-    if isinstance(t.weight_decay, float):
-        check(t.weight_decay >= 0, "train.weight_decay: must be >= 0")
-    for name, val in (
-        ("train.batch_size", t.batch_size),
-        ("align.epochs", a.epochs),
-        ("align.samples_per_class", a.samples_per_class),
-        ("align.batch_size", a.batch_size),
-        ("stats.chunk_rows", s.chunk_rows),
-        ("system.extract_batch_size", cfg.system.extract_batch_size),
-        ("system.feature_chunk_rows", cfg.system.feature_chunk_rows),
-    ):
-        if isinstance(val, int):
-            check(val >= 1, f"{name}: must be >= 1")
-    if isinstance(cfg.system.eval_every, int):
-        check(cfg.system.eval_every >= 0, "system.eval_every: must be >= 0 (0: never)")
-    if isinstance(cfg.system.num_workers, int):
-        check(cfg.system.num_workers >= 0, "system.num_workers: must be >= 0")
-    if isinstance(a.task_of_class, str):
-        check(a.task_of_class in ("true", "authors"),
-              f"align.task_of_class: {a.task_of_class!r} is not one of true, authors")  # fmt: skip
-    if isinstance(a.tau, float):
-        check(a.tau > 0, "align.tau: must be > 0")
-    lo = cfg.lora
-    if isinstance(lo.targets, list):
-        bad = [x for x in lo.targets if x not in ("qkv", "mlp")]
-        check(not bad, f"lora.targets: {bad} not among: qkv, mlp")
-    if isinstance(lo.rank, int):
-        check(lo.rank >= 1, "lora.rank: must be >= 1")
-    for name, val in (("lora.lr_first", lo.lr_first), ("lora.lr", lo.lr)):
-        if isinstance(val, float):
-            check(val > 0, f"{name}: must be > 0")
-    m = cfg.mist
-    for name, val in (
-        ("mist.select", m.select),
-        ("mist.keep", m.keep),
-        ("mist.frozen_quantile", m.frozen_quantile),
-    ):
-        if isinstance(val, float):
-            check(0 < val <= 1, f"{name}: must be in (0, 1]")
-    for name, val in (
-        ("mist.epochs", m.epochs),
-        ("mist.batch_size", m.batch_size),
-        ("mist.proj_dim", m.proj_dim),
-    ):
-        if isinstance(val, int):
-            check(
-                val >= (2 if name == "mist.epochs" else 1),
-                f"{name}: must be >= {2 if name == 'mist.epochs' else 1}",
-            )
-    if isinstance(b.normalization, str):
-        check(b.normalization in ("dataset", "imagenet", "none"),
-              f"benchmark.normalization: {b.normalization!r} is not one of dataset, imagenet, none")  # fmt: skip
-    if isinstance(b.train_interpolation, str):
-        check(b.train_interpolation in ("bicubic", "bilinear"),
-              f"benchmark.train_interpolation: {b.train_interpolation!r} is not one of bicubic, bilinear")  # fmt: skip
-    if isinstance(b.train_crop_scale, list) and all(isinstance(v, float) for v in b.train_crop_scale):
-        check(len(b.train_crop_scale) == 2 and 0 < b.train_crop_scale[0] <= b.train_crop_scale[1] <= 1,
-              "benchmark.train_crop_scale: must be [low, high] with 0 < low <= high <= 1")  # fmt: skip
-    if isinstance(s.kernel_precision, str):
-        check(s.kernel_precision in ("ieee", "tf32", "tf32x3"),
-              f"stats.kernel_precision: {s.kernel_precision!r} is not one of ieee, tf32, tf32x3")  # fmt: skip
-    if isinstance(cfg.system.precision, str):
-        check(cfg.system.precision in ("fp32", "bf16", "auto"),
-              f"system.precision: {cfg.system.precision!r} is not one of fp32, bf16, auto")  # fmt: skip
-    if isinstance(s.ridge, float):
-        check(s.ridge >= 0, "stats.ridge: must be >= 0")
-    dev = cfg.system.device
-    if isinstance(dev, str):
-        check(
-            dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
-            f"system.device: {dev!r} is not one of auto, cpu, cuda, cuda:N",
-        )
-
-
-def build_config(raw: dict, source: str = "config") -> RunConfig:
-    """Typed, validated RunConfig from a raw (already merged) dictionary."""
-    problems: list[str] = []
-    cfg = RunConfig()
-    hints = typing.get_type_hints(RunConfig)
-    valid = {f.name for f in dataclasses.fields(RunConfig)}
-    for key in raw:
-        if key not in valid:
-            problems.append(f"{key}: unknown key (valid: {', '.join(sorted(valid))})")
-    for f in dataclasses.fields(RunConfig):
-        if f.name not in raw:
-            continue
-        if f.name in SECTIONS:
-            setattr(cfg, f.name, _build_section(hints[f.name], raw[f.name], f.name, problems))
-        else:
-            setattr(cfg, f.name, _coerce(raw[f.name], hints[f.name], f.name, problems))
-    _validate(cfg, problems)  # value checks skip fields whose type was already wrong
-    if problems:
-        raise ConfigError(problems, source=source)
-    return cfg
-
-
-def resolve(file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults < benchmark preset < method preset < file < overrides, validated."""
-    user: dict = {}
-    source = "config"
-    if file is not None:
-        user = load_file(file)
-        source = str(file)
-    user = deep_merge(user, overrides_to_dict(overrides or []))
-    section = user.get("benchmark")
-    bench = section.get("name", BenchmarkConfig.name) if isinstance(section, dict) else BenchmarkConfig.name
-    from clpt.methods import METHODS
-
-    method = user.get("method", RunConfig.method)
-    base: dict = {}
-    if isinstance(bench, str) and bench in BENCHMARK_PRESETS:
-        base = deep_merge(base, BENCHMARK_PRESETS[bench])
-    if isinstance(method, str) and method in METHODS:
-        spec = METHODS.get(method)
-        base = deep_merge(base, spec.preset)
-        base = deep_merge(base, spec.benchmark_presets.get(bench, {}))
-    return build_config(deep_merge(base, user), source=source)
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -610,13 +516,3 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def load_resolved(path: str | Path) -> RunConfig:
-    """Read a saved, resolved config (as written by `dump_yaml`) back, validated.
-
-    Read with the same precedence as a new run's config: every key the file has
-    wins, so a fully resolved file reads back unchanged, and a key it lacks (added
-    by a newer clpt) takes its benchmark's and method's preset, not the bare default.
-    """
-    return resolve(path)

@@ -4,23 +4,48 @@ Under `torchrun` (WORLD_SIZE > 1) the process group is initialised from the
 environment (NCCL on CUDA, Gloo on CPU). Training shards every epoch across
 ranks and averages gradients with DDP; feature extraction shards the rows;
 rank 0 writes markers and small artifacts.
+
+`rank()` and `world_size()` are the one place that answers "which process am
+I": from the process group once it is initialised, before that from the
+launcher's environment (so the lock, progress bars and the CLI's output agree
+with the group that is about to form). This module imports torch only when a
+function needs it, so light commands can ask for the rank cheaply.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as tdist
+from clpt.errors import ClptError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _group():
+    """torch.distributed when a process group is initialised, else None."""
+    import sys
+
+    if "torch" not in sys.modules:  # nothing imported torch, so no group can exist
+        return None
+    import torch.distributed as tdist
+
+    return tdist if tdist.is_available() and tdist.is_initialized() else None
 
 
 def world_size() -> int:
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    g = _group()
+    return g.get_world_size() if g is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+    g = _group()
+    return g.get_rank() if g is not None else int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
@@ -28,37 +53,42 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if world_size() > 1:
-        tdist.barrier()
+    g = _group()
+    if g is not None and g.get_world_size() > 1:
+        g.barrier()
 
 
 def broadcast_object(obj: Any) -> Any:
-    if world_size() == 1:
+    g = _group()
+    if g is None or g.get_world_size() == 1:
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=0)
+    g.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def resolve_device(pref: str) -> torch.device:
     """`auto` -> this rank's GPU if CUDA is available, else the CPU."""
+    import torch
+
     if pref == "cpu":
         return torch.device("cpu")
     if pref == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from clpt.errors import ClptError
-
         raise ClptError(
             f"system.device={pref} but CUDA is not available", hint="use system.device=auto or cpu"
         )
     if pref in ("auto", "cuda"):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank())
     return torch.device(pref)
 
 
 def init_from_env(device_pref: str = "auto") -> torch.device:
     """Initialise the process group when launched by torchrun; return this rank's device."""
+    import torch
+    import torch.distributed as tdist
+
     device = resolve_device(device_pref)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -69,5 +99,6 @@ def init_from_env(device_pref: str = "auto") -> torch.device:
 
 
 def shutdown() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+    g = _group()
+    if g is not None:
+        g.destroy_process_group()

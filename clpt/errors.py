@@ -2,11 +2,27 @@
 
 Every error raised on purpose by clpt derives from `ClptError`; the CLI prints
 `error: <message>` (plus `fix: <hint>` on the same line) and exits non-zero.
+
+Library code never writes a `clpt ...` command into a message. An error whose
+fix is to (re-)run a stage carries a `Redo` naming the stage, the task and the
+run; the stage wiring (`clpt.stages.graph.explain`) formats the fix from the
+command that stage declares. A hint may hold `{command}` where that command goes.
 """
 
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Redo:
+    """The stage whose command fixes an error."""
+
+    stage: str  # a stage name (clpt.stages.graph): train, extract, stats, align, eval, head:NAME
+    task: int
+    root: str  # the run folder
+    force: bool = True  # True: re-run it with --force (its result is damaged); False: run it (missing)
 
 
 class ClptError(Exception):
@@ -14,15 +30,31 @@ class ClptError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, redo: Redo | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.redo = redo
+
+    def fix(self, command: str | None = None) -> str | None:
+        """The hint with the stage's command filled in (`command`, formatted by the stage wiring)."""
+        if self.redo is None:
+            return self.hint
+        r = self.redo
+        if command is None:  # not explained by the wiring: still a usable sentence
+            command = f"the {r.stage} stage of task {r.task} of {r.root}" + (
+                " with --force" if r.force else ""
+            )
+        else:
+            command = f"`{command}{' --force' if r.force else ''}`"
+        template = self.hint or ("re-run {command}" if r.force else "run {command}")
+        return template.replace("{command}", command)
 
     def one_line(self) -> str:
         text = self.message.rstrip(".")
-        if self.hint:
-            text += f"; fix: {self.hint}"
+        hint = self.fix()
+        if hint:
+            text += f"; fix: {hint}"
         return text
 
 
@@ -71,9 +103,15 @@ _FS_HINTS = {
 def from_os_error(e: OSError, doing: str = "") -> FileSystemError:
     """The one-line error for an OSError from the file system: what failed, where, and what to do."""
     what, hint = _FS_HINTS.get(
-        e.errno, (e.strerror or type(e).__name__, "check the path and the disk, then re-run")
+        e.errno or 0, (e.strerror or type(e).__name__, "check the path and the disk, then re-run")
     )
     where = f" ({e.filename})" if e.filename else ""
     err = FileSystemError(f"{doing + ': ' if doing else ''}{what}{where}", hint=hint)
     err.errno = e.errno
     return err
+
+
+def load_error_detail(e: Exception) -> str:
+    """The telling line of a failed `load_state_dict`: its first size mismatch, else its first line."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0].strip())

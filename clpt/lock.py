@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from clpt import distributed as dist
 from clpt.errors import ClptError
 
 LOCK_NAME = ".clpt.lock"
@@ -32,7 +33,7 @@ class RunBusyError(ClptError):
 @contextlib.contextmanager
 def run_lock(root: Path, wait: bool = False) -> Iterator[None]:
     """Hold the run folder's writer lock for the duration of the block."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not dist.is_main():  # under torchrun rank 0 holds it for all
         yield
         return
     path = Path(root) / LOCK_NAME

@@ -1,4 +1,4 @@
-"""LoRA for the hybrid slow learner of SLCA++ (METHOD.md, SLCA++ additions 1).
+"""LoRA for the hybrid slow learner of SLCA++ (docs/methods/slca.md, SLCA++ additions 1).
 
 `W x + scale * B (A x)` with rank r (4) and scale 0.8 on `attn.qkv` of every
 block (`targets: [qkv]`, what produced the published numbers), or on
@@ -16,7 +16,7 @@ from torch import nn
 
 TARGET_LAYERS = {"qkv": ("attn.qkv",), "mlp": ("mlp.fc1", "mlp.fc2")}
 
-# SLCA++ trains only parameters whose names contain one of these (METHOD.md).
+# SLCA++ trains only parameters whose names contain one of these (docs/methods/slca.md).
 PEFT_KEYS = ("norm", "bias", "cls_token", "lora")
 
 
@@ -47,7 +47,8 @@ def apply_lora(backbone: nn.Module, targets: list[str], rank: int, scale: float,
     if unknown:
         raise ValueError(f"unknown LoRA targets {unknown}: expected a subset of {sorted(TARGET_LAYERS)}")
     n = 0
-    for block in backbone.blocks:
+    blocks: nn.Sequential = backbone.blocks  # type: ignore[assignment]  # a timm ViT's blocks
+    for block in blocks:
         for target in targets:
             for path in TARGET_LAYERS[target]:
                 parent_name, _, leaf = path.rpartition(".")

@@ -12,11 +12,11 @@ This module is pure data (no torch): the config imports it to validate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clpt.registry import Registry, lazy
+from clpt.learners import LEARNERS
+from clpt.registry import Registry
 
 # Keys whose None default means "the method decides": every method must set them.
 REQUIRED_KEYS = ("train.backbone_lr_scale", "align.enabled")
@@ -26,7 +26,7 @@ REQUIRED_KEYS = ("train.backbone_lr_scale", "align.enabled")
 class MethodSpec:
     name: str
     summary: str
-    learner: str = "slow_learner"  # a name in LEARNERS
+    learner: str = "slow_learner"  # a registered learner (clpt.learners)
     # the method's own classifier: None -> the (aligned) task heads; else a head name (clpt.heads)
     classifier: str | None = None
     preset: dict[str, Any] = field(default_factory=dict)  # config sections it sets
@@ -34,15 +34,10 @@ class MethodSpec:
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
-# learner name -> fn(model, bench, cfg, task, device, learner_state) -> summary: trains task `task`
-# in place (adding its head); `learner_state` is a flat tensor dict kept across tasks in the checkpoint
-LEARNERS: Registry[Callable] = Registry("learner")
-LEARNERS.register("slow_learner", lazy("clpt.train", "train_task_sl"))
-LEARNERS.register("mist", lazy("clpt.mist", "train_task_mist"))
-LEARNERS.register("none", lazy("clpt.mist", "no_training"))
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
+    LEARNERS.get(spec.learner)  # an unknown learner is an error at registration, listing the valid ones
     return METHODS.register(spec.name, spec)
 
 
@@ -98,7 +93,7 @@ register_method(
     )
 )
 
-# --- MIST and the statistics-head baselines (METHOD_HEADS.md 3, 2.1, 2.4) ----------------------------
+# --- MIST and the statistics-head baselines (docs/methods/heads.md) ----------------------------
 # Their protocol: the pre-trained final norm is kept, no input mean/std for CIFAR-100, ImageNet-R,
 # ImageNet-A and CUB (ImageNet mean/std and SLCA's transforms for Cars), RandomResizedCrop scale
 # (0.05, 1) bilinear for training. No alignment; the classifier is the statistics head.
@@ -117,7 +112,10 @@ _PROTOCOL = {
 _CARS = {
     "benchmark": {"normalization": "imagenet", "train_crop_scale": None, "train_interpolation": "bicubic"}
 }
-_NO_NORM = {"builtin": {"benchmark": {"normalization": "dataset"}}, "cars196": _CARS}
+_NO_NORM: dict[str, dict[str, Any]] = {
+    "builtin": {"benchmark": {"normalization": "dataset"}},
+    "cars196": _CARS,
+}
 
 
 def _merge(*dicts: dict) -> dict:

@@ -1,4 +1,4 @@
-"""MIST: Mutual-Information-guided Sparse Tuning as a learner (METHOD_HEADS.md 3; arXiv 2505.19943).
+"""MIST: Mutual-Information-guided Sparse Tuning as a learner (docs/methods/mist.md; arXiv 2505.19943).
 
 At the start of every task (or the first only, `mist.first_task_only`), on that
 task's data only:
@@ -35,8 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpt import distributed as dist
+from clpt import precision as P
 from clpt import progress
 from clpt.data.loader import batches
+from clpt.errors import ClptError
+from clpt.seeding import LOADER, MIST_VIEW, task_seed
 
 log = logging.getLogger("clpt")
 
@@ -49,7 +52,7 @@ ELIGIBLE = re.compile(
 
 
 def mi_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
-    """Supervised NT-Xent of METHOD_HEADS.md 3.2. z (2B, k): views 1..B then their second views.
+    """Supervised NT-Xent of docs/methods/mist.md. z (2B, k): views 1..B then their second views.
 
     l_ij = -log(e_ij / (D_i + 1e-8) + 1e-8) with e_ii = 0; positives include i itself,
     whose term is the constant -log(1e-8): it weights real positives by 1 / n_i.
@@ -75,7 +78,7 @@ def mi_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.T
 
 
 def second_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """h-flip p 0.5, grayscale p 0.25, random resized crop by an affine grid (METHOD_HEADS.md 3.1)."""
+    """h-flip p 0.5, grayscale p 0.25, random resized crop by an affine grid (docs/methods/mist.md)."""
     b, _, h, w = x.shape
     dev = x.device
 
@@ -224,12 +227,6 @@ class GradientMasker:
         return out
 
 
-def mask_gradients(params: dict, masks: dict, frozen_prev: dict, overlap: dict, keep: float, decay: float,
-                   generator) -> dict:  # fmt: skip
-    """One step's masking (see `GradientMasker`, which prepares the per-task factors once)."""
-    return GradientMasker(masks, frozen_prev, overlap, keep, decay)(params, generator)
-
-
 def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_state: dict) -> dict:
     """MIST on task t, in place on model.backbone.
 
@@ -260,16 +257,14 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
     named = dict(backbone.named_parameters())
     frozen_prev = {n: state.frozen(n).clone() for n in state.names}
     overlap = {n: state.overlap(n) for n in state.names}
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 17 * t + 5)
-    loader_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 * t + 1)
+    gen = torch.Generator(device=device).manual_seed(task_seed(cfg.seed, t, MIST_VIEW))
+    loader_gen = torch.Generator().manual_seed(task_seed(cfg.seed, t, LOADER))
     loader = batches(
         bench, bench.train, bench.train.indices_of(classes), -(-mc.batch_size // world), device,
         train=True, generator=loader_gen, rank=dist.rank(), world_size=world, num_workers=cfg.system.num_workers,
     )  # fmt: skip
     net.train()
     t0 = time.perf_counter()
-    from clpt import precision as P
-
     prec = P.resolve(cfg.system.precision, device)
 
     def amp():
@@ -286,7 +281,7 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
     masker = GradientMasker(masks, frozen_prev, overlap, mc.keep, mc.decay)
     losses, shares = [], []
     for epoch in range(1, mc.epochs):
-        total, n = 0.0, 0
+        total, n = torch.zeros((), device=device), 0
         moved = torch.zeros((), device=device)
         with progress.bar(
             f"task {t} MIST, epoch {epoch + 1}/{mc.epochs}", -(-len(loader.indices) // world)
@@ -315,8 +310,6 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
                 n += len(y)
         losses.append(float(total) / max(n, 1))  # one host sync per epoch
         if not math.isfinite(losses[-1]):  # stop before a NaN backbone is written
-            from clpt.errors import ClptError
-
             raise ClptError(
                 f"MIST on task {t} diverged: the loss became {losses[-1]} in epoch {epoch + 1}",
                 hint="lower mist.backbone_lr and re-run the task with --force",
@@ -343,9 +336,3 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
         "images_seen": int(len(loader.indices)) * mc.epochs * 2,  # two views per image, every epoch
         "precision": prec,
     }
-
-
-def no_training(model, bench, cfg, t: int, device: torch.device, learner_state: dict) -> dict:
-    """The frozen-backbone learner of SimpleCIL and RanPAC without phase 1: only a (untrained) task head."""
-    model.heads.add(len(bench.tasks[t]))
-    return {"train_images": 0}

@@ -1,4 +1,4 @@
-"""The continual model: a backbone and one linear head per task (METHOD.md, Classifier)."""
+"""The continual model: a backbone and one linear head per task (docs/methods/slca.md, Classifier)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ class Heads(nn.Module):
         super().__init__()
         self.dim = dim
         self.heads = nn.ModuleList(new_head(dim, n) for n in (sizes or []))
+        self.input_scale: torch.Tensor
         self.register_buffer("input_scale", torch.ones(len(sizes or [])), persistent=True)
 
     @property
     def sizes(self) -> list[int]:
-        return [h.out_features for h in self.heads]
+        return [int(h.out_features) for h in self.heads]  # type: ignore[arg-type]  # each is an nn.Linear
 
     @property
     def n_classes(self) -> int:

@@ -95,8 +95,8 @@ def write_plots(out_dir: Path, runs, rows: list[dict]) -> list[Path]:
     width = 0.8 / max(len(rows), 1)
     for k, row in enumerate(rows):
         mean, std = np.asarray(row["final_per_task"]["mean"]), np.asarray(row["final_per_task"]["std"])
-        x = np.arange(len(mean)) + (k - (len(rows) - 1) / 2) * width
-        ax.bar(x, mean, width, yerr=std, capsize=1.5, label=f"{row['group']} / {row['classifier']}",
+        pos = np.arange(len(mean)) + (k - (len(rows) - 1) / 2) * width
+        ax.bar(pos, mean, width, yerr=std, capsize=1.5, label=f"{row['group']} / {row['classifier']}",
                color=colors[k % len(colors)])  # fmt: skip
     ax.set_xlabel("task")
     ax.set_ylabel("accuracy on the task's classes after the last task (%)")

@@ -17,13 +17,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clpt import distributed as dist
 from clpt.data import builtin
 from clpt.data.benchmark import HALF, Benchmark, Split, task_ranges
 from clpt.data.loader import ArrayBatches
+from clpt.vit_micro import BUILTIN_NAME, builtin_weights_path
 
 PRETRAIN_EPOCHS = 12
 PRETRAIN_SEED = 0
@@ -35,10 +38,6 @@ def _log(msg: str) -> None:
 
 def pretrain_builtin(out: Path, epochs: int = PRETRAIN_EPOCHS, seed: int = PRETRAIN_SEED) -> dict:
     """Train the micro ViT on the pre-training classes and save its backbone weights to `out`."""
-    import timm
-
-    from clpt.vit_micro import BUILTIN_NAME
-
     torch.manual_seed(seed)
     x_tr, y_tr = builtin.make_split("pretrain", "train")
     x_te, y_te = builtin.make_split("pretrain", "test")
@@ -102,9 +101,6 @@ def ensure_builtin_weights() -> Path:
     The explicit pre-training step. Under torchrun only rank 0 pre-trains; the
     other ranks wait at a barrier and then read the same file.
     """
-    from clpt import distributed as dist
-    from clpt.vit_micro import builtin_weights_path
-
     path = builtin_weights_path()
     if not path.is_file() and dist.is_main():
         _log(f"no cached built-in backbone at {path}: pre-training it once (about two minutes on 2 cores)")
@@ -115,8 +111,6 @@ def ensure_builtin_weights() -> Path:
 
 def needs_builtin_weights(backbone_cfg) -> bool:
     """Whether a backbone config loads the built-in backbone's cached pre-trained weights."""
-    from clpt.vit_micro import BUILTIN_NAME
-
     return (
         backbone_cfg.pretrained
         and backbone_cfg.checkpoint is None

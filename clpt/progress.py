@@ -15,10 +15,11 @@ JSON document.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Iterator
+
+from clpt import distributed as dist
 
 PLAIN_EVERY_S = 30.0
 
@@ -29,7 +30,7 @@ _console = None
 def configure(enabled: bool, console=None) -> None:
     """Called by the CLI: whether to show progress, and the stderr console rich draws on."""
     global _enabled, _console
-    _enabled = enabled and int(os.environ.get("RANK", "0")) == 0
+    _enabled = enabled and dist.is_main()
     _console = console
 
 

@@ -2,8 +2,8 @@
 
 Each entry is one number of one paper's table: the method (a clpt method or
 head), the benchmark, the metric, and the protocol it was measured under, so a
-report can flag where ours differs. Sources: METHOD.md ("Published results")
-and METHOD_HEADS.md ("Published numbers").
+report can flag where ours differs. Sources: docs/methods/slca.md ("Published results")
+and docs/methods/heads.md ("Published numbers").
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ class Published:
     seeds: int
 
 
-_SLCA = "SLCA (ICCV 2023) Table 1 / SLCA++ (arXiv 2408.08295), via METHOD.md 'Published results'"
-_RANPAC = "RanPAC (NeurIPS 2023) Table, via METHOD_HEADS.md 'Published numbers'"
+_SLCA = "SLCA (ICCV 2023) Table 1 / SLCA++ (arXiv 2408.08295), via docs/methods/slca.md 'Published results'"
+_RANPAC = "RanPAC (NeurIPS 2023) Table, via docs/methods/heads.md 'Published numbers'"
 _IN21K = "vit_base_patch16_224.augreg_in21k"
 _IN1K = "vit_base_patch16_224.augreg_in1k"
 
-# METHOD.md: ViT-B/16 IN21K, Last-Acc / Inc-Acc, mean over 3 seeds, sample-weighted.
-_SLCA_TABLE = {
+# docs/methods/slca.md: ViT-B/16 IN21K, Last-Acc / Inc-Acc, mean over 3 seeds, sample-weighted.
+_SLCA_TABLE: dict[str, dict[str, tuple[float, float | None]]] = {
     "seqft": {"cifar100": (41.77, None), "imagenet-r": (26.95, None), "cub200": (40.02, None),
               "cars196": (27.57, None)},
     "seqft_sl": {"cifar100": (88.86, 92.01), "imagenet-r": (71.80, 76.84)},
@@ -43,13 +43,13 @@ _SLCA_TABLE = {
 _SLCA_SPLIT = {"cifar100": (10, 10), "imagenet-r": (20, 20), "cub200": (20, 20), "cars196": (20, 20)}
 _SLCA_NORM = {"cifar100": "dataset", "imagenet-r": "imagenet", "cub200": "imagenet", "cars196": "imagenet"}
 
-# METHOD_HEADS.md: task-balanced final accuracy; IN-21K for CIFAR and Cars, IN-1K otherwise.
+# docs/methods/heads.md: task-balanced final accuracy; IN-21K for CIFAR and Cars, IN-1K otherwise.
 _RANPAC_TABLE = {
     "ranpac_mist": None,  # no RanPAC-paper row (MIST's own logs are single-seed, ImageNet-R only)
     "ranpac_frozen": {"cifar100": 89.0, "imagenet-r": 71.8, "imagenet-a": 58.2, "cub200": 88.7, "cars196": 66.0},
     "simplecil": {"cifar100": 83.4, "imagenet-r": 61.2, "imagenet-a": 49.3, "cub200": 85.1, "cars196": 37.7},
 }  # fmt: skip
-# METHOD_HEADS.md 1: splits as METHOD.md (Cars: 9 x 20 then 16); pixels in [0, 1], no normalisation
+# docs/methods/heads.md, protocol: splits as docs/methods/slca.md (Cars: 9 x 20 then 16); pixels in [0, 1], no normalisation
 _RANPAC_SPLIT = {"cifar100": (10, 10), "imagenet-r": (20, 20), "imagenet-a": (20, 20), "cub200": (20, 20),
                  "cars196": (20, 20)}  # fmt: skip
 
@@ -58,13 +58,13 @@ def _entries() -> list[Published]:
     out = []
     for method, row in _SLCA_TABLE.items():
         for bench, (last, inc) in row.items():
-            common = dict(source=_SLCA, backbone=_IN21K, normalization=_SLCA_NORM[bench],
-                          split=_SLCA_SPLIT[bench], convention="sample-weighted", seeds=3)  # fmt: skip
-            out.append(Published(method, bench, "last_acc", last, **common))
-            if inc is not None:
-                out.append(Published(method, bench, "inc_acc", inc, **common))
-    for method, row in _RANPAC_TABLE.items():
-        for bench, value in (row or {}).items():
+            for metric, value in (("last_acc", last), ("inc_acc", inc)):
+                if value is not None:
+                    out.append(Published(method, bench, metric, value, source=_SLCA, backbone=_IN21K,
+                                         normalization=_SLCA_NORM[bench], split=_SLCA_SPLIT[bench],
+                                         convention="sample-weighted", seeds=3))  # fmt: skip
+    for method, ranpac_row in _RANPAC_TABLE.items():
+        for bench, value in (ranpac_row or {}).items():
             out.append(
                 Published(
                     method,

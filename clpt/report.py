@@ -19,7 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from clpt import artifacts, published
+from clpt import config as C
+from clpt.config import flatten
 from clpt.errors import ClptError, MissingInputError
+from clpt.run import open_run, report
+from clpt.stages import run_order
 
 METRICS = ("last_acc", "inc_acc", "forgetting", "last_acc_task_balanced", "inc_acc_task_balanced",
            "top5", "old_acc", "old_task_acc", "new_acc")  # fmt: skip
@@ -76,8 +81,6 @@ def _group_key(cfg: dict) -> str:
 
 def _cost(run) -> dict:
     """Per stage kind: wall seconds (summed over tasks); the run's peaks, GPU-hours and images/s."""
-    from clpt.stages import run_order
-
     seconds: dict[str, float] = {}
     peak_host = peak_gpu = gpu_hours = 0.0
     ips: dict[str, list[float]] = {"train": [], "extract": []}
@@ -107,8 +110,6 @@ def _cost(run) -> dict:
 
 
 def _protocol(run) -> dict:
-    from clpt import artifacts
-
     try:
         resolved = artifacts.read_record(run.root, "clpt-backbone-record").get("resolved")
     except ClptError:
@@ -120,10 +121,6 @@ def _protocol(run) -> dict:
 
 def load(paths: list[Path]) -> tuple[list[RunResult], list[tuple[str, str]]]:
     """(finished runs, [(run, why it is skipped)])."""
-    from clpt import config as C
-    from clpt.evaluate import report
-    from clpt.run import open_run
-
     done, skipped = [], []
     for p in find_runs(paths):
         try:
@@ -172,8 +169,6 @@ def group(runs: list[RunResult]) -> list[Group]:
 
 
 def _differing(cfg: dict, others: list[dict]) -> list[str]:
-    from clpt.config import flatten
-
     mine = flatten(cfg)
     diff = set()
     for o in others:
@@ -189,14 +184,12 @@ def _stats(values: list[float]) -> dict:
 
 def summarize(groups: list[Group]) -> list[dict]:
     """One row per (group, classifier): metrics as mean/std/n (in percent), cost, published numbers."""
-    from clpt import published
-
     rows = []
     for g in groups:
         names = list(g.runs[0].classifiers)
         for name in names:
             runs = [r for r in g.runs if name in r.classifiers]
-            row = {
+            row: dict = {
                 "group": g.label,
                 "method": g.runs[0].method,
                 "benchmark": g.runs[0].benchmark,
@@ -234,7 +227,7 @@ def _stats_curve(curves: list[list[float]]) -> dict:
 
 
 def _mean_cost(costs: list[dict]) -> dict:
-    out = {}
+    out: dict = {}
     for key in ("total_seconds", "peak_host_mib", "peak_gpu_mib", "gpu_hours",
                 "train_images_per_second", "extract_images_per_second"):  # fmt: skip
         vals = [c[key] for c in costs if c.get(key) is not None]

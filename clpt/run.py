@@ -12,7 +12,11 @@ Layout of a run folder `RUN/` (`clpt.artifacts` owns the paths and formats):
     tasks/003/heads/NAME.json   row 3 of head NAME's accuracy matrix                   [head:NAME]
     tasks/003/<stage>.done.json   completion marker, written last
 
-The stages themselves are declared in `clpt.stages`.
+The stages themselves are declared in `clpt.stages.graph`, one module per stage
+function in `clpt.stages`. Besides the stage machinery this module has what a
+command does with a run (and a library user can call): `run_one` (create or
+continue a run and run every stage), `run_seeds` (one run per seed), and
+`refit_heads`.
 
 A stage counts as done only when its marker exists, the outputs it lists exist,
 and the markers of its inputs are the very ones it consumed (each marker has a
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import resource
 import time
 import uuid
 from collections.abc import Callable
@@ -35,31 +40,27 @@ from pathlib import Path
 
 from clpt import artifacts
 from clpt import config as config_mod
+from clpt import distributed as dist
+from clpt.backbone import input_size
 from clpt.config import RunConfig
-from clpt.errors import ClptError, DataError, MissingInputError
+from clpt.data import manifest
+from clpt.data.benchmark import Benchmark, load_benchmark
+from clpt.errors import ClptError, ConfigError, DataError, FileSystemError, MissingInputError
+from clpt.heads import HEADS
 from clpt.io import read_json, write_json, write_text
-from clpt.stages import CORE, StageContext, get_stage, run_order
+from clpt.lock import run_lock
+from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
+from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, run_order
+from clpt.stages import resolve as R
+from clpt.stages.evaluate import head_report, report
 
 STAGES = CORE  # the five stages of every task; heads add `head:NAME` stages (clpt.stages)
 
 # Keys that may be edited in an existing run; everything else defines the run.
 EDITABLE_SECTIONS = ("align", "stats", "heads", "system")
 
-
-@dataclass
-class RunInfo:
-    """What `benchmark.json` records about the benchmark at creation."""
-
-    benchmark: str
-    n_classes: int
-    tasks: list[list[int]]  # [start, stop) per task
-    class_order: list[int]
-    class_names: list[str]
-    source: dict
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.tasks)
+__all__ = ["Run", "RunInfo", "create_run", "open_run", "refit_heads", "report", "run_all", "run_one",
+           "run_seeds", "run_stage", "status"]  # fmt: skip
 
 
 class Run:
@@ -69,44 +70,20 @@ class Run:
         self.root = Path(root)
         self.cfg = cfg
         self.info = info
-        self._bench = None
+        self._bench: Benchmark | None = None
         self._cfg_dict: dict | None = None
 
-    def benchmark(self):
+    def benchmark(self) -> Benchmark:
         """The benchmark's images, checked once per process against the run's manifest."""
         if self._bench is None:
-            from clpt.data import manifest
-            from clpt.data.benchmark import load_benchmark
-
             bench = load_benchmark(self.cfg.benchmark)
             if bench.raw is not None:
                 manifest.verify(bench.raw, artifacts.read_record(self.root, "clpt-manifest"))
             self._bench = bench
         return self._bench
 
-    # --- paths (clpt.artifacts owns them) ------------------------------------
-    def task_dir(self, t: int) -> Path:
-        return artifacts.task_dir(self.root, t)
-
     def marker_path(self, stage: str, t: int) -> Path:
         return artifacts.marker_path(self.root, stage, t)
-
-    @property
-    def features_path(self) -> Path:
-        return artifacts.features_path(self.root)
-
-    @property
-    def stats_path(self) -> Path:
-        return artifacts.stats_path(self.root)
-
-    def model_path(self, t: int) -> Path:
-        return artifacts.model_path(self.root, t)
-
-    def aligned_path(self, t: int) -> Path:
-        return artifacts.aligned_path(self.root, t)
-
-    def eval_path(self, t: int) -> Path:
-        return artifacts.eval_path(self.root, t)
 
     # --- stage graph -------------------------------------------------------
     def check_task(self, t: int) -> None:
@@ -176,13 +153,15 @@ class Run:
                 raise self.damaged_error(s, i)
             if st != "done":
                 dep = get_stage(s)
-                cmd = dep.command.format(run=self.root, task=i)
+                cmd = dep.command.format(run=self.root, task=i)  # the wiring: formats a stage's command
                 why = "is out of date (an earlier stage was redone)" if st == "stale" else "is missing"
                 raise MissingInputError(
                     f"{stage} of task {t} needs {dep.what} of task {i}, which {why}",
                     hint=f"run `{cmd}` first (or `clpt run {self.root}` for everything)",
                 )
-            found[f"{s}/{i}"] = self.marker(s, i)["id"]
+            m = self.marker(s, i)
+            assert m is not None  # its state is done
+            found[f"{s}/{i}"] = m["id"]
         return found
 
     def damaged_error(self, stage: str, t: int) -> DataError:
@@ -225,7 +204,7 @@ class Run:
         return marker
 
 
-_MARKER_FIELDS = {
+_MARKER_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": str,
     "stage": str,
     "outputs": list,
@@ -252,8 +231,6 @@ def _info_from_benchmark(bench) -> RunInfo:
 
 def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
     """Create a run folder from a resolved config (refuses to overwrite a different run)."""
-    from clpt.data.benchmark import load_benchmark
-
     root = Path(root)
     cfg_path = root / "config.yaml"
     cfg = with_input_size(cfg)
@@ -266,8 +243,6 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
             hint="choose a new folder, or continue this one with `clpt run` / the stage commands",
         )
     if root.exists() and not root.is_dir():
-        from clpt.errors import FileSystemError
-
         raise FileSystemError(
             f"{root} is not a folder (a file is there)", hint="choose another path for the run"
         )
@@ -277,9 +252,7 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
     info = _info_from_benchmark(bench)
     root.mkdir(parents=True, exist_ok=True)
     if bench.raw is not None:  # what was read: files, labels, checksums
-        from clpt.data.manifest import build_manifest
-
-        artifacts.write_record(root, "clpt-manifest", build_manifest(bench.raw))
+        artifacts.write_record(root, "clpt-manifest", manifest.build_manifest(bench.raw))
     artifacts.write_record(root, "clpt-benchmark", dataclasses.asdict(info))
     write_text(cfg_path, text)  # written last: a folder without it is not a run
     return Run(root, cfg, info)
@@ -287,8 +260,6 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
 
 def with_input_size(cfg: RunConfig) -> RunConfig:
     """`cfg` with benchmark.image_size resolved from the backbone (recorded in config.yaml), or checked."""
-    from clpt.backbone import input_size
-
     size = input_size(cfg.backbone, cfg.benchmark.image_size)
     return dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, image_size=size))
 
@@ -302,9 +273,7 @@ def config_differences(run: Run, cfg: RunConfig) -> list[str]:
 
 
 def edit_config(run: Run, overrides: list[str]) -> Run:
-    """Change editable keys (align.*, stats.*, system.*) of an existing run's saved config."""
-    from clpt.errors import ConfigError
-
+    """Change editable keys (align.*, stats.*, heads.*, system.*) of an existing run's saved config."""
     bad = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in EDITABLE_SECTIONS]
     if bad:
         raise ConfigError(
@@ -316,7 +285,7 @@ def edit_config(run: Run, overrides: list[str]) -> Run:
             source="overrides",
         )
     raw = config_mod.deep_merge(config_mod.to_dict(run.cfg), config_mod.overrides_to_dict(overrides))
-    cfg = config_mod.build_config(raw, source="overrides")
+    cfg = R.build_config(raw, source="overrides")
     write_text(run.root / "config.yaml", config_mod.dump_yaml(cfg))
     return Run(run.root, cfg, run.info)
 
@@ -336,8 +305,15 @@ def open_run(root: Path) -> Run:
             f"{cfg_path} is damaged: not UTF-8 text (byte {e.start})",
             hint="restore the run's config.yaml from a backup or a copy of the run, or start a new run folder",
         ) from None
-    cfg = config_mod.load_resolved(cfg_path)
+    cfg = R.load_resolved(cfg_path)
     return Run(root, cfg, _read_info(root))
+
+
+def open_for_work(root: Path) -> Run:
+    """`open_run`, then the process group when launched by torchrun (every command that runs stages)."""
+    run = open_run(root)
+    dist.init_from_env(run.cfg.system.device)
+    return run
 
 
 def _read_info(root: Path) -> RunInfo:
@@ -364,7 +340,7 @@ def _read_info(root: Path) -> RunInfo:
                 if extra
                 else "bad task ranges"
             ),
-            hint="restore benchmark.json from a backup or a copy of the run, or start a new run folder with `clpt init`",
+            hint="restore benchmark.json from a backup or a copy of the run, or create the run again in a new folder",
         )
     return RunInfo(**rec)
 
@@ -380,17 +356,26 @@ class StageResult:
     task: int
     skipped: bool
     marker: dict
+    n_tasks: int  # of the run (for progress lines)
 
 
 def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
-    """Run one stage of task t unless it is already done (or `force`)."""
-    from clpt import distributed as dist
+    """Run one stage of task t unless it is already done (or `force`).
 
+    An error's fix names the command of the stage that produces what is wrong (`clpt.stages.explain`).
+    """
+    try:
+        return _run_stage(run, stage, t, force)
+    except ClptError as e:
+        raise explain(e) from None
+
+
+def _run_stage(run: Run, stage: str, t: int, force: bool) -> StageResult:
     run.check_task(t)
     spec = get_stage(stage)
     state = run.state(stage, t)
     if not force and state == "done":
-        return StageResult(stage, t, True, run.marker(stage, t))
+        return StageResult(stage, t, True, run.marker(stage, t) or {}, run.info.n_tasks)
     if not force and state == "damaged":  # never overwritten silently: the user decides
         raise run.damaged_error(stage, t)
     inputs = run.require(stage, t)
@@ -404,7 +389,8 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
     dist.barrier()
     meter = CostMeter(run.cfg.system.device)
     t0 = time.perf_counter()
-    outputs, summary = spec.fn(StageContext(run, t, not force, inputs))
+    ctx = StageContext(run.root, run.cfg, run.info.tasks, t, run.benchmark, not force, inputs)
+    outputs, summary = spec.fn(ctx)
     dist.barrier()
     marker = None
     if dist.is_main():
@@ -412,7 +398,7 @@ def run_stage(run: Run, stage: str, t: int, force: bool = False) -> StageResult:
         summary = {**summary, "cost": meter.cost(seconds, summary)}
         marker = run.complete(stage, t, inputs, outputs, seconds, summary)
     marker = dist.broadcast_object(marker)
-    return StageResult(stage, t, False, marker)
+    return StageResult(stage, t, False, marker, run.info.n_tasks)
 
 
 class CostMeter:
@@ -427,19 +413,13 @@ class CostMeter:
     def __init__(self, device: str):
         import torch
 
-        from clpt import distributed as dist
-
         self.device = dist.resolve_device(device)
         self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def cost(self, seconds: float, summary: dict) -> dict:
-        import resource
-
         import torch
-
-        from clpt import distributed as dist
 
         out = {
             "seconds": round(seconds, 3),
@@ -471,7 +451,7 @@ def run_all(
     return results
 
 
-_DEFAULTS = config_mod.to_dict(RunConfig())
+_DEFAULTS = config_mod.to_dict(R.default_config())
 
 # Result files up to this size (evaluations, heads) get a digest in their marker, checked on every read.
 DIGEST_MAX_BYTES = 4 << 20
@@ -491,7 +471,7 @@ def _digest(path: Path) -> str | None:
 
 
 def _default_at(dotted: str):
-    node = _DEFAULTS
+    node: object = _DEFAULTS
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
@@ -520,8 +500,6 @@ def prepare_backbone(run: Run) -> None:
 
     Under torchrun only rank 0 pre-trains; the others wait (`ensure_builtin_weights`).
     """
-    from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
-
     if needs_builtin_weights(run.cfg.backbone):
         ensure_builtin_weights()
 
@@ -530,7 +508,7 @@ def status(run: Run) -> dict:
     """Which stages (and enabled heads) are done for which task, with their wall time."""
     tasks = []
     for t in range(run.info.n_tasks):
-        row = {"task": t, "classes": run.info.tasks[t], "stages": {}}
+        row: dict = {"task": t, "classes": run.info.tasks[t], "stages": {}}
         for stage in run_order(run.cfg):
             m = run.marker(stage, t)
             st = run.state(stage, t)
@@ -548,3 +526,114 @@ def status(run: Run) -> dict:
         "n_tasks": run.info.n_tasks,
         "tasks": tasks,
     }
+
+
+# ---------------------------------------------------------------------------
+# What a command does with a run (the CLI calls these; so can a library user)
+# ---------------------------------------------------------------------------
+
+OnStage = Callable[[StageResult], None]
+
+
+def run_one(
+    root: Path, file: str | Path | None = None, overrides: list[str] | None = None, force: bool = False,
+    wait: bool = False, on_stage: OnStage | None = None, on_start: Callable[[Run], None] | None = None,
+) -> dict:  # fmt: skip
+    """Create the run (from `file` and `overrides`) or continue it, run every stage not done, return its report.
+
+    Continuing: given again, `file` and `overrides` must resolve to the run's own settings
+    (the command that created the run, re-run); an edit of editable keys is `edit_config`.
+    """
+    root = Path(root)
+    if not (root / "config.yaml").exists():
+        create_run(root, R.resolve(file, overrides or []))
+    elif file is not None or overrides:
+        diff = config_differences(open_run(root), R.resolve(file, overrides or []))
+        if diff:
+            raise ClptError(
+                f"{root} already holds a run with other settings: {'; '.join(diff[:3])}"
+                + (f" and {len(diff) - 3} more" if len(diff) > 3 else ""),
+                hint=f"use `clpt config {root} --set ...` for editable keys, or a new run folder",
+            )
+    run = open_for_work(root)
+    if on_start is not None:
+        on_start(run)
+    with run_lock(run.root, wait):
+        run_all(run, force=force, on_stage=on_stage)
+    return report(run)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`1993,1996,1997` -> [1993, 1996, 1997]: distinct integers."""
+    try:
+        values = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ClptError(f"--seeds {text!r} is not a comma-separated list of integers",
+                        hint="e.g. --seeds 1993,1996,1997") from None  # fmt: skip
+    if not values or len(set(values)) != len(values):
+        raise ClptError(f"--seeds {text!r} must list distinct seeds", hint="e.g. --seeds 1993,1996,1997")
+    return values
+
+
+def run_seeds(
+    parent: Path, seeds: list[int], file: str | Path | None = None, overrides: list[str] | None = None,
+    force: bool = False, wait: bool = False, on_stage: OnStage | None = None,
+    on_seed: Callable[[int, Path], None] | None = None, on_start: Callable[[Run], None] | None = None,
+) -> list[dict]:  # fmt: skip
+    """One run per seed, `parent/seed_S`, each seed setting the class order and the training seed.
+
+    An existing seed folder is continued (same settings), never overwritten. Returns the runs' reports.
+    """
+    parent, overrides = Path(parent), list(overrides or [])
+    if any(o.split("=", 1)[0].strip() in ("seed", "benchmark.seed") for o in overrides):
+        raise ClptError("--seeds sets seed and benchmark.seed itself", hint="drop them from --set")
+    if (parent / "config.yaml").exists():
+        raise ClptError(
+            f"{parent} is a run folder, not a folder of runs", hint="give --seeds a new or parent folder"
+        )
+    docs = []
+    for s in seeds:
+        folder = parent / f"seed_{s}"
+        if on_seed is not None:
+            on_seed(s, folder)
+        docs.append(
+            run_one(
+                folder,
+                file,
+                [*overrides, f"seed={s}", f"benchmark.seed={s}"],
+                force,
+                wait,
+                on_stage,
+                on_start,
+            )
+        )
+    return docs
+
+
+def refit_heads(
+    root: Path, heads: list[str] | None = None, task: int | None = None, overrides: list[str] | None = None,
+    force: bool = False, wait: bool = False, on_stage: OnStage | None = None,
+) -> dict:  # fmt: skip
+    """(Re)fit classifier heads (default: the enabled ones) for tasks 0..task from the cache; their report.
+
+    `overrides` (`heads.NAME.KEY=VALUE`) edit the run's head settings first; exactly the heads
+    whose settings changed become stale. Never reads an image.
+    """
+    for name in heads or []:
+        if name not in HEADS:
+            raise ClptError(f"unknown head {name!r}", hint=f"choose from: {', '.join(HEADS.names())}")
+    open_run(root)  # a clear error for a folder that is not a run, before locking it
+    with run_lock(Path(root), wait):
+        if overrides:
+            edit_config(open_run(root), overrides)
+        run = open_for_work(root)
+        last = run.info.n_tasks - 1 if task is None else task
+        run.check_task(last)
+        for t in range(last + 1):
+            for name in heads or list(run.cfg.heads.enabled):
+                res = run_stage(run, f"head:{name}", t, force=force)
+                if on_stage is not None:
+                    on_stage(res)
+    if run.state("eval", last) == "done":
+        return report(run, last)
+    return {"run": str(run.root), "method": run.cfg.method, "task": last, "heads": head_report(run, last)}

@@ -1,7 +1,7 @@
-"""Stage 2: per-class sufficient statistics (count, mean, scatter M2), streamed from the feature store.
+"""Per-class sufficient statistics (count, mean, scatter M2), streamed from feature chunks.
 
-What is stored is the sufficient statistics, without any ridge: the ridge of
-METHOD.md (`stats.ridge`) is added where a covariance is used (alignment), and
+What a run stores is the sufficient statistics, without any ridge: the ridge of
+docs/methods/slca.md (`stats.ridge`) is added where a covariance is used (alignment), and
 heads with their own shrinkage (LDA, FeCAM) read the raw statistics. So editing
 `stats.ridge` never makes `fit-stats` run again.
 
@@ -24,8 +24,8 @@ chunk), not as raw sums of squares, so large feature means do not cancel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -43,12 +43,10 @@ class ClassMoments:
 
     @classmethod
     def zeros(cls, n_classes: int, dim: int, device: torch.device | str = "cpu") -> ClassMoments:
-        f64 = dict(dtype=torch.float64, device=device)
-        return cls(
-            torch.zeros(n_classes, **f64),
-            torch.zeros(n_classes, dim, **f64),
-            torch.zeros(n_classes, dim, dim, **f64),
-        )
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        return cls(zeros(n_classes), zeros(n_classes, dim), zeros(n_classes, dim, dim))
 
     def merge(self, other: ClassMoments) -> ClassMoments:
         """Chan et al.: combine two partial results over disjoint rows."""
@@ -64,8 +62,6 @@ class ClassMoments:
 
     def covariance(self, ridge: float = 0.0) -> torch.Tensor:
         """(C, d, d) unbiased covariance + ridge * I. Classes with < 2 rows get ridge * I alone."""
-        from clpt.artifacts import covariance
-
         return covariance(self.count, self.m2, ridge)
 
     def merge_rows(self, rows: torch.Tensor, other: ClassMoments) -> None:
@@ -73,6 +69,16 @@ class ClassMoments:
         mine = ClassMoments(self.count[rows], self.mean[rows], self.m2[rows])
         merged = mine.merge(other)
         self.count[rows], self.mean[rows], self.m2[rows] = merged.count, merged.mean, merged.m2
+
+
+def covariance(count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """(C, d, d) unbiased covariance M2 / (n - 1) + ridge * I; classes with < 2 rows get ridge * I alone."""
+    count = count.to(m2.dtype)
+    denom = (count - 1).clamp(min=1)[:, None, None]
+    cov = torch.where((count >= 2)[:, None, None], m2 / denom, torch.zeros_like(m2))
+    if ridge:
+        cov = cov + ridge * torch.eye(m2.shape[-1], dtype=m2.dtype, device=m2.device)
+    return cov
 
 
 class MomentAccumulator(Protocol):
@@ -158,11 +164,12 @@ def make_accumulator(
     return ScatterAccumulator(n_classes, dim, device, backend, precision)
 
 
-# --- the stage -----------------------------------------------------------------
-
-
 def fit_class_stats(
-    chunks, classes: range, dim: int, device: torch.device | str = "cpu", precision: str = "ieee"
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    classes: range,
+    dim: int,
+    device: torch.device | str = "cpu",
+    precision: str = "ieee",
 ) -> ClassMoments:
     """Stream (features (n, d), labels (n,)) chunks; the moments (count, mean, M2) of `classes`.
 
@@ -172,35 +179,3 @@ def fit_class_stats(
     for x, y in chunks:
         acc.update(x, y - classes.start)
     return acc.result()
-
-
-def stats_stage(ctx) -> tuple[list[Path], dict]:
-    from clpt import artifacts
-    from clpt import distributed as dist
-
-    run, t = ctx.run, ctx.task
-    start, stop = run.info.tasks[t]
-    classes = range(start, stop)
-    out = artifacts.stats_path(run.root) / artifacts.stats_group(t)
-    if not dist.is_main():  # one rank reduces; the feature store is on shared disk
-        return [out], {}
-    feats, _ = artifacts.open_features(run.root, t, "train")
-    device = dist.resolve_device(run.cfg.system.device)  # CUDA -> the Triton kernel, CPU -> BLAS
-    chunks = artifacts.iter_feature_chunks(
-        run.root, t, "train", run.cfg.stats.chunk_rows, f"task {t} fit-stats"
-    )  # checksums verified
-    m = fit_class_stats(chunks, classes, feats.shape[1], device, run.cfg.stats.kernel_precision)
-    counts = m.count.to(torch.int64).tolist()
-    few = [classes.start + i for i, k in enumerate(counts) if k < 2]
-    if few:
-        log.warning("task %d: classes %s have fewer than 2 training rows: covariance is ridge * I", t, few)
-    artifacts.save_stats(
-        run.root,
-        t,
-        classes,
-        m.count.cpu().numpy(),
-        m.mean.cpu().numpy(),
-        m.m2.cpu().numpy(),
-        ctx.input_id("extract", t),
-    )
-    return [out], {"classes": len(classes), "rows": int(sum(counts)), "min_count": int(min(counts))}

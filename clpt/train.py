@@ -1,4 +1,4 @@
-"""Stage 1: the Slow Learner (METHOD.md), one task at a time.
+"""Stage 1: the Slow Learner (docs/methods/slca.md), one task at a time.
 
 Task t starts from the pre-alignment model of task t-1 (or the pre-trained
 backbone at t = 0), adds a head for its classes, freezes the older heads, and
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clpt import artifacts, progress
 from clpt import distributed as dist
+from clpt import precision as P
+from clpt import progress
 from clpt.backbone import create_backbone, weights_record
 from clpt.config import Loss, RunConfig, Schedule, Trainable
 from clpt.data.benchmark import Benchmark
@@ -30,20 +28,9 @@ from clpt.data.loader import batches
 from clpt.errors import ClptError
 from clpt.lora import apply_lora, is_peft_trainable
 from clpt.model import CLModel, Heads
+from clpt.seeding import LOADER, task_seed
 
 log = logging.getLogger("clpt")
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def task_seed(cfg: RunConfig, t: int, salt: int = 0) -> int:
-    return cfg.seed * 1000 + 17 * t + salt
 
 
 def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, dict]:
@@ -52,7 +39,7 @@ def initial_model(cfg: RunConfig, device: torch.device) -> tuple[CLModel, dict]:
     record = weights_record(cfg.backbone, backbone)
     if cfg.lora.targets:  # task 0: A from the SVD of the pre-trained weights, B = 0
         apply_lora(backbone, cfg.lora.targets, cfg.lora.rank, cfg.lora.scale, svd_init=True)
-    return CLModel(backbone, Heads(backbone.embed_dim)).to(device), record
+    return CLModel(backbone, Heads(int(backbone.embed_dim))).to(device), record
 
 
 # --- optimisation -------------------------------------------------------------
@@ -81,7 +68,7 @@ def param_groups(model: CLModel, cfg: RunConfig, task: int) -> list[dict]:
             lora.append(p)
         elif scale > 0 and (t.trainable == Trainable.all or is_peft_trainable(name)):
             backbone.append(p)
-    groups = [{"name": "head", "params": list(head.parameters()), "lr": t.lr}]
+    groups: list[dict] = [{"name": "head", "params": list(head.parameters()), "lr": t.lr}]
     if backbone:
         groups.append({"name": "backbone", "params": backbone, "lr": t.lr * scale})
     if lora:
@@ -134,7 +121,7 @@ class _TaskNet(nn.Module):
 def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device: torch.device) -> dict:
     """Slow Learner on task t: adds its head and trains in place. Returns a summary."""
     classes = bench.tasks[t]
-    torch.manual_seed(task_seed(cfg, t))
+    torch.manual_seed(task_seed(cfg.seed, t))
     model.heads.add(len(classes))
     model.to(device)
     groups = param_groups(model, cfg, t)
@@ -143,14 +130,14 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         groups, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
     sched = make_scheduler(opt, cfg)
-    net: nn.Module = _TaskNet(model.backbone, model.heads.heads[-1], train_backbone)
+    net: nn.Module = _TaskNet(model.backbone, model.heads.heads[-1], train_backbone)  # type: ignore[arg-type]
     world = dist.world_size()
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
     per_rank_batch = -(-cfg.train.batch_size // world)
-    gen = torch.Generator().manual_seed(task_seed(cfg, t, salt=1))
+    gen = torch.Generator().manual_seed(task_seed(cfg.seed, t, LOADER))
     loader = batches(
         bench,
         bench.train,
@@ -163,8 +150,6 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         world_size=world,
         num_workers=cfg.system.num_workers,
     )
-    from clpt import precision as P
-
     prec = P.resolve(cfg.system.precision, device)
     model.train()
     losses = []
@@ -227,8 +212,6 @@ def test_accuracy(model: CLModel, bench: Benchmark, n_seen: int, cfg: RunConfig,
     Monitoring only: the random number generators are restored afterwards, so a run trains the same
     with and without it. Every rank evaluates the whole test set (no collective needed).
     """
-    from clpt import precision as P
-
     rows = bench.test.indices_of(range(0, n_seen))
     correct = 0
     devices = [device] if device.type == "cuda" else []
@@ -247,29 +230,7 @@ def train_task_sl(model, bench, cfg, t: int, device: torch.device, learner_state
     return train_task(model, bench, cfg, t, device)
 
 
-def train_stage(ctx) -> tuple[list[Path], dict]:
-    """The learner of the run's method on task t, from task t-1's model (or the pre-trained backbone)."""
-    from clpt.methods import LEARNERS, METHODS
-
-    run, t, cfg = ctx.run, ctx.task, ctx.run.cfg
-    seed_everything(task_seed(cfg, t), cfg.system.deterministic)
-    device = dist.resolve_device(cfg.system.device)
-    bench = run.benchmark()
-    extra = {}
-    if t == 0:
-        model, record = initial_model(cfg, device)
-        extra["pretrained"] = record  # which weights the run started from
-        if dist.is_main():
-            artifacts.write_record(run.root, "clpt-backbone-record", record)
-        learner_state: dict = {}
-    else:
-        model = artifacts.load_model(run.model_path(t - 1), cfg, device)
-        learner_state = artifacts.read_model(run.model_path(t - 1)).get("learner_state", {})
-    summary = LEARNERS.get(METHODS.get(cfg.method).learner)(model, bench, cfg, t, device, learner_state)
-    if learner_state:  # e.g. MIST's projection head and masks, for the next task
-        extra["learner_state"] = learner_state
-    summary.update({k: v for k, v in extra.items() if k != "learner_state"})
-    out = run.model_path(t)
-    if dist.is_main():
-        artifacts.save_model(out, model.backbone, model.heads, cfg.backbone, t, extra)
-    return [out], summary
+def no_training(model, bench, cfg, t: int, device: torch.device, learner_state: dict) -> dict:
+    """The frozen-backbone learner of SimpleCIL and RanPAC without phase 1: only a (untrained) task head."""
+    model.heads.add(len(bench.tasks[t]))
+    return {"train_images": 0}

@@ -65,3 +65,14 @@ def run_copy(finished_run, tmp_path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(finished_run, dst)
     return dst
+
+
+# The fast tier (`pytest -m "not slow"`): unit tests only. A test is slow when it trains
+# or pre-trains a backbone end to end: it uses one of these fixtures, or is marked itself.
+_END_TO_END = {"clpt_cache", "finished_run", "run_copy", "tiny"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _END_TO_END & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -4,10 +4,11 @@ import pytest
 
 from clpt import config as C
 from clpt.errors import ConfigError
+from clpt.stages import resolve as R
 
 
 def test_defaults_are_the_published_settings():
-    cfg = C.resolve(overrides=["benchmark.name=cifar100", "benchmark.root=/data"])
+    cfg = R.resolve(overrides=["benchmark.name=cifar100", "benchmark.root=/data"])
     assert (cfg.train.epochs, cfg.train.milestones, cfg.train.batch_size) == (20, [18], 128)
     assert (cfg.train.lr, cfg.train.backbone_lr_scale, cfg.train.momentum, cfg.train.weight_decay) == (
         0.01,
@@ -19,7 +20,7 @@ def test_defaults_are_the_published_settings():
     assert (cfg.align.epochs, cfg.align.lr, cfg.align.samples_per_class, cfg.align.tau) == (5, 0.01, 256, 0.1)
     assert cfg.align_enabled and cfg.align_weight_decay == 5e-4 and cfg.stats.ridge == 1e-4
     assert cfg.benchmark.seed == 1993
-    cars = C.resolve(overrides=["benchmark.name=cars196", "benchmark.root=/d"])
+    cars = R.resolve(overrides=["benchmark.name=cars196", "benchmark.root=/d"])
     assert (cars.train.epochs, cars.train.milestones, cars.align.tau) == (50, [40], 0.05)
     assert (cars.benchmark.init_classes, cars.benchmark.increment) == (20, 20)
 
@@ -29,25 +30,25 @@ def test_defaults_are_the_published_settings():
     [("slca", 0.01, True), ("seqft", 1.0, False), ("seqft_sl", 0.01, False), ("frozen_ca", 0.0, True)],
 )
 def test_method_presets(method, scale, align):
-    cfg = C.resolve(overrides=[f"method={method}"])
+    cfg = R.resolve(overrides=[f"method={method}"])
     assert cfg.train.backbone_lr_scale == scale and cfg.align_enabled is align
 
 
 def test_file_then_overrides_take_precedence(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("method: seqft\ntrain:\n  lr: 0.05\n  epochs: 3\n  milestones: [2]\n")
-    cfg = C.resolve(y, ["train.lr=0.02"])
+    cfg = R.resolve(y, ["train.lr=0.02"])
     assert cfg.method == "seqft" and cfg.train.lr == 0.02 and cfg.train.epochs == 3
     assert cfg.train.backbone_lr_scale == 1.0  # method preset, not overridden
     t = tmp_path / "c.toml"
     t.write_text('method = "frozen_ca"\n[train]\nepochs = 2\nmilestones = [1]\n')
-    cfg = C.resolve(t)
+    cfg = R.resolve(t)
     assert cfg.method == "frozen_ca" and cfg.train.epochs == 2 and cfg.train.backbone_lr_scale == 0.0
 
 
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        C.resolve(
+        R.resolve(
             overrides=[
                 "train.lrr=1",
                 "train.epochs=x",
@@ -72,25 +73,25 @@ def test_all_problems_reported_at_once():
 
 def test_bad_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        C.resolve(tmp_path / "nope.yaml")
+        R.resolve(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot parse"):
-        C.resolve(bad)
+        R.resolve(bad)
     with pytest.raises(ConfigError, match="section.key=value"):
-        C.resolve(overrides=["train.lr"])
+        R.resolve(overrides=["train.lr"])
 
 
 def test_real_benchmarks_need_a_root():
     with pytest.raises(ConfigError, match="benchmark.root: required"):
-        C.resolve(overrides=["benchmark.name=cub200"])
+        R.resolve(overrides=["benchmark.name=cub200"])
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = C.resolve(overrides=["method=seqft_sl", "train.epochs=7", "train.milestones=[3,6]"])
+    cfg = R.resolve(overrides=["method=seqft_sl", "train.epochs=7", "train.milestones=[3,6]"])
     p = tmp_path / "config.yaml"
     p.write_text(C.dump_yaml(cfg))
-    assert C.load_resolved(p) == cfg
+    assert R.load_resolved(p) == cfg
 
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -101,15 +102,21 @@ def test_configs_are_shipped_for_every_benchmark_and_method():
     for bench in ("cifar100", "imagenet-r", "cub200", "cars196"):
         for method in ("seqft", "slca", "slca_pp"):
             assert f"{bench}_{method}" in names
-    for bench in ("cifar100", "imagenet-r", "imagenet-a", "cub200", "cars196"):  # METHOD_HEADS.md's protocol
+    for bench in (
+        "cifar100",
+        "imagenet-r",
+        "imagenet-a",
+        "cub200",
+        "cars196",
+    ):  # docs/methods/heads.md's protocol
         for method in ("simplecil", "simplecil_mist", "ranpac_frozen", "ranpac_mist"):
             assert f"{bench}_{method}" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_config_is_valid_and_equals_the_presets(path):
-    cfg = C.resolve(path)
-    preset = C.resolve(
+    cfg = R.resolve(path)
+    preset = R.resolve(
         overrides=[
             f"benchmark.name={cfg.benchmark.name}",
             f"benchmark.root={cfg.benchmark.root}",
@@ -138,7 +145,7 @@ def test_mocov3_configs_for_the_four_benchmarks():
 
 def test_slca_pp_published_settings_per_benchmark():
     def pp(bench):
-        return C.resolve(overrides=["method=slca_pp", f"benchmark.name={bench}", "benchmark.root=/d"])
+        return R.resolve(overrides=["method=slca_pp", f"benchmark.name={bench}", "benchmark.root=/d"])
 
     for bench, wd, ab in (
         ("cifar100", 5e-4, (1.0, 0.1)),
@@ -156,11 +163,11 @@ def test_slca_pp_published_settings_per_benchmark():
 
 
 def test_a_saved_config_without_a_newer_section_takes_the_presets(tmp_path):
-    cfg = C.resolve(overrides=["train.epochs=2", "train.milestones=[2]"])
+    cfg = R.resolve(overrides=["train.epochs=2", "train.milestones=[2]"])
     saved = C.to_dict(cfg)
-    assert C.load_resolved(_write(tmp_path / "full.yaml", saved)) == cfg  # a full file reads back unchanged
+    assert R.load_resolved(_write(tmp_path / "full.yaml", saved)) == cfg  # a full file reads back unchanged
     del saved["heads"]  # as written by a clpt without classifier heads
-    old = C.load_resolved(_write(tmp_path / "old.yaml", saved))
+    old = R.load_resolved(_write(tmp_path / "old.yaml", saved))
     assert (
         old.heads.of("ranpac").dim == 2048 and old.train.epochs == 2
     )  # the built-in preset, the file's values

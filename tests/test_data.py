@@ -23,17 +23,12 @@ from typer.testing import CliRunner
 
 from clpt.config import BenchmarkConfig
 from clpt.data import manifest as M
-from clpt.data.benchmark import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    class_order,
-    load_benchmark,
-)
+from clpt.data.benchmark import class_order, load_benchmark
 from clpt.data.loader import batches
-from clpt.data.readers import read_cars196, read_cifar100, read_cub200, read_imagefolder, read_imagenet_r
+from clpt.data.readers import read_cars196, read_cifar100, read_cub200, read_imagefolder, read_wnid_folders
+from clpt.data.registry import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from clpt.errors import DataError
+from clpt.stages import resolve as R
 
 
 def test_cifar100_pickles(tmp_path):
@@ -56,7 +51,8 @@ def test_cifar100_missing_without_download(tmp_path):
 
 def test_imagenet_r_split_is_deterministic_and_80_20(tmp_path):
     wnids = make_imagenet_r(tmp_path, n_classes=4, per_class=10)
-    a, b = read_imagenet_r(tmp_path, split_seed=0), read_imagenet_r(tmp_path / "imagenet-r", split_seed=0)
+    a = read_wnid_folders(tmp_path, "imagenet-r", split_seed=0)
+    b = read_wnid_folders(tmp_path / "imagenet-r", "imagenet-r", split_seed=0)
     assert a.class_names == sorted(wnids)
     assert a.train.paths == b.train.paths and np.array_equal(a.train.labels, b.train.labels)
     assert np.bincount(a.train.labels).tolist() == [8] * 4 and np.bincount(a.test.labels).tolist() == [2] * 4
@@ -64,7 +60,7 @@ def test_imagenet_r_split_is_deterministic_and_80_20(tmp_path):
     assert len(set(a.train.paths) | set(a.test.paths)) == 40
     for p, y in zip(a.train.paths, a.train.labels, strict=True):
         assert os.path.basename(os.path.dirname(p)) == a.class_names[y]
-    other = read_imagenet_r(tmp_path, split_seed=1)
+    other = read_wnid_folders(tmp_path, "imagenet-r", split_seed=1)
     assert other.train.paths != a.train.paths  # the seed is what fixes the split
     assert "seed 0" in a.info["split"]
 
@@ -267,7 +263,6 @@ def test_imagenet_a_flat_and_pre_split_layouts(tmp_path):
 
 
 def test_a_methods_protocol_sets_normalisation_and_the_training_crop(tmp_path):
-    from clpt import config as C
     from clpt.data.benchmark import load_benchmark
     from clpt.data.transforms import file_transform
 
@@ -278,7 +273,7 @@ def test_a_methods_protocol_sets_normalisation_and_the_training_crop(tmp_path):
         "benchmark.init_classes=1",
         "benchmark.increment=1",
     ]
-    mist = C.resolve(overrides=["method=ranpac_mist", *sets])
+    mist = R.resolve(overrides=["method=ranpac_mist", *sets])
     assert (mist.benchmark.normalization, mist.benchmark.train_crop_scale) == ("none", [0.05, 1.0])
     assert mist.backbone.reset_final_norm is False and mist.mist.batch_size == 56
     bench = load_benchmark(mist.benchmark)
@@ -287,11 +282,11 @@ def test_a_methods_protocol_sets_normalisation_and_the_training_crop(tmp_path):
         bench.family, True, 224, bench.train_crop_scale, bench.train_interpolation
     ).transforms[1]
     assert rrc.scale == (0.05, 1.0) and rrc.interpolation.value == "bilinear"
-    slca = load_benchmark(C.resolve(overrides=sets).benchmark)
+    slca = load_benchmark(R.resolve(overrides=sets).benchmark)
     assert slca.mean == IMAGENET_MEAN and slca.train_crop_scale is None
-    cars = C.resolve(overrides=["method=simplecil", "benchmark.name=cars196", "benchmark.root=x"])
+    cars = R.resolve(overrides=["method=simplecil", "benchmark.name=cars196", "benchmark.root=x"])
     assert cars.benchmark.normalization == "imagenet" and cars.benchmark.train_crop_scale is None
-    assert C.resolve(overrides=["method=simplecil_mist"]).mist.frozen_quantile == 1.0
+    assert R.resolve(overrides=["method=simplecil_mist"]).mist.frozen_quantile == 1.0
 
 
 def test_presplit_cub_reads_under_its_preset_with_cubs_transforms(tmp_path):

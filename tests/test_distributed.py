@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import zarr
 
+from clpt import artifacts
 from clpt.run import open_run
 
 
@@ -64,7 +65,7 @@ def test_distributed_training_then_single_process_continues(tmp_path, tiny, clpt
     assert run.state("train", 0) == "done"
     marker = run.marker("train", 0)
     assert marker["summary"]["train_images"] == 1200
-    ckpt = torch.load(run.model_path(0), map_location="cpu", weights_only=True)
+    ckpt = torch.load(artifacts.model_path(run.root, 0), map_location="cpu", weights_only=True)
     assert ckpt["head_sizes"] == [10]
     res = runner.invoke(app, ["eval", str(root), "--task", 1, "--json"])
     assert res.exit_code == 3  # task 1 not trained yet

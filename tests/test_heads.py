@@ -1,4 +1,4 @@
-"""Classifier heads from the cache, each against an independent computation (METHOD_HEADS.md 2)."""
+"""Classifier heads from the cache, each against an independent computation (docs/methods/heads.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from clpt.heads.fecam import FeCAMConfig
 from clpt.heads.lda import LDAConfig
 from clpt.heads.ncm import NCMConfig
 from clpt.heads.ranpac import RanPACConfig, choose_lambda, ridge_solution
+from clpt.stages import resolve as R
 
 TASKS = [[0, 3], [3, 5]]  # two tasks: classes 0-2, then 3-4
 
@@ -36,7 +37,7 @@ def CacheStub(x, y, tasks=TASKS, task=1, rows=10_000, seed=1993):  # noqa: N802 
     `rows` sets the chunk size of `train_chunks` and of the statistics' accumulation, so
     the same head can be fitted from one pass and from many chunks.
     """
-    return InMemoryCache(x, y, tasks, task, C.resolve(overrides=[f"seed={seed}"]), "cpu", rows)
+    return InMemoryCache(x, y, tasks, task, R.resolve(overrides=[f"seed={seed}"]), "cpu", rows)
 
 
 def test_ncm_is_cosine_to_the_class_means_by_hand():
@@ -81,7 +82,7 @@ def test_lda_matches_scikit_learn_with_the_same_shrinkage(shrinkage):
 
 
 def fecam_numpy(x_train, y_train, queries, a1, a2):
-    """METHOD_HEADS.md 2.3, transcribed directly with NumPy: -d_c(x) for every query and class."""
+    """docs/methods/heads.md, fecam, transcribed directly with NumPy: -d_c(x) for every query and class."""
     xn = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     out = np.zeros((len(queries), int(y_train.max()) + 1))
@@ -193,13 +194,13 @@ def test_registries_list_their_names_on_an_unknown_one():
     with pytest.raises(ValueError, match="valid: train, extract, stats, align, eval"):
         get_stage("distill")
     with pytest.raises(ConfigError, match="method: 'ewc' is not one of: slca, seqft"):
-        C.resolve(overrides=["method=ewc"])
+        R.resolve(overrides=["method=ewc"])
     with pytest.raises(ConfigError, match=r"heads.enabled: \['knn'\] not among: ca, fecam, lda"):
-        C.resolve(overrides=["heads.enabled=[ncm,knn]"])
+        R.resolve(overrides=["heads.enabled=[ncm,knn]"])
     with pytest.raises(ConfigError, match=r"heads.lda.shrinkage: 2.0 must be in \[0, 1\]"):
-        C.resolve(overrides=["heads.lda.shrinkage=2"])
+        R.resolve(overrides=["heads.lda.shrinkage=2"])
     with pytest.raises(ConfigError, match="heads.svm: unknown key"):
-        C.resolve(overrides=["heads.svm.c=1"])
+        R.resolve(overrides=["heads.svm.c=1"])
 
 
 def test_a_method_with_incomplete_settings_is_rejected_when_the_config_is_built(monkeypatch):
@@ -207,23 +208,23 @@ def test_a_method_with_incomplete_settings_is_rejected_when_the_config_is_built(
 
     monkeypatch.setitem(METHODS._items, "bare", MethodSpec("bare", "no preset"))
     with pytest.raises(ConfigError) as e:
-        C.resolve(overrides=["method=bare"])
+        R.resolve(overrides=["method=bare"])
     assert "train.backbone_lr_scale: method 'bare' leaves it unset" in str(e.value)
     assert "align.enabled: method 'bare' leaves it unset" in str(e.value)
-    cfg = C.resolve(overrides=["method=bare", "train.backbone_lr_scale=0.01", "align.enabled=true"])
+    cfg = R.resolve(overrides=["method=bare", "train.backbone_lr_scale=0.01", "align.enabled=true"])
     assert cfg.method == "bare"
 
 
 def test_head_settings_round_trip_through_the_saved_config():
-    cfg = C.resolve(
+    cfg = R.resolve(
         overrides=["heads.enabled=[ncm,ranpac]", "heads.ranpac.dim=512", "heads.fecam.tukey=true"]
     )
-    again = C.build_config(C.to_dict(cfg))
+    again = R.build_config(C.to_dict(cfg))
     assert again.heads.enabled == ["ncm", "ranpac"] and again.heads.of("ranpac").dim == 512
     assert again.heads.of("fecam").tukey and C.to_dict(again) == C.to_dict(cfg)
-    assert C.resolve().heads.of("ranpac").dim == 2048  # the built-in preset
-    ir = C.resolve(overrides=["benchmark.name=imagenet-r", "benchmark.root=x"]).heads.of("fecam")
-    assert (ir.shrink1, ir.shrink2) == (10.0, 10.0) and C.resolve().heads.of("ranpac").lambdas[0] == 1e-8
+    assert R.resolve().heads.of("ranpac").dim == 2048  # the built-in preset
+    ir = R.resolve(overrides=["benchmark.name=imagenet-r", "benchmark.root=x"]).heads.of("fecam")
+    assert (ir.shrink1, ir.shrink2) == (10.0, 10.0) and R.resolve().heads.of("ranpac").lambdas[0] == 1e-8
 
 
 def test_builtin_backbone_loads_through_timm_create_model(clpt_cache):

@@ -1,4 +1,4 @@
-"""Reference checks of the method's pieces against METHOD.md's formulas."""
+"""Reference checks of the method's pieces against docs/methods/slca.md's formulas."""
 
 import math
 
@@ -11,6 +11,7 @@ from clpt import config as C
 from clpt.align import GaussianSampler, ca_loss, mean_scale_slca
 from clpt.data.benchmark import class_order, load_benchmark, remap_labels, task_ranges
 from clpt.evaluate import accuracy_row, metrics
+from clpt.stages import resolve as R
 from clpt.stats import ClassMoments, chunk_moments, make_accumulator
 
 
@@ -182,7 +183,7 @@ def _tiny_model(sizes):
 def test_slow_learner_groups_and_trainable_sets(method, scale):
     from clpt.train import param_groups
 
-    cfg = C.resolve(overrides=[f"method={method}"])
+    cfg = R.resolve(overrides=[f"method={method}"])
     model = _tiny_model([10, 10, 10])
     groups = param_groups(model, cfg, 1)
     by_name = {g["name"]: g for g in groups}
@@ -201,7 +202,7 @@ def test_slow_learner_trains_only_the_current_task(tmp_path):
     """Old heads stay frozen; the loss only sees the current task's logits."""
     from clpt.train import train_task
 
-    cfg = C.resolve(overrides=["train.epochs=1", "train.milestones=[1]", "backbone.pretrained=false"])
+    cfg = R.resolve(overrides=["train.epochs=1", "train.milestones=[1]", "backbone.pretrained=false"])
     bench = load_benchmark(cfg.benchmark)
     model = _tiny_model([10])
     old = [p.detach().clone() for p in model.heads.heads[0].parameters()]

@@ -1,4 +1,4 @@
-"""MIST (METHOD_HEADS.md 3): the MI loss, quantiles, masks, the sparse step, the learner."""
+"""MIST (docs/methods/mist.md): the MI loss, quantiles, masks, the sparse step, the learner."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 import clpt.vit_micro  # noqa: F401  (registers the micro ViT)
-from clpt import config as C
 from clpt import mist as M
 from clpt.data.benchmark import HALF, Benchmark, Split, task_ranges
 from clpt.model import CLModel, Heads
+from clpt.stages import resolve as R
 from clpt_cli.main import app
 
 
@@ -89,8 +89,8 @@ def test_sparse_step_gradients():
     for _ in range(40):
         p.grad = torch.ones_like(p)
         always.grad = torch.ones_like(always)
-        movable = M.mask_gradients(
-            {"w": p, "b": always}, {"w": mask}, {"w": frozen}, {"w": overlap}, 0.1, 0.9, gen
+        movable = M.GradientMasker({"w": mask}, {"w": frozen}, {"w": overlap}, 0.1, 0.9)(
+            {"w": p, "b": always}, gen
         )
         assert not p.grad[frozen].any() and not p.grad[~mask].any()  # frozen and unselected: exactly 0
         sel = movable["w"]
@@ -138,7 +138,7 @@ def test_sensitivity_pass_changes_no_parameter():
 
 @pytest.mark.parametrize("mask_update", [False, True])
 def test_mist_task_state_and_the_whole_update_option(mask_update):
-    cfg = C.resolve(overrides=["method=simplecil_mist", "mist.epochs=3", "mist.batch_size=8",
+    cfg = R.resolve(overrides=["method=simplecil_mist", "mist.epochs=3", "mist.batch_size=8",
                                f"mist.mask_update={str(mask_update).lower()}", "mist.frozen_quantile=0.99"])  # fmt: skip
     model, bench = _model(), tiny_bench()
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}

@@ -15,8 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clpt import artifacts
-from clpt import config as C
 from clpt.run import create_run
+from clpt.stages import resolve as R
 from clpt.stages import run_order
 from clpt_cli.main import app
 
@@ -30,7 +30,7 @@ def fake_run(
 ) -> Path:
     """A run on the built-in benchmark whose stages are marked done through clpt's own marker code,
     with evaluation rows `rows` (row i: accuracy on tasks 0..i after task i); no training happens."""
-    cfg = C.resolve(None, [f"seed={seed}", f"benchmark.seed={seed}", "heads.enabled=[]", *extra])
+    cfg = R.resolve(None, [f"seed={seed}", f"benchmark.seed={seed}", "heads.enabled=[]", *extra])
     run = create_run(root, cfg)
     n_tasks = run.info.n_tasks if finish else 1
     for t in range(n_tasks):
@@ -42,7 +42,7 @@ def fake_run(
                 artifacts.write_eval(out, {"task": t, "per_task": per, "accuracy": float(np.mean(per)),
                                            "n_test": 400 * (t + 1)})  # fmt: skip
             else:
-                out = run.task_dir(t) / f"{stage}.fake"
+                out = artifacts.task_dir(run.root, t) / f"{stage}.fake"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text("x")
             run.complete(
@@ -151,7 +151,7 @@ def test_run_seeds_makes_one_run_per_seed_and_continues(tmp_path, tiny, clpt_cac
     assert res.exit_code == 0, res.stderr
     runs = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert runs == ["seed_1993", "seed_1996"]
-    cfgs = [C.load_resolved(tmp_path / "s" / r / "config.yaml") for r in runs]
+    cfgs = [R.load_resolved(tmp_path / "s" / r / "config.yaml") for r in runs]
     assert [(c.seed, c.benchmark.seed) for c in cfgs] == [(1993, 1993), (1996, 1996)]
     again = cli(*args)  # continued, not overwritten
     assert again.exit_code == 0 and "train        done already" in again.stderr

@@ -12,10 +12,12 @@ from typer.testing import CliRunner
 
 from clpt import config as C
 from clpt.align import head_input_scales, sample_scale_slca_pp
-from clpt.artifacts import load_model, save_model
 from clpt.backbone import create_backbone
+from clpt.checkpoint import load_model, save_model
+from clpt.errors import Redo
 from clpt.lora import LoRALinear, apply_lora
 from clpt.model import CLModel, Heads
+from clpt.stages import resolve as R
 from clpt.train import initial_model, make_scheduler, param_groups, sce_loss
 
 
@@ -28,7 +30,7 @@ def test_vit_b16_trainable_set_matches_the_paper(vit_b16):
     bb = vit_b16
     n_lora = apply_lora(bb, ["qkv"], rank=4, scale=0.8, svd_init=False)
     assert n_lora == 147_456
-    cfg = C.resolve(overrides=["method=slca_pp"])
+    cfg = R.resolve(overrides=["method=slca_pp"])
     model = CLModel(bb, Heads(768, [10]))
     groups = {g["name"]: g for g in param_groups(model, cfg, task=0)}
     n = {k: sum(p.numel() for p in g["params"]) for k, g in groups.items()}
@@ -61,7 +63,7 @@ def test_lora_svd_initialisation():
 
 
 def test_learning_rate_groups_at_task_0_and_task_1():
-    cfg = C.resolve(overrides=["method=slca_pp", "backbone.pretrained=false"])
+    cfg = R.resolve(overrides=["method=slca_pp", "backbone.pretrained=false"])
     model, _ = initial_model(cfg, torch.device("cpu"))
     model.heads.add(10)
     g0 = {g["name"]: g["lr"] for g in param_groups(model, cfg, task=0)}
@@ -72,7 +74,7 @@ def test_learning_rate_groups_at_task_0_and_task_1():
 
 
 def test_cosine_schedule_floor():
-    cfg = C.resolve(overrides=["method=slca_pp", "train.epochs=4", "train.milestones=[3]"])
+    cfg = R.resolve(overrides=["method=slca_pp", "train.epochs=4", "train.milestones=[3]"])
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [p], "lr": 0.01}], lr=0.01)
     sched = make_scheduler(opt, cfg)
@@ -117,7 +119,7 @@ def test_scaling_factors():
 
 
 def test_lora_checkpoint_round_trip(tmp_path):
-    cfg = C.resolve(overrides=["method=slca_pp", "backbone.pretrained=false"])
+    cfg = R.resolve(overrides=["method=slca_pp", "backbone.pretrained=false"])
     model, _ = initial_model(cfg, torch.device("cpu"))
     model.heads.add(10)
     with torch.no_grad():
@@ -125,7 +127,7 @@ def test_lora_checkpoint_round_trip(tmp_path):
             if "lora_B" in name:
                 p.normal_()
     save_model(tmp_path / "m.pt", model.backbone, model.heads, cfg.backbone, task=0)
-    loaded = load_model(tmp_path / "m.pt", cfg, torch.device("cpu"))
+    loaded = load_model(tmp_path / "m.pt", cfg, torch.device("cpu"), Redo("train", 0, str(tmp_path)))
     a, b = model.backbone.state_dict(), loaded.backbone.state_dict()
     assert a.keys() == b.keys() and sum("lora" in k for k in a) == 8
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,7 +1,7 @@
 """Benchmarks: class order, task splits and the images behind them.
 
 A `Benchmark` holds a train and a test `Split` whose labels are already
-remapped to positions in the run's class order (METHOD.md: `np.random.seed(seed)`
+remapped to positions in the run's class order (docs/methods/slca.md: `np.random.seed(seed)`
 then `np.random.permutation(n_classes)`), so task t owns the label range
 `task_ranges[t]`.
 """
@@ -15,29 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clpt.config import BenchmarkConfig
+from clpt.data.readers import read_dataset
+from clpt.data.registry import HALF, IMAGENET_MEAN, IMAGENET_STD, READERS, RawDataset
 from clpt.errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR_STD = (0.2675, 0.2565, 0.2761)
-HALF = (0.5, 0.5, 0.5)
-
-# Per benchmark (METHOD.md, Transforms): transform family and normalisation.
-#   builtin       pad-crop-flip at native size (in memory)
-#   cifar         RandomResizedCrop + flip + brightness 63/255, on the device (in memory)
-#   rrc           RandomResizedCrop + flip (files)
-#   fixed_resize  Resize((300, 300)) + RandomCrop + flip (files)
-# Test images: Resize(256) + CenterCrop(224) (scaled with image_size), except builtin.
-FAMILY = {
-    "builtin": ("builtin", HALF, HALF),
-    "cifar100": ("cifar", CIFAR_MEAN, CIFAR_STD),
-    "imagenet-r": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
-    "imagenet-a": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
-    "imagefolder": ("rrc", IMAGENET_MEAN, IMAGENET_STD),
-    "cub200": ("fixed_resize", IMAGENET_MEAN, IMAGENET_STD),
-    "cars196": ("fixed_resize", IMAGENET_MEAN, IMAGENET_STD),
-}
+# the constants readers register with; re-exported for library users
+__all__ = ["HALF", "IMAGENET_MEAN", "IMAGENET_STD", "Benchmark", "Split", "load_benchmark", "task_ranges"]
 
 
 def class_order(n_classes: int, seed: int) -> np.ndarray:
@@ -92,11 +75,11 @@ class Benchmark:
     image_size: int  # model input resolution
     mean: tuple[float, float, float] = HALF
     std: tuple[float, float, float] = HALF
-    family: str = "builtin"  # transform family (FAMILY)
+    family: str = "builtin"  # transform family (clpt.data.registry)
     train_crop_scale: tuple[float, float] | None = None  # a method's protocol: RRC scale for training
     train_interpolation: str = "bicubic"
     info: dict = field(default_factory=dict)  # recorded in the run (split, sources)
-    raw: object = None  # the RawDataset read from disk (None for the built-in benchmark)
+    raw: RawDataset | None = None  # the dataset read from disk (None for a generated benchmark)
 
     @property
     def n_classes(self) -> int:
@@ -114,7 +97,7 @@ def remap_labels(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
-    """Build the benchmark named in the config (see BENCHMARK_PRESETS for the names).
+    """Build the benchmark named in the config (a registered reader, `clpt.data.registry.READERS`).
 
     Memoised per process: the stages of one `clpt run` share the loaded images.
     """
@@ -131,7 +114,8 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
     # normalisation and training crop are a method's protocol (recorded in the run's config)
     mean, std = {"dataset": (bench.mean, bench.std), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
                  "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}[cfg.normalization]  # fmt: skip
-    scale = tuple(cfg.train_crop_scale) if cfg.train_crop_scale is not None else None
+    crop = cfg.train_crop_scale
+    scale = (float(crop[0]), float(crop[1])) if crop is not None else None
     return dataclasses.replace(
         bench, mean=mean, std=std, train_crop_scale=scale, train_interpolation=cfg.train_interpolation
     )
@@ -148,26 +132,20 @@ def _load_benchmark(
     download: bool,
     split_seed: int,
 ) -> Benchmark:
-    if name == "builtin":
-        from clpt.data import builtin
-
-        x_tr, y_tr = builtin.make_split("benchmark", "train")
-        x_te, y_te = builtin.make_split("benchmark", "test")
-        names = builtin.class_names("benchmark")
-        train, test = Split(labels=y_tr, images=x_tr), Split(labels=y_te, images=x_te)
-        raw, size, info = None, image_size or builtin.IMAGE_SIZE, {"source": "built-in procedural images"}
+    spec = READERS.get(name)
+    raw = read_dataset(name, root, download, split_seed)
+    names = raw.class_names
+    train = Split(labels=raw.train.labels, images=raw.train.images, paths=raw.train.paths)
+    test = Split(labels=raw.test.labels, images=raw.test.images, paths=raw.test.paths)
+    kept: RawDataset | None = raw
+    if spec.generated:  # nothing read from disk: no manifest
+        assert raw.train.images is not None
+        size, info, kept = image_size or int(raw.train.images.shape[1]), dict(raw.info), None
     else:
-        from clpt.data.readers import read_dataset
-
-        raw = read_dataset(name, root, download, split_seed)
-        names = raw.class_names
-        train = Split(labels=raw.train.labels, images=raw.train.images, paths=raw.train.paths)
-        test = Split(labels=raw.test.labels, images=raw.test.images, paths=raw.test.paths)
         size, info = image_size or 224, {"source": str(raw.root), **raw.info}
     order = class_order(len(names), seed)
     train.labels = remap_labels(train.labels, order)
     test.labels = remap_labels(test.labels, order)
-    family, mean, std = FAMILY[name]
     return Benchmark(
         name=name,
         class_names=[names[i] for i in order],
@@ -176,9 +154,9 @@ def _load_benchmark(
         train=train,
         test=test,
         image_size=size,
-        mean=mean,
-        std=std,
-        family=family,
+        mean=spec.mean,
+        std=spec.std,
+        family=spec.family,
         info=info,
-        raw=raw,
+        raw=kept,
     )

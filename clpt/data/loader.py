@@ -9,6 +9,13 @@
 Both follow the same epoch order: a seeded permutation when training, sharded
 across ranks the way `DistributedSampler` does it (padded by wrapping, so every
 rank runs the same number of steps).
+
+Randomness comes from the loader's own `torch.Generator` only, never the global
+RNG: in-memory batches draw from it directly; file batches derive one seed per
+image of the epoch from it, and each image's augmentation runs under that seed
+with the global RNG saved and restored around it, in this process or a worker.
+So an epoch's augmentation is the same with any number of workers, and
+iterating a loader leaves the global RNG as it was.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ class _Batches:
         per_rank = -(-len(self.indices) // self.world_size)  # ceil
         return -(-per_rank // self.batch_size)
 
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
     def _finish(self, x_uint8_nchw: torch.Tensor) -> torch.Tensor:
         return T.normalize(
             x_uint8_nchw.to(self.device, non_blocking=True).float().div_(255.0),
@@ -91,15 +101,23 @@ class ArrayBatches(_Batches):
 
 
 class _FileDataset(torch.utils.data.Dataset):
+    """Items are (row, seed): the image of `row`, transformed under `seed` (None: a deterministic transform)."""
+
     def __init__(self, paths: list[str], labels: np.ndarray, transform):
         self.paths, self.labels, self.transform = paths, labels, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int | None]):
+        i, seed = key
         with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB")), int(self.labels[i])
+            rgb = im.convert("RGB")
+        if seed is None:
+            return self.transform(rgb), int(self.labels[i])
+        with torch.random.fork_rng(devices=[]):  # the global RNG is restored afterwards
+            torch.manual_seed(seed)
+            return self.transform(rgb), int(self.labels[i])
 
 
 class FileBatches(_Batches):
@@ -120,18 +138,18 @@ class FileBatches(_Batches):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.indices, self.train, self.generator, self.rank, self.world_size)
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        # one seed per position of the epoch (a test transform draws nothing: no seed)
+        keys = [(int(i), (seed + 1_000_003 * k) % 2**63 if self.train else None) for k, i in enumerate(order)]
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=order.tolist(),
+            sampler=keys,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed),  # seeds the workers' augmentation
+            generator=torch.Generator().manual_seed(seed),  # the workers' base seed: not the global RNG
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
         )
-        if self.num_workers == 0:  # augmentation in this process: seed it from the run's generator
-            torch.manual_seed(seed)
         for x, y in loader:
             yield self._finish(x), y.to(self.device, non_blocking=True)
 

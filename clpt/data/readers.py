@@ -24,11 +24,21 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from clpt.data import builtin
+from clpt.data.registry import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    HALF,
+    READERS,
+    RawDataset,
+    RawSplit,
+    ReaderSpec,
+    register_reader,
+)
 from clpt.errors import DataError
 
 log = logging.getLogger("clpt")
@@ -36,23 +46,6 @@ log = logging.getLogger("clpt")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass
-class RawSplit:
-    labels: np.ndarray  # (N,) int64, the dataset's own class ids
-    images: np.ndarray | None = None  # (N, H, W, 3) uint8, in memory
-    paths: list[str] | None = None  # absolute file paths
-
-
-@dataclass
-class RawDataset:
-    name: str
-    root: Path  # the folder the files are relative to
-    class_names: list[str]
-    train: RawSplit
-    test: RawSplit
-    info: dict = field(default_factory=dict)
 
 
 def _find(root: Path, *candidates: str) -> Path:
@@ -129,10 +122,6 @@ def _class_folders(base: Path) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def read_imagenet_r(root: Path, split_seed: int, train_fraction: float = 0.8) -> RawDataset:
-    return read_wnid_folders(root, "imagenet-r", split_seed, train_fraction)
-
-
 def read_wnid_folders(root: Path, name: str, split_seed: int, train_fraction: float = 0.8) -> RawDataset:
     """ImageNet-R / ImageNet-A as distributed (`<name>/<wnid>/*`), with a deterministic per-class split.
 
@@ -155,7 +144,10 @@ def read_wnid_folders(root: Path, name: str, split_seed: int, train_fraction: fl
             f"{len(empty)} class folder(s) under {base} hold no images (e.g. {base / empty[0]})",
             hint=f"put images ({', '.join(IMAGE_SUFFIXES)}) into them, or remove the folders",
         )
-    tr_p, tr_y, te_p, te_y = [], [], [], []
+    tr_p: list[str] = []
+    te_p: list[str] = []
+    tr_y: list[int] = []
+    te_y: list[int] = []
     for c, wnid in enumerate(classes):
         files = _image_files(base / wnid)
         order = np.random.default_rng([split_seed, c]).permutation(len(files))
@@ -249,7 +241,7 @@ def read_cub200(root: Path) -> RawDataset:
         names_by_id = {int(v): f"class_{v}" for v in set(labels.values())}
     ids = sorted(names_by_id)
     index = {cid: i for i, cid in enumerate(ids)}
-    out = {True: ([], []), False: ([], [])}
+    out: dict[bool, tuple[list[str], list[int]]] = {True: ([], []), False: ([], [])}
     for img_id, rel in sorted(images.items()):
         paths, ys = out[is_train[img_id] == "1"]
         paths.append(str(base / "images" / rel))
@@ -354,7 +346,7 @@ def _check_label_map(path: Path, folders: list[str], base: Path) -> None:
 
 def _warn_if_cars_split_swapped(ds: RawDataset) -> None:
     """Pre-split Cars whose train/ holds as many images as the official test set and the reverse."""
-    counts = (len(ds.train.paths), len(ds.test.paths))
+    counts = (len(ds.train.paths or []), len(ds.test.paths or []))
     if counts == CARS_OFFICIAL[::-1]:
         note = (
             f"train/ holds {counts[0]} images and the test folder {counts[1]}: the sizes of the official "
@@ -364,20 +356,69 @@ def _warn_if_cars_split_swapped(ds: RawDataset) -> None:
         ds.info["split"] = f"as distributed; {note}"
 
 
-def read_dataset(name: str, root: str, download: bool, split_seed: int) -> RawDataset:
-    r = Path(root).expanduser()
-    if name != "cifar100" and not r.exists():
+def read_dataset(name: str, root: str | None, download: bool, split_seed: int) -> RawDataset:
+    """The dataset of the registered reader `name` under `root`."""
+    spec = READERS.get(name)
+    r = Path(root).expanduser() if root is not None else None
+    if spec.needs_root and (r is None or not r.exists()):
         raise DataError(
             f"benchmark.root={r} does not exist", hint="point benchmark.root at the dataset folder"
         )
-    if name == "cifar100":
-        return read_cifar100(r, download)
-    if name in ("imagenet-r", "imagenet-a"):
-        return read_wnid_folders(r, name, split_seed)
-    if name == "cub200":
-        return read_cub200(r)
-    if name == "cars196":
-        return read_cars196(r)
-    if name == "imagefolder":
-        return read_imagefolder(r)
-    raise ValueError(name)
+    return spec.read(r, download, split_seed)
+
+
+def _rooted(read):
+    """A reader of a dataset folder as a registry reader (`read_dataset` has checked that the root exists)."""
+
+    def call(root: Path | None, download: bool, split_seed: int) -> RawDataset:
+        assert root is not None
+        return read(root, download, split_seed)
+
+    return call
+
+
+def read_builtin(root: Path | None, download: bool, split_seed: int) -> RawDataset:
+    """The built-in benchmark: procedural images, generated in memory (clpt.data.builtin)."""
+    x_tr, y_tr = builtin.make_split("benchmark", "train")
+    x_te, y_te = builtin.make_split("benchmark", "test")
+    return RawDataset("builtin", None, builtin.class_names("benchmark"), RawSplit(y_tr, images=x_tr),
+                      RawSplit(y_te, images=x_te), {"source": "built-in procedural images"})  # fmt: skip
+
+
+_SLOW = {"train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4}}  # the 50-epoch protocols
+register_reader(ReaderSpec(
+    "builtin", read_builtin, "builtin", HALF, HALF, needs_root=False, generated=True,
+    preset={  # sized for a CPU
+        "benchmark": {"init_classes": 10, "increment": 10},
+        "backbone": {"name": "clpt_vit_micro"},
+        "train": {"epochs": 6, "milestones": [5], "batch_size": 64},
+        "system": {"num_workers": 0},
+        # d = 128: a 2048-wide random projection keeps the demo's RanPAC fits to about a second
+        "heads": {"ranpac": {"dim": 2048}},
+        "mist": {"epochs": 6},  # as train.epochs: sized for a 2-core CPU
+    },
+))  # fmt: skip
+register_reader(ReaderSpec(
+    "cifar100", _rooted(lambda r, download, s: read_cifar100(r, download)), "cifar", CIFAR_MEAN, CIFAR_STD,
+    needs_root=False,  # downloaded into benchmark.root when missing (and the network allows)
+    preset={"benchmark": {"init_classes": 10, "increment": 10},
+            "train": {"epochs": 20, "milestones": [18], "weight_decay": 5e-4}},
+))  # fmt: skip
+register_reader(ReaderSpec(
+    "imagenet-r", _rooted(lambda r, d, s: read_wnid_folders(r, "imagenet-r", s)), "rrc",
+    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW,
+            "heads": {"fecam": {"shrink1": 10.0, "shrink2": 10.0}}},  # FeCAM's ImageNet-R setting
+))  # fmt: skip
+register_reader(ReaderSpec(
+    "imagenet-a", _rooted(lambda r, d, s: read_wnid_folders(r, "imagenet-a", s)), "rrc",
+    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW},  # PILOT / RanPAC / MIST: 10 x 20
+))  # fmt: skip
+register_reader(ReaderSpec(
+    "cub200", _rooted(lambda r, d, s: read_cub200(r)), "fixed_resize",
+    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW},
+))  # fmt: skip
+register_reader(ReaderSpec(
+    "cars196", _rooted(lambda r, d, s: read_cars196(r)), "fixed_resize",
+    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW, "align": {"tau": 0.05}},
+))  # fmt: skip
+register_reader(ReaderSpec("imagefolder", _rooted(lambda r, d, s: read_imagefolder(r)), "rrc"))

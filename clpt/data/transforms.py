@@ -133,7 +133,7 @@ def resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
 
 
 def file_transform(family: str, train: bool, size: int, crop_scale=None, interpolation: str = "bicubic"):
-    """METHOD.md's table. Outputs uint8 CHW; normalisation happens on the device.
+    """docs/methods/slca.md's table. Outputs uint8 CHW; normalisation happens on the device.
 
     `crop_scale` set (a method's protocol, e.g. MIST's (0.05, 1) bilinear): training
     is RandomResizedCrop(size, crop_scale, interpolation) + flip for every dataset.

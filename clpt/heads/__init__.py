@@ -4,7 +4,7 @@ from clpt.heads import ca, fecam, lda, linear, ncm, ranpac  # noqa: F401  (each 
 from clpt.heads.base import (
     HEADS,
     ClassStats,
-    HeadContext,
+    HeadCache,
     HeadSpec,
     InMemoryCache,
     register_head,
@@ -14,7 +14,7 @@ from clpt.heads.base import (
 __all__ = [
     "HEADS",
     "ClassStats",
-    "HeadContext",
+    "HeadCache",
     "HeadSpec",
     "InMemoryCache",
     "register_head",

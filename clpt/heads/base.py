@@ -12,17 +12,30 @@ Adding a head: one module with a settings dataclass, a fit function and a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from clpt import artifacts
+from clpt.config import RunConfig
+from clpt.model import Heads
 from clpt.registry import Registry
+from clpt.stats import fit_class_stats
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # (N, d) features -> (N, C) scores, argmax predicts
+
+
+@dataclass(frozen=True)
+class ScoresWithInfo:
+    """Scores, and what the fit chose (recorded as `fit` in the head's evaluation row)."""
+
+    scores: Scores
+    info: dict
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores(x)
 
 
 @dataclass(frozen=True)
@@ -30,11 +43,11 @@ class HeadSpec:
     name: str
     summary: str
     config_cls: type  # dataclass of the head's settings (`heads.NAME.*`)
-    fit: Callable[[HeadContext, Any], Scores]
+    fit: Callable[[HeadCache, Any], Scores]
     # stages of task t (besides the test features of t) whose outputs the fit reads
-    inputs: Callable[[Any, int], list[tuple[str, int]]]
+    inputs: Callable[[RunConfig, int], list[tuple[str, int]]]
     # config keys beyond `heads.NAME` that the result depends on
-    config_keys: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    config_keys: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
 
 
 HEADS: Registry[HeadSpec] = Registry("head")
@@ -72,46 +85,39 @@ class ClassStats:
         return cls(cat(counts), cat(means), cat(m2s), task_of_class)
 
 
-@dataclass
-class HeadContext:
-    """What a head's fit may read for task `task`: the run's cached artifacts, nothing else."""
+class HeadCache(Protocol):
+    """What a head's fit may read for task `task`: cached quantities only, never images.
 
-    root: Path
-    cfg: Any  # RunConfig
+    Two implementations: `clpt.stages.heads.RunCache` (a run folder's feature and
+    statistics stores and checkpoints) and `InMemoryCache` (features in memory).
+    """
+
+    cfg: RunConfig
     task: int
-    tasks: list[list[int]]  # [start, stop) of every task of the run
+    tasks: list[list[int]]  # [start, stop) of every task
     device: torch.device
-    label: str = ""  # what progress bars of the fit are called ("" shows none)
+    label: str  # what progress bars of the fit are called ("" shows none)
 
     @property
-    def n_seen(self) -> int:
-        return self.tasks[self.task][1]
+    def n_seen(self) -> int: ...
 
     def class_stats(self) -> ClassStats:
-        parts = [artifacts.load_stats(self.root, i) for i in range(self.task + 1)]
-        for i, p in enumerate(parts):
-            expected = list(range(*self.tasks[i]))
-            if p["classes"].tolist() != expected:
-                raise ValueError(
-                    f"statistics of task {i} cover classes {p['classes'][:3]}..., not {expected[:3]}..."
-                )
-        return ClassStats.from_tasks(*([p[k] for p in parts] for k in ("count", "mean", "m2")))
+        """Sufficient statistics of every class of tasks 0..task."""
+        ...
 
     def train_chunks(self, i: int, rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Cached training features of task i (extracted with task i's backbone), on the device."""
-        label = f"{self.label}, features of task {i}" if self.label else ""
-        for x, y in artifacts.iter_feature_chunks(self.root, i, "train", rows, label):
-            yield x.to(self.device), y.to(self.device)
+        """Training features of task i (as its backbone saw them) and their labels, on the device."""
+        ...
 
-    def feature_dim(self) -> int:
-        feats, _ = artifacts.open_features(self.root, self.task, "test")
-        return int(feats.shape[1])
+    def feature_dim(self) -> int: ...
 
-    def trained_heads(self):
-        return artifacts.load_trained_heads(artifacts.model_path(self.root, self.task))
+    def trained_heads(self) -> Heads:
+        """The task heads as the learner left them after task `task`."""
+        ...
 
-    def aligned_heads(self):
-        return artifacts.load_aligned_heads(artifacts.aligned_path(self.root, self.task))
+    def aligned_heads(self) -> Heads:
+        """The task heads after the align stage of task `task`."""
+        ...
 
 
 @torch.no_grad()
@@ -121,17 +127,29 @@ def score_in_chunks(scores: Scores, x: torch.Tensor, device: torch.device, rows:
 
 
 class InMemoryCache:
-    """A `HeadContext` over features in memory (library use, benchmarks): fit any head without a run.
+    """A `HeadCache` over features in memory (library use, benchmarks): fit any head without a run.
 
     `x` (n, d) float32 training features, `y` (n,) labels in [0, C), `tasks` the
     [start, stop) class ranges; the heads are fitted as after task `task`.
+    `heads`: the learner's task heads, for the heads that start from them (`ca`, `linear`).
     """
 
-    def __init__(self, x, y, tasks, task: int, cfg, device="cpu", rows: int = 8192):
+    def __init__(self, x, y, tasks, task: int, cfg: RunConfig, device="cpu", rows: int = 8192,
+                 heads: Heads | None = None, label: str = ""):  # fmt: skip
         self.x, self.y, self.tasks, self.task, self.cfg, self.rows = x, y, tasks, task, cfg, rows
         self.device = torch.device(device)
+        self.heads, self.label = heads, label
 
-    n_seen = HeadContext.n_seen
+    @property
+    def n_seen(self) -> int:
+        return self.tasks[self.task][1]
+
+    def trained_heads(self) -> Heads:
+        if self.heads is None:
+            raise ValueError("this InMemoryCache holds no task heads: pass heads=")
+        return copy.deepcopy(self.heads)
+
+    aligned_heads = trained_heads  # in memory, the heads given are the heads used
 
     def feature_dim(self) -> int:
         return int(self.x.shape[1])
@@ -146,8 +164,6 @@ class InMemoryCache:
 
     def class_stats(self) -> ClassStats:
         """What `fit-stats` would store for tasks 0..task, computed from the features in memory."""
-        from clpt.stats import fit_class_stats
-
         parts = [
             fit_class_stats(self.train_chunks(i), range(*self.tasks[i]), self.feature_dim(), self.device)
             for i in range(self.task + 1)

@@ -1,4 +1,4 @@
-"""`ca`: SLCA / SLCA++ Classifier Alignment (METHOD.md, stage 3) as a head.
+"""`ca`: SLCA / SLCA++ Classifier Alignment (docs/methods/slca.md, stage 3) as a head.
 
 With a method that aligns (slca, slca_pp, frozen_ca) this is the align stage's
 output, read back. With one that does not (seqft, seqft_sl), the head aligns the
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clpt.heads.base import HeadSpec, register_head, stats_upto
+from clpt.align import align_on_stats
+from clpt.heads.base import HeadCache, HeadSpec, register_head, stats_upto
 
 # what the alignment reads from the config (the align stage declares the same keys)
 ALIGN_KEYS = ("align", "train.weight_decay", "seed", "stats.ridge")
@@ -21,9 +22,7 @@ class CAHeadConfig:
     """Settings live in `align.*` (shared with the align stage)."""
 
 
-def fit(ctx, settings: CAHeadConfig):
-    from clpt.align import align_on_stats
-
+def fit(ctx: HeadCache, settings: CAHeadConfig):
     if ctx.cfg.align_enabled:
         return ctx.aligned_heads().to(ctx.device).eval()
     heads = ctx.trained_heads()

@@ -1,4 +1,4 @@
-"""`fecam`: FeCAM's per-class Mahalanobis distance (METHOD_HEADS.md 2.3; Goswami et al. 2023).
+"""`fecam`: FeCAM's per-class Mahalanobis distance (docs/methods/heads.md, fecam; Goswami et al. 2023).
 
 Pre-trained ViT variant (their `FeCAM_vit_*` scripts), the default:
 - features L2-normalised; mu_c and S_c = unbiased covariance of the normalised
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clpt.heads.base import HeadSpec, extracts_upto, register_head
-from clpt.stats import fit_class_stats
+from clpt.heads.base import HeadCache, HeadSpec, extracts_upto, register_head
+from clpt.stats import covariance, fit_class_stats
 
 
 @dataclass
@@ -77,9 +77,7 @@ def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.
     return out
 
 
-def fit(ctx, settings: FeCAMConfig):
-    from clpt.artifacts import covariance
-
+def fit(ctx: HeadCache, settings: FeCAMConfig):
     means, covs = [], []
     for i in range(ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))

@@ -1,4 +1,4 @@
-"""`lda`: streaming LDA with a shared, shrunk covariance (METHOD_HEADS.md 2.2; Hayes & Kanan 2020).
+"""`lda`: streaming LDA with a shared, shrunk covariance (docs/methods/heads.md, lda; Hayes & Kanan 2020).
 
 S = sum_c M2_c / (N - C), shrunk to (1 - e) S + e I; w_c = S^-1 mu_c,
 b_c = -1/2 mu_c^T S^-1 mu_c; predict argmax_c (w_c . x + b_c). It needs only the

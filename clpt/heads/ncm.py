@@ -1,4 +1,4 @@
-"""`ncm`: SimpleCIL's nearest class mean (METHOD_HEADS.md 2.1).
+"""`ncm`: SimpleCIL's nearest class mean (docs/methods/heads.md, ncm).
 
 Prototype p_c = mean of the unnormalised features of class c (from the cached
 statistics: of the backbone that followed the class's task, never recomputed);

@@ -1,4 +1,4 @@
-"""`ranpac`: random projection, ReLU, and a ridge head on the Gram matrix (METHOD_HEADS.md 2.4; RanPAC).
+"""`ranpac`: random projection, ReLU, and a ridge head on the Gram matrix (docs/methods/heads.md, ranpac; RanPAC).
 
 - W_rand (d, M), i.i.d. N(0, 1), no scaling, drawn once from `heads.ranpac.seed`
   (the run's seed by default); h(x) = ReLU(f(x) W_rand).
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clpt.heads.base import HeadSpec, extracts_upto, register_head
+from clpt.heads.base import HeadSpec, ScoresWithInfo, extracts_upto, register_head
 
 LAMBDAS = [10.0**k for k in range(-8, 9)]  # 1e-8 .. 1e8, 17 values
 
@@ -129,9 +129,7 @@ def fit(ctx, settings: RanPACConfig):
     )  # fmt: skip
     del h_t
     w_o = ridge_solution(gram, q, lam, dtype).float()  # (M, C)
-    scores = lambda x: project(x, w_rand) @ w_o  # noqa: E731
-    scores.info = {"lambda": lam, "val_mse": losses}
-    return scores
+    return ScoresWithInfo(lambda x: project(x, w_rand) @ w_o, {"lambda": lam, "val_mse": losses})
 
 
 register_head(

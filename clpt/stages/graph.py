@@ -3,134 +3,113 @@
 The run machinery (`clpt.run`) knows stages only through these declarations:
 what a stage reads (the stages whose markers it consumes), which config keys
 its result depends on (an edit of any makes it stale), the command that
-produces it (for error messages), and the function that runs it. Stage
-functions receive a `StageContext`, never marker internals.
+produces it (for error messages: `explain`), and the function that runs it
+(imported when it first runs, so reading a run's state imports no stage code).
 
 The five stages of a task are `train`, `extract`, `stats`, `align` and `eval`
 (the method's own classifier); each classifier head of `clpt.heads` adds a stage
-`head:NAME`, declared from its registration.
+`head:NAME`, declared from its registration. Adding a stage: a module in
+`clpt/stages/` with a function of a `StageContext`, and a `declare(Stage(...))`
+here.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
+from clpt.config import RunConfig
+from clpt.errors import ClptError
+from clpt.heads import HEADS
+from clpt.learners import LEARNERS
+from clpt.methods import METHODS
 from clpt.registry import Registry, lazy
-
-
-@dataclass
-class StageContext:
-    """What a stage function is given: the run, the task, whether to resume, its inputs' marker ids."""
-
-    run: Any  # clpt.run.Run
-    task: int
-    resume: bool = True
-    inputs: dict[str, str] = field(default_factory=dict)  # "stage/task" -> marker id
-
-    @property
-    def cfg(self):
-        return self.run.cfg
-
-    def input_id(self, stage: str, t: int) -> str:
-        """The marker id of an input this stage consumed (what its outputs are derived from)."""
-        return self.inputs[f"{stage}/{t}"]
-
-
-StageFn = Callable[[StageContext], tuple[list[Path], dict]]
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    what: str  # in messages: "needs <what> of task t"
-    command: str  # produces it; {run} and {task} are filled in
-    inputs: Callable[[Any, int], list[tuple[str, int]]]  # (cfg, task) -> [(stage, task)]
-    config_keys: Callable[[Any], tuple[str, ...]]  # cfg -> dotted keys the result depends on
-    fn: StageFn
-    reads_images: bool = False  # checked against the run's manifest before its marker is removed
-
+from clpt.stages.base import Stage
 
 TASK_STAGES: Registry[Stage] = Registry("stage")
 
 
-def _learner(cfg) -> str:
-    from clpt.methods import METHODS
-
-    return METHODS.get(cfg.method).learner
-
-
-def _declare(stage: Stage) -> Stage:
+def declare(stage: Stage) -> Stage:
     return TASK_STAGES.register(stage.name, stage)
 
 
-_declare(
+def _learner_keys(cfg: RunConfig) -> tuple[str, ...]:
+    return LEARNERS.get(METHODS.get(cfg.method).learner).config_keys
+
+
+declare(
     Stage(
         "train",
         "a trained model",
         "clpt train-task {run} --task {task}",
         inputs=lambda cfg, t: [("train", t - 1)] if t > 0 else [],
         config_keys=lambda cfg: (
-            ("method", "seed", "benchmark", "backbone", "train", "lora")
-            + (("mist",) if _learner(cfg) == "mist" else ())
+            "method",
+            "seed",
+            "benchmark",
+            "backbone",
+            "train",
+            "lora",
+            *_learner_keys(cfg),
         ),
-        fn=lazy("clpt.train", "train_stage"),
+        fn=lazy("clpt.stages.train", "run"),
         reads_images=True,
     )
 )
-_declare(
+declare(
     Stage(
         "extract",
         "cached features",
         "clpt extract {run} --task {task}",
         inputs=lambda cfg, t: [("train", t)],
         config_keys=lambda cfg: (),
-        fn=lazy("clpt.features", "extract_stage"),
+        fn=lazy("clpt.stages.extract", "run"),
         reads_images=True,
     )
 )
-_declare(
+declare(
     Stage(
         "stats",
         "class statistics",
         "clpt fit-stats {run} --task {task}",
         inputs=lambda cfg, t: [("extract", t)],
         config_keys=lambda cfg: (),  # sufficient statistics: no setting changes them
-        fn=lazy("clpt.stats", "stats_stage"),
+        fn=lazy("clpt.stages.fit_stats", "run"),
     )
 )
-_declare(
+ALIGN_KEYS = (
+    "align",
+    "train.weight_decay",
+    "seed",
+    "stats.ridge",
+)  # what alignment reads (the `ca` head too)
+declare(
     Stage(
         "align",
         "aligned heads",
         "clpt align {run} --task {task}",
         inputs=lambda cfg, t: [("train", t)] + [("stats", i) for i in range(t + 1)],
-        config_keys=lambda cfg: ("align", "train.weight_decay", "seed", "stats.ridge"),
-        fn=lazy("clpt.align", "align_stage"),
+        config_keys=lambda cfg: ALIGN_KEYS,
+        fn=lazy("clpt.stages.align", "run"),
     )
 )
 
 
-def _classifier(cfg) -> str | None:
-    from clpt.methods import METHODS
-
+def classifier(cfg: RunConfig) -> str | None:
+    """The method's own classifier: None (its aligned task heads) or a head name."""
     return METHODS.get(cfg.method).classifier
 
 
-_declare(
+declare(
     Stage(
         "eval",
         "an evaluation",
         "clpt eval {run} --task {task}",
         # the method's own classifier: its aligned task heads, or a statistics head (SimpleCIL, RanPAC)
         inputs=lambda cfg, t: (
-            [(f"head:{c}", t)] if (c := _classifier(cfg)) else [("align", t), ("extract", t)]
+            [(f"head:{c}", t)] if (c := classifier(cfg)) else [("align", t), ("extract", t)]
         ),
         config_keys=lambda cfg: (),
-        fn=lazy("clpt.evaluate", "eval_stage"),
+        fn=lazy("clpt.stages.evaluate", "run"),
     )
 )
 
@@ -141,9 +120,6 @@ HEAD_PREFIX = "head:"
 @functools.cache
 def head_stage(name: str) -> Stage:
     """The stage of classifier head `name`, declared from its registration in `clpt.heads`."""
-    from clpt.evaluate import head_stage as head_fn
-    from clpt.heads import HEADS
-
     spec = HEADS.get(name)
     return Stage(
         f"{HEAD_PREFIX}{name}",
@@ -152,7 +128,7 @@ def head_stage(name: str) -> Stage:
         # every head scores the test features of task t
         inputs=lambda cfg, t: [*spec.inputs(cfg, t), ("extract", t)],
         config_keys=lambda cfg: (f"heads.{name}", *spec.config_keys(cfg)),
-        fn=head_fn(name),
+        fn=functools.partial(lazy("clpt.stages.evaluate", "run_head"), name),
     )
 
 
@@ -162,10 +138,23 @@ def get_stage(name: str) -> Stage:
     return TASK_STAGES.get(name)
 
 
-def run_order(cfg) -> list[str]:
+def run_order(cfg: RunConfig) -> list[str]:
     """Stages of one task, in order: the core five (the method's classifier head before eval), then the heads."""
-    own = _classifier(cfg)
+    own = classifier(cfg)
     heads = [f"{HEAD_PREFIX}{h}" for h in ([own] if own else []) + [h for h in cfg.heads.enabled if h != own]]
     if own:
         return [*CORE[:-1], heads[0], "eval", *heads[1:]]
     return [*CORE, *heads]
+
+
+def command(stage: str, root, task: int) -> str:
+    """The command that produces `stage` of task `task` in run folder `root`."""
+    return get_stage(stage).command.format(run=root, task=task)
+
+
+def explain(e: ClptError) -> ClptError:
+    """`e` with its fix written out from the command its `Redo` stage declares (in place; returned)."""
+    if e.redo is not None:
+        r = e.redo
+        e.hint, e.redo = e.fix(command(r.stage, r.root, r.task)), None
+    return e

@@ -1,0 +1,126 @@
+"""Config resolution: presets, each head's settings and the checks that need the registries.
+
+    defaults < benchmark preset (its reader's registration) < method preset
+    < the method's preset for that benchmark < config file < overrides
+
+`clpt.config` holds the dataclasses and their own value checks; this module
+composes them with the registries (benchmark readers, methods, heads) and
+reports every problem at once in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from clpt import config as C
+from clpt.config import BenchmarkConfig, HeadsConfig, RunConfig
+from clpt.data.registry import READERS
+from clpt.errors import ConfigError
+from clpt.heads import HEADS
+from clpt.methods import METHODS, REQUIRED_KEYS
+
+
+def default_config() -> RunConfig:
+    """The dataclass defaults, with every registered head's default settings."""
+    cfg = RunConfig()
+    cfg.heads.settings = {name: spec.config_cls() for name, spec in HEADS.items()}
+    return cfg
+
+
+def _build_heads(raw: Any, problems: list[str]) -> HeadsConfig:
+    """`heads: {enabled: [...], <head>: {...}}`: each head's settings are its registered dataclass."""
+    heads = default_config().heads
+    if not isinstance(raw, dict):
+        problems.append(f"heads: expected a mapping, got {raw!r}")
+        return heads
+    for key, value in raw.items():
+        if key == "enabled":
+            heads.enabled = C.coerce(value, list[str], "heads.enabled", problems) or []
+            bad = [h for h in heads.enabled if h not in HEADS]
+            if bad:
+                problems.append(f"heads.enabled: {bad} not among: {', '.join(HEADS.names())}")
+        elif key in HEADS:
+            heads.settings[key] = C.build_section(HEADS.get(key).config_cls, value, f"heads.{key}", problems)
+        else:
+            problems.append(f"heads.{key}: unknown key (valid: enabled, {', '.join(HEADS.names())})")
+    return heads
+
+
+def registry_problems(cfg: RunConfig) -> list[str]:
+    """The checks that need a registry: benchmark and method names, what a method must set."""
+    out = []
+    if isinstance(cfg.benchmark.name, str) and cfg.benchmark.name not in READERS:
+        out.append(f"benchmark.name: {cfg.benchmark.name!r} is not one of: {', '.join(READERS.names())}")
+    if isinstance(cfg.method, str):
+        if cfg.method not in METHODS:
+            out.append(f"method: {cfg.method!r} is not one of: {', '.join(METHODS.names())}")
+        else:
+            for key in REQUIRED_KEYS:
+                section, name = key.split(".")
+                if getattr(getattr(cfg, section), name) is None:
+                    out.append(f"{key}: method {cfg.method!r} leaves it unset; its registration must set it "
+                               f"(or give {key} in the config)")  # fmt: skip
+    return out
+
+
+def build_config(raw: dict, source: str = "config") -> RunConfig:
+    """Typed, validated RunConfig from a raw (already merged) dictionary."""
+    problems: list[str] = []
+    cfg = default_config()
+    hints = typing.get_type_hints(RunConfig)
+    valid = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in raw:
+        if key not in valid:
+            problems.append(f"{key}: unknown key (valid: {', '.join(sorted(valid))})")
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in raw:
+            continue
+        if f.name == "heads":
+            cfg.heads = _build_heads(raw[f.name], problems)
+        elif f.name in C.SECTIONS:
+            setattr(cfg, f.name, C.build_section(hints[f.name], raw[f.name], f.name, problems))
+        else:
+            setattr(cfg, f.name, C.coerce(raw[f.name], hints[f.name], f.name, problems))
+    problems += registry_problems(cfg) + cfg.problems()  # value checks skip fields whose type was wrong
+    if problems:
+        raise ConfigError(problems, source=source)
+    return cfg
+
+
+def presets(benchmark: Any, method: Any) -> dict:
+    """The raw config sections the benchmark's reader and the method preset, merged (lowest first)."""
+    base: dict = {}
+    if isinstance(benchmark, str) and benchmark in READERS:
+        base = C.deep_merge(base, READERS.get(benchmark).preset)
+    if isinstance(method, str) and method in METHODS:
+        spec = METHODS.get(method)
+        base = C.deep_merge(base, spec.preset)
+        base = C.deep_merge(base, spec.benchmark_presets.get(benchmark, {}))
+    return base
+
+
+def resolve(file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < benchmark preset < method preset < file < overrides, validated."""
+    user: dict = {}
+    source = "config"
+    if file is not None:
+        user = C.load_file(file)
+        source = str(file)
+    user = C.deep_merge(user, C.overrides_to_dict(overrides or []))
+    section = user.get("benchmark")
+    bench = section.get("name", BenchmarkConfig.name) if isinstance(section, dict) else BenchmarkConfig.name
+    method = user.get("method", RunConfig.method)
+    return build_config(C.deep_merge(presets(bench, method), user), source=source)
+
+
+def load_resolved(path: str | Path) -> RunConfig:
+    """Read a saved, resolved config (as written by `clpt.config.dump_yaml`) back, validated.
+
+    Read with the same precedence as a new run's config: every key the file has
+    wins, so a fully resolved file reads back unchanged, and a key it lacks (added
+    by a newer clpt) takes its benchmark's and method's preset, not the bare default.
+    """
+    return resolve(path)
