@@ -183,6 +183,20 @@ def fit_stats(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, wait: Wai
     _stage(run_dir, "stats", task, force, wait)
 
 
+@app.command("extract-pairs")
+@guarded
+def extract_pairs(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, wait: WaitOpt = False) -> None:
+    """Drift compensation: cache the task's training images through the previous task's backbone."""
+    _stage(run_dir, "pairs", task, force, wait)
+
+
+@app.command("fit-drift")
+@guarded
+def fit_drift(run_dir: RunArg, task: TaskOpt, force: ForceOpt = False, wait: WaitOpt = False) -> None:
+    """Drift compensation: fit the task's map on the paired features; move every old class's statistics."""
+    _stage(run_dir, "drift", task, force, wait)
+
+
 @app.command()
 @guarded
 def align(
@@ -398,6 +412,48 @@ def heads_(
         _print_json(rep)
     else:
         _print_heads(rep)
+
+
+@app.command("drift-oracle")
+@guarded
+def drift_oracle(
+    run_dir: RunArg,
+    task: Annotated[
+        int | None, typer.Option("--task", "-t", help="The task (default: the last).", show_default=False)
+    ] = None,
+    json_: JsonOpt = False,
+    wait: WaitOpt = False,
+) -> None:
+    """Analysis: what stale statistics cost. Re-extracts every OLD class's training images under the task's
+    backbone (it reads old images, which a continual learner may not) and compares each classifier on the true
+    statistics with its stale and drift-compensated versions; writes tasks/T/oracle.json."""
+    from clpt.lock import run_lock
+    from clpt.run import open_for_work
+    from clpt.stages.oracle import oracle
+
+    run = open_for_work(run_dir)
+    t = run.info.n_tasks - 1 if task is None else task
+    run.check_task(t)
+    with run_lock(run.root, wait):
+        doc = oracle(run, t)
+    if json_:
+        _print_json(doc)
+        return
+    table = Table(
+        title=f"stale, compensated ({doc['drift_method']}) and oracle statistics after task {t} (%)"
+    )
+    for col in ("head", "stale", "compensated", "oracle", "gap recovered"):
+        table.add_column(col, justify="left" if col == "head" else "right")
+    for name, h in doc["heads"].items():
+        cells = [f"{100 * h[k]:.2f}" if k in h else "-" for k in ("stale", "compensated", "oracle")]
+        table.add_row(name, *cells, f"{100 * h['recovered']:.0f} %" if "recovered" in h else "-")
+    out.print(table)
+    s = doc["statistics"]
+    line = f"old classes {doc['old_classes']}: mean cosine to the oracle, stale {s['stale_mean_cosine']:.4f}"
+    if "compensated_mean_cosine" in s:
+        line += (f", compensated {s['compensated_mean_cosine']:.4f}; mean error compensated / stale "
+                 f"{s['relative_mean_error']:.3f}")  # fmt: skip
+    out.print(line)
 
 
 @app.command("config")

@@ -21,16 +21,19 @@ whose `Redo` names the stage that rebuilds it (the wiring formats its command).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from clpt import progress
 from clpt.errors import DataError, MissingInputError, Redo, from_os_error
-from clpt.io import read_json, torch_save, write_json
+from clpt.io import read_json, torch_save, write_bytes, write_json
 
 # format name -> current version. A reader accepts exactly this version.
 # versions a reader still accepts besides the current one (features 1: without checksums)
@@ -46,6 +49,7 @@ FORMATS = {
     "clpt-stats": 2,  # 2: sufficient statistics (count, mean, M2); 1 stored covariance + ridge
     "clpt-eval": 1,
     "clpt-head-eval": 1,
+    "clpt-drift-map": 1,  # tasks/003/drift.safetensors
 }
 
 
@@ -78,6 +82,18 @@ def head_eval_path(root: Path, head: str, t: int) -> Path:
 
 def features_path(root: Path) -> Path:
     return Path(root) / "features.zarr"
+
+
+PAIRS = "pairs"  # the feature split of task t's training rows under the previous backbone (stage pairs)
+
+
+def drift_path(root: Path) -> Path:
+    """The compensated statistics of the old classes, per task (stage drift)."""
+    return Path(root) / "drift.zarr"
+
+
+def drift_map_path(root: Path, t: int) -> Path:
+    return task_dir(root, t) / "drift.safetensors"
 
 
 def stats_path(root: Path) -> Path:
@@ -326,8 +342,9 @@ def prepare_features(
     return feats, labels, 0
 
 
-def _extract_redo(root: Path, t: int, force: bool = True) -> Redo:
-    return Redo("extract", t, str(root), force)
+def _extract_redo(root: Path, t: int, force: bool = True, split: str = "train") -> Redo:
+    """The stage that writes a split: `extract` (train, test), `pairs` (the previous backbone's rows)."""
+    return Redo("pairs" if split == PAIRS else "extract", t, str(root), force)
 
 
 def open_features_for_append(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Array]:
@@ -339,18 +356,19 @@ def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Arra
     """The cached (feats, labels) arrays of a task and split, checked complete and of this format."""
     missing = MissingInputError(
         f"no complete {split} features for task {t} in {features_path(root)}",
-        redo=_extract_redo(root, t, False),
+        redo=_extract_redo(root, t, False, split),
     )
     _, (feats, labels) = open_node(
         features_path(root), feature_group(t, split), ("feats", "labels"),
-        f"the cached {split} features of task {t}", _extract_redo(root, t), missing,
+        f"the cached {split} features of task {t}", _extract_redo(root, t, True, split), missing,
     )  # fmt: skip
     if rows_done(feats, -1) != feats.shape[0]:
         raise missing
     version = feats.attrs.get("format_version", 1)
     if version != FORMATS["clpt-features"] and version not in READABLE["clpt-features"]:
         raise DataError(
-            f"{split} features of task {t} have format version {version}", redo=_extract_redo(root, t)
+            f"{split} features of task {t} have format version {version}",
+            redo=_extract_redo(root, t, True, split),
         )
     return feats, labels
 
@@ -366,7 +384,7 @@ def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = 
 
     `label` names a progress bar over the rows ("" shows none)."""
     feats, labels = open_features(root, t, split)
-    what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t)
+    what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t, True, split)
     with progress.bar(label, feats.shape[0], unit="row") as shown:
         for start in range(0, feats.shape[0], rows):
             sel = slice(start, start + rows)
@@ -378,7 +396,7 @@ def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = 
 
 def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = open_features(root, t, split)
-    what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t)
+    what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t, True, split)
     return (
         torch.from_numpy(_finite(read_checked(feats, ..., what, redo), what, redo)),
         torch.from_numpy(read_checked(labels, ..., what, redo)),
@@ -388,9 +406,12 @@ def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.T
 # --- class statistics (sufficient statistics: count, mean, M2) -------------------------------
 
 
-def save_stats(root: Path, t: int, classes: range, count, mean, m2, source: str) -> Path:
+def save_stats(
+    root: Path, t: int, classes: range, count, mean, m2, source: str, store: str = "stats"
+) -> Path:
     """Write task t's per-class count (C,), mean (C, d) and scatter M2 (C, d, d), float64, no ridge."""
-    g = writable_group(stats_path(root), stats_group(t))
+    path = stats_path(root) if store == "stats" else drift_path(root)
+    g = writable_group(path, stats_group(t))
     d = mean.shape[1]
     for key, value in (
         ("classes", np.arange(classes.start, classes.stop, dtype=np.int64)),
@@ -417,15 +438,17 @@ def save_stats(root: Path, t: int, classes: range, count, mean, m2, source: str)
     )
     if "cov" in g:  # a store written by an older clpt: its covariance is not ours
         del g["cov"]
-    return stats_path(root) / stats_group(t)
+    return path / stats_group(t)
 
 
-def load_stats(root: Path, t: int) -> dict[str, np.ndarray]:
+def load_stats(root: Path, t: int, store: str = "stats") -> dict[str, np.ndarray]:
     """classes, count, mean, m2 of task t (float64 sufficient statistics, no ridge)."""
-    what, redo = f"the statistics of task {t}", Redo("stats", t, str(root))
+    path = stats_path(root) if store == "stats" else drift_path(root)
+    what = f"the statistics of task {t}" if store == "stats" else f"the compensated statistics after task {t}"
+    redo = Redo(store, t, str(root))
     keys = ("classes", "count", "mean", "m2")
-    missing = MissingInputError(f"no statistics of task {t} in {stats_path(root)}", redo=redo)
-    g, arrays = open_node(stats_path(root), stats_group(t), keys, what, redo, missing)
+    missing = MissingInputError(f"no statistics of task {t} in {path}", redo=redo)
+    g, arrays = open_node(path, stats_group(t), keys, what, redo, missing)
     version = g.attrs.get("format_version", 1)
     if version != FORMATS["clpt-stats"]:
         raise DataError(f"statistics of task {t} have format version {version}", redo=redo)
@@ -447,3 +470,33 @@ def read_eval(path: Path, fmt: str, redo: Redo) -> dict:
     if not isinstance(row, dict) or row.get("format", fmt) != fmt or "per_task" not in row:
         raise DataError(f"{path} is not a clpt {fmt} file", redo=redo)
     return row
+
+
+# --- drift maps (safetensors) ------------------------------------------------------------------
+
+
+def save_drift_map(path: Path, method: str, task: int, state: dict[str, torch.Tensor], info: dict) -> None:
+    """One task's fitted drift map: its tensors, and its method, task and fit summary as metadata (atomic)."""
+    meta = {"format": "clpt-drift-map", "format_version": str(FORMATS["clpt-drift-map"]), "method": method,
+            "task": str(task), "info": json.dumps(info)}  # fmt: skip
+    data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
+    write_bytes(path, data)
+
+
+def read_drift_map(path: Path, method: str, redo: Redo) -> dict[str, torch.Tensor]:
+    """The tensors of a drift map of `method`, or a one-line error naming `redo`."""
+    if not Path(path).is_file():
+        raise MissingInputError(
+            f"{path} does not exist", redo=Redo(redo.stage, redo.task, redo.root, force=False)
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__})", redo=redo) from None
+    if meta.get("format") != "clpt-drift-map" or meta.get("format_version") != str(FORMATS["clpt-drift-map"]):
+        raise DataError(f"{path} is not a clpt drift map of this version", redo=redo)
+    if meta.get("method") != method:
+        raise DataError(f"{path} holds a {meta.get('method')} map, the run's method is {method}", redo=redo)
+    return state

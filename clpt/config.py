@@ -306,6 +306,43 @@ class HeadsConfig:
         return out
 
 
+DRIFT_METHODS = ("linear", "weak_nonlinear", "sdc", "dpcr")  # clpt.drift registers exactly these
+
+
+@dataclass
+class DriftConfig:
+    """Drift compensation of stored class statistics (docs/methods/drift.md); `none` leaves them stale.
+
+    With a method, every run also fits each statistics classifier on the compensated
+    statistics (`NAME+drift` beside `NAME`). `settings` holds one dataclass per method
+    (`clpt.drift`); the resolver fills it.
+    """
+
+    method: str = "none"  # none | linear (SLDC alpha-1) | weak_nonlinear (SLDC alpha-2) | sdc | dpcr
+    settings: dict[str, Any] = field(default_factory=dict)  # method name -> its settings dataclass
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def of(self, name: str) -> Any:
+        try:
+            return self.settings[name]
+        except KeyError:
+            raise KeyError(
+                f"no settings for drift method {name!r}: build the config with clpt.stages.resolve"
+            ) from None
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.method != "none" and self.method not in DRIFT_METHODS:
+            out.append(f"method: {self.method!r} is not one of none, {', '.join(DRIFT_METHODS)}")
+        for name, settings in self.settings.items():
+            check = getattr(settings, "problems", None)
+            out.extend(f"{name}.{p}" for p in (check() if check is not None else []))
+        return out
+
+
 @dataclass
 class RunConfig:
     method: str = "slca"  # a registered method (clpt.methods): slca | slca_pp | seqft | seqft_sl | frozen_ca
@@ -318,6 +355,7 @@ class RunConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     mist: MistConfig = field(default_factory=MistConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
 
     def problems(self) -> list[str]:
@@ -336,7 +374,7 @@ class RunConfig:
         return self.train.weight_decay if self.align.weight_decay is None else self.align.weight_decay
 
 
-SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "heads", "mist", "system")
+SECTIONS = ("benchmark", "backbone", "train", "lora", "stats", "align", "heads", "mist", "drift", "system")
 
 
 # ---------------------------------------------------------------------------
@@ -494,6 +532,8 @@ def to_dict(cfg: RunConfig) -> dict:
             return v.value
         if isinstance(v, HeadsConfig):
             return {"enabled": list(v.enabled), **{k: conv(x) for k, x in v.settings.items()}}
+        if isinstance(v, DriftConfig):
+            return {"method": v.method, **{k: conv(x) for k, x in v.settings.items()}}
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, list):

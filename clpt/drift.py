@@ -214,29 +214,46 @@ class DPCRConfig:
 
 
 @dataclass
-class ClassMaps:
-    """A map W_c per class: mu_c W_c, W_c^T G_c W_c (the Gram, then M2 from it); features x W_c."""
+class DPCRMap:
+    """W_c = P Pi_c per old class c: mu_c W_c and W_c^T G_c W_c (M2 from the Gram); features of class c: x W_c.
 
-    classes: torch.Tensor  # (C,)
-    w: torch.Tensor  # (C, d, d) float64
+    Pi_c projects onto the span of class c's Gram in the previous space (`gram`), computed per class
+    when used, so no (C, d, d) stack of maps is held.
+    """
+
+    classes: torch.Tensor  # (C,) label ids of the old classes
+    p: torch.Tensor  # (d, d) float64: the task-wise ridge map
+    gram: torch.Tensor  # (C, d, d) float64: the old classes' Grams before this map
+    tolerance: float
     info: dict = field(default_factory=dict)
 
-    def _rows(self, classes: torch.Tensor) -> torch.Tensor:
+    def _index(self, classes: torch.Tensor) -> list[int]:
         index = {int(c): i for i, c in enumerate(self.classes.tolist())}
-        return torch.tensor([index[int(c)] for c in classes.tolist()], dtype=torch.int64)
+        return [index[int(c)] for c in classes.tolist()]
+
+    def class_map(self, row: int) -> torch.Tensor:
+        """(d, d) W_c of the class at `row` of `classes`."""
+        return self.p @ span_projection(self.gram[row : row + 1], self.tolerance)[0]
 
     def apply(self, stats: Moments, classes: torch.Tensor) -> Moments:
-        w = self.w[self._rows(classes)].to(stats.mean)
-        mean = torch.einsum("cd,cde->ce", stats.mean, w)
-        gram = _symmetric(w.transpose(1, 2) @ stats.gram() @ w)
-        return Moments.from_gram(stats.count, mean, gram)
+        gram = stats.gram()
+        means, grams = [], []
+        for k, row in enumerate(self._index(classes)):
+            w = self.class_map(row).to(stats.mean)
+            means.append(stats.mean[k] @ w)
+            grams.append(_symmetric(w.T @ gram[k] @ w))
+        return Moments.from_gram(stats.count, torch.stack(means), torch.stack(grams))
 
     def apply_features(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        w = self.w[self._rows(labels)].to(x.device)
-        return torch.einsum("nd,nde->ne", x.to(torch.float64), w).to(x.dtype)
+        out = torch.empty_like(x)
+        for c in labels.unique().tolist():
+            sel = labels == c
+            w = self.class_map(self._index(torch.tensor([c]))[0]).to(x.device)
+            out[sel] = (x[sel].to(torch.float64) @ w).to(x.dtype)
+        return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"classes": self.classes, "w": self.w}
+        return {"classes": self.classes, "p": self.p}
 
 
 def span_projection(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -247,17 +264,17 @@ def span_projection(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
     return v @ v.transpose(1, 2)
 
 
-def fit_dpcr(x_old, x_new, stats: Moments, classes, settings: DPCRConfig, generator=None) -> ClassMaps:
+def dpcr_shift(x_old: torch.Tensor, x_new: torch.Tensor, rho: float) -> torch.Tensor:
+    """DPCR's task-wise map P = solve(X_old^T X_old + rho I, X_old^T X_new), raw features, float64."""
     a, b = x_old.to(torch.float64), x_new.to(torch.float64)
-    d = a.shape[1]
-    p = torch.linalg.solve(
-        a.T @ a + settings.rho * torch.eye(d, dtype=torch.float64, device=a.device), a.T @ b
+    return torch.linalg.solve(
+        a.T @ a + rho * torch.eye(a.shape[1], dtype=torch.float64, device=a.device), a.T @ b
     )
-    proj = span_projection(stats.gram(), settings.tolerance)  # (C, d, d), in the previous space
-    w = p[None] @ proj  # W_c = P Pi_c, as their code
-    return ClassMaps(
-        classes.clone(), w, {"pairs": len(x_old), "rank": [int(torch.linalg.matrix_rank(q)) for q in proj]}
-    )
+
+
+def fit_dpcr(x_old, x_new, stats: Moments, classes, settings: DPCRConfig, generator=None) -> DPCRMap:
+    p = dpcr_shift(x_old, x_new, settings.rho)
+    return DPCRMap(classes.clone(), p, stats.gram(), settings.tolerance, {"pairs": len(x_old)})
 
 
 # --- weak_nonlinear: SLDC alpha-2 ---------------------------------------------------------------------------
@@ -333,7 +350,8 @@ class NonlinearMap:
         return Moments(stats.count, torch.stack(means), torch.stack(m2s))
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"g.{k}": v.detach() for k, v in self.g.state_dict().items()}
+        extra = {"seed": torch.tensor(self.seed), "samples_per_dim": torch.tensor(self.samples_per_dim)}
+        return {**{f"g.{k}": v.detach() for k, v in self.g.state_dict().items()}, **extra}
 
 
 def fit_weak_nonlinear(x_old, x_new, stats, classes, settings: WeakNonlinearConfig,
@@ -362,14 +380,33 @@ def fit_weak_nonlinear(x_old, x_new, stats, classes, settings: WeakNonlinearConf
 # --- registry and composition -----------------------------------------------------------------------------
 
 
+def restore_linear(state: dict, stats: Moments, settings: LinearConfig) -> LinearMap:
+    return LinearMap(state["w"])
+
+
+def restore_sdc(state: dict, stats: Moments, settings: SDCConfig) -> ShiftMap:
+    return ShiftMap(state["classes"], state["delta"])
+
+
+def restore_dpcr(state: dict, stats: Moments, settings: DPCRConfig) -> DPCRMap:
+    return DPCRMap(state["classes"], state["p"], stats.gram(), settings.tolerance)
+
+
+def restore_weak_nonlinear(state: dict, stats: Moments, settings: WeakNonlinearConfig) -> NonlinearMap:
+    g = WeakNonlinear(int(stats.mean.shape[1]))
+    g.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("g.")})
+    return NonlinearMap(g.eval(), int(state["samples_per_dim"]), int(state["seed"]))
+
+
 @dataclass(frozen=True)
 class DriftSpec:
     name: str
     summary: str
     config_cls: type
-    fit: Callable[
-        ..., Any
-    ]  # (x_old, x_new, stats of the old classes, their ids, settings, generator) -> DriftMap
+    # (x_old, x_new, stats of the old classes, their ids, settings, generator) -> DriftMap
+    fit: Callable[..., Any]
+    # (state, the old classes' statistics the map was fitted with, settings) -> the same map
+    restore: Callable[..., Any]
 
 
 DRIFT_METHODS: Registry[DriftSpec] = Registry("drift method")
@@ -379,13 +416,16 @@ def register_drift(spec: DriftSpec) -> DriftSpec:
     return DRIFT_METHODS.register(spec.name, spec)
 
 
-register_drift(DriftSpec("linear", "SLDC alpha-1: ridge map shrunk toward I", LinearConfig, fit_linear))
-register_drift(DriftSpec("weak_nonlinear", "SLDC alpha-2: identity + linear + MLP", WeakNonlinearConfig,
-                         fit_weak_nonlinear))  # fmt: skip
-register_drift(DriftSpec("sdc", "SDC: kernel-weighted mean shift (SSIAT, RSIAT)", SDCConfig, fit_sdc))
 register_drift(
-    DriftSpec("dpcr", "DPCR: task-wise ridge map times per-class projection", DPCRConfig, fit_dpcr)
+    DriftSpec("linear", "SLDC alpha-1: ridge map shrunk toward I", LinearConfig, fit_linear, restore_linear)
 )
+register_drift(DriftSpec("weak_nonlinear", "SLDC alpha-2: identity + linear + MLP", WeakNonlinearConfig,
+                         fit_weak_nonlinear, restore_weak_nonlinear))  # fmt: skip
+register_drift(
+    DriftSpec("sdc", "SDC: kernel-weighted mean shift (SSIAT, RSIAT)", SDCConfig, fit_sdc, restore_sdc)
+)
+register_drift(DriftSpec("dpcr", "DPCR: task-wise ridge map times per-class projection", DPCRConfig, fit_dpcr,
+                         restore_dpcr))  # fmt: skip
 
 
 def compose(stats: Moments, classes: torch.Tensor, maps: Sequence[DriftMap]) -> Moments:

@@ -34,6 +34,10 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(Path(path), lambda f: f.write(data))
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic(Path(path), lambda f: f.write(text.encode()))
 

@@ -53,11 +53,12 @@ from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
 from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, run_order
 from clpt.stages import resolve as R
 from clpt.stages.evaluate import head_report, report
+from clpt.stages.graph import head_name, head_names
 
 STAGES = CORE  # the five stages of every task; heads add `head:NAME` stages (clpt.stages)
 
 # Keys that may be edited in an existing run; everything else defines the run.
-EDITABLE_SECTIONS = ("align", "stats", "heads", "system")
+EDITABLE_SECTIONS = ("align", "stats", "heads", "drift", "system")
 
 __all__ = ["Run", "RunInfo", "create_run", "open_run", "refit_heads", "report", "run_all", "run_one",
            "run_seeds", "run_stage", "status"]  # fmt: skip
@@ -620,17 +621,22 @@ def refit_heads(
     whose settings changed become stale. Never reads an image.
     """
     for name in heads or []:
-        if name not in HEADS:
-            raise ClptError(f"unknown head {name!r}", hint=f"choose from: {', '.join(HEADS.names())}")
+        base, compensated = head_name(name)
+        if base not in HEADS or (compensated and not HEADS.get(base).drift):
+            raise ClptError(f"unknown head {name!r}", hint=f"choose from: {', '.join(HEADS.names())} "
+                            "(NAME+drift: fitted on drift-compensated statistics, with a drift method)")  # fmt: skip
     open_run(root)  # a clear error for a folder that is not a run, before locking it
     with run_lock(Path(root), wait):
         if overrides:
             edit_config(open_run(root), overrides)
         run = open_for_work(root)
+        if any(head_name(n)[1] for n in heads or []) and not run.cfg.drift.enabled:
+            raise ClptError("a NAME+drift head needs a drift method, and this run has drift.method none",
+                            hint=f"set one first: `clpt config {run.root} --set drift.method=linear`")  # fmt: skip
         last = run.info.n_tasks - 1 if task is None else task
         run.check_task(last)
         for t in range(last + 1):
-            for name in heads or list(run.cfg.heads.enabled):
+            for name in heads or head_names(run.cfg, list(run.cfg.heads.enabled)):
                 res = run_stage(run, f"head:{name}", t, force=force)
                 if on_stage is not None:
                     on_stage(res)

@@ -18,6 +18,7 @@ import torch
 TRAIN = 0  # global RNGs at the start of training (weight init of the new head, dropout)
 LOADER = 1  # the training loader's epoch order and augmentation
 ALIGN = 2  # classifier alignment: Gaussian samples, shuffling
+DRIFT = 3  # drift compensation: the weak-nonlinear map's training and samples
 MIST_VIEW = 5  # MIST's on-device second view and Bernoulli masks
 
 

@@ -79,7 +79,7 @@ def test_dpcr_is_its_formula_computed_directly():
         u, sv, _ = np.linalg.svd(stats.gram()[c].numpy())
         v = u[:, sv > 1e-8 * sv[0]]
         assert v.shape[1] == 3  # three rows of the class: rank 3
-        np.testing.assert_allclose(m.w[c].numpy(), p @ (v @ v.T), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(m.class_map(c).numpy(), p @ (v @ v.T), rtol=1e-7, atol=1e-9)
 
 
 def test_sdc_is_its_formula_computed_directly():
@@ -160,8 +160,211 @@ def test_weak_nonlinear_learns_the_drift_and_the_option_regularises_the_mlp():
     assert reg.info["mix"][2] < m.info["mix"][2]  # the regulariser shrinks the MLP branch
 
 
+@pytest.mark.parametrize("method", ["linear", "weak_nonlinear", "sdc", "dpcr"])
+def test_a_saved_map_restores_to_the_same_map(method):
+    x, y = _pairs(n=60, d=6)
+    labels = _classes(60)
+    stats = D.moments_of(x, labels, 4)
+    spec = D.DRIFT_METHODS.get(method)
+    settings = spec.config_cls(steps=20) if method == "weak_nonlinear" else spec.config_cls()
+    m = spec.fit(x, y, stats, torch.arange(4), settings, torch.Generator().manual_seed(0))
+    again = spec.restore({k: v.clone() for k, v in m.state().items()}, stats, settings)
+    a, b = m.apply(stats, torch.arange(4)), again.apply(stats, torch.arange(4))
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+    assert torch.equal(m.apply_features(x, labels), again.apply_features(x, labels))
+
+
 def test_the_registry_names_the_methods():
     assert D.DRIFT_METHODS.names() == ["linear", "weak_nonlinear", "sdc", "dpcr"]
     with pytest.raises(ValueError, match="unknown drift method 'nope'; valid: linear"):
         D.DRIFT_METHODS.get("nope")
     assert all(spec.config_cls().problems() == [] for _, spec in D.DRIFT_METHODS.items())
+
+
+# --- the stages: paired features, compensated statistics, every classifier beside its compensated twin ----
+
+
+THREE_TASKS = ["benchmark.init_classes=20", "benchmark.increment=15"]  # 20 + 15 + 15 classes
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from clpt_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _run(root, tiny, *overrides):
+    args = ["run", root, "--json"]
+    for o in [*tiny, *THREE_TASKS, *overrides]:
+        args += ["--set", o]
+    res = _cli(*args)
+    assert res.exit_code == 0, res.stderr + res.stdout
+    import json
+
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def frozen_sdc_run(tmp_path_factory, clpt_cache):
+    """frozen_ca with SDC: the backbone never moves, so the pairs are the training features exactly."""
+    from bad_inputs import TINY
+
+    root = tmp_path_factory.mktemp("drift") / "frozen"
+    return root, _run(root, TINY, "method=frozen_ca", "drift.method=sdc")
+
+
+def test_on_a_frozen_backbone_the_pairs_are_the_training_features_and_nothing_moves(frozen_sdc_run):
+    from clpt import artifacts
+
+    root, rep = frozen_sdc_run
+    for t in (1, 2):
+        x_old, y_old = artifacts.read_features(root, t, artifacts.PAIRS)
+        x_new, y_new = artifacts.read_features(root, t, "train")
+        assert torch.equal(x_old, x_new) and torch.equal(
+            y_old, y_new
+        )  # row i is the same image, same arithmetic
+        moved = artifacts.load_stats(root, t, store="drift")  # every old class, shifted by exactly 0 (SDC)
+        stale = [artifacts.load_stats(root, i) for i in range(t)]
+        assert np.array_equal(moved["mean"], np.concatenate([p["mean"] for p in stale]))
+        assert np.array_equal(moved["m2"], np.concatenate([p["m2"] for p in stale]))
+    heads = rep["heads"]
+    for name in (
+        "ca",
+        "ncm",
+        "lda",
+        "fecam",
+        "ranpac",
+    ):  # each compensated twin scores exactly as its stale self
+        assert heads[f"{name}+drift"]["acc_matrix"] == heads[name]["acc_matrix"], name
+    assert "linear+drift" not in heads  # the learner's heads have no statistics to compensate
+
+
+def test_switching_the_drift_method_is_a_refit_from_the_cache(frozen_sdc_run, tmp_path, monkeypatch):
+    import shutil
+
+    from clpt.run import Run, open_run
+    from clpt.stages import run_order
+
+    root = tmp_path / "run"
+    shutil.copytree(frozen_sdc_run[0], root)
+
+    def markers():
+        run = open_run(root)
+        return {(s, t): (run.marker(s, t) or {}).get("id") for t in range(3) for s in run_order(run.cfg)}
+
+    before = markers()
+    assert (
+        _cli("config", root, "--set", "drift.method=linear", "--set", "drift.linear.alpha_t=0.5").exit_code
+        == 0
+    )
+    run = open_run(root)
+    stale = {(s, t) for t in range(3) for s in run_order(run.cfg) if run.state(s, t) != "done"}
+    assert stale == {("drift", t) for t in range(3)} | {
+        (f"head:{h}+drift", t) for h in ("ca", "ncm", "lda", "fecam", "ranpac") for t in range(3)
+    }
+
+    def no_images(self):
+        raise AssertionError("a drift refit read the benchmark's images")
+
+    monkeypatch.setattr(Run, "benchmark", no_images)
+    res = _cli("run", root)
+    assert res.exit_code == 0, res.stderr
+    after = markers()
+    assert {k for k in before if before[k] != after[k]} == stale
+    summary = open_run(root).marker("drift", 2)["summary"]
+    assert summary["method"] == "linear" and summary["pairs"] > 0 and 0 < summary["shrink"] < 1
+
+
+def test_a_moving_backbone_gets_maps_that_compose_and_a_killed_pairs_extraction_resumes(
+    tmp_path, tiny, clpt_cache
+):
+    """SLCA moves the backbone; the compensated statistics are the composition of the stored maps; a pairs
+    extraction killed with SIGKILL resumes to the identical store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import zarr
+
+    from clpt import artifacts
+    from clpt.run import open_run
+    from clpt.stages.drift import load_map
+
+    root = tmp_path / "slca"
+    rep = _run(root, tiny, "drift.method=linear", "system.feature_chunk_rows=32")
+    run = open_run(root)
+    # the old classes of task 0 after task 2: task 0's statistics through the maps of tasks 1 and 2
+    s0 = artifacts.load_stats(root, 0)
+    stats0 = D.Moments(*(torch.as_tensor(s0[k]).double() for k in ("count", "mean", "m2")))
+    want = D.compose(
+        stats0, torch.as_tensor(s0["classes"]), [load_map(root, run.cfg, 1), load_map(root, run.cfg, 2)]
+    )
+    got = artifacts.load_stats(root, 2, store="drift")
+    n0 = len(s0["classes"])
+    np.testing.assert_allclose(got["mean"][:n0], want.mean.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got["m2"][:n0], want.m2.numpy(), rtol=1e-9, atol=1e-8)
+    assert not np.array_equal(got["mean"][:n0], s0["mean"])  # the backbone moved, so did the statistics
+    assert {"lda", "lda+drift", "ca+drift"} <= set(rep["heads"])
+
+    full = artifacts.read_features(root, 2, artifacts.PAIRS)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "clpt_cli", "extract-pairs", str(root), "--task", "2", "--force"],
+                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    group = root / "features.zarr" / "task_002" / "pairs" / "feats"
+    killed_at, deadline = None, time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                arr = zarr.open_array(group, mode="r")
+                done = int(arr.attrs.get("rows_done", 0))
+                if 0 < done < arr.shape[0]:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = done
+                    break
+            except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
+                pass
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed_at is not None, "the paired extraction finished before it could be killed"
+    assert open_run(root).state("pairs", 2) == "missing"
+    assert _cli("run", root).exit_code == 0
+    again = artifacts.read_features(root, 2, artifacts.PAIRS)[0]
+    assert torch.equal(again, full)
+    assert open_run(root).state("drift", 2) == "done"
+
+
+def test_on_a_frozen_backbone_the_oracle_is_the_stored_statistics(frozen_sdc_run, tmp_path):
+    """The re-extracted old images give exactly the stored statistics, and the statistics heads score alike."""
+    import json
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(frozen_sdc_run[0], root)
+    res = _cli("drift-oracle", root, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc == json.loads((root / "tasks" / "002" / "oracle.json").read_text())
+    assert doc["task"] == 2 and doc["old_classes"] == 35 and doc["drift_method"] == "sdc"
+    s = doc["statistics"]
+    assert (
+        s["stale_mean_error"] == 0
+        and s["stale_cov_rel_frobenius"] == 0
+        and s["stale_kl"] == pytest.approx(0, abs=1e-9)
+    )
+    assert s["compensated_mean_error"] == 0  # SDC moved nothing on a frozen backbone
+    for name in ("ncm", "lda"):  # statistics alone: the same statistics, the same classifier
+        h = doc["heads"][name]
+        assert h["oracle"] == h["stale"] == h["compensated"] and "recovered" not in h
+    assert set(doc["heads"]) == {"ca", "ncm", "lda", "fecam", "ranpac"}
+
+
+def test_the_oracle_says_what_it_needs(tmp_path, frozen_sdc_run):
+    res = _cli("drift-oracle", frozen_sdc_run[0], "--task", "0")
+    assert res.exit_code == 3 and "task after the first" in res.stderr
+    res = _cli("drift-oracle", frozen_sdc_run[0], "--task", "7")
+    assert res.exit_code == 1 and "task 7 does not exist" in res.stderr

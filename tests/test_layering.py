@@ -125,7 +125,7 @@ def test_a_learner_a_reader_and_a_stage_are_registrations(tmp_path):
     assert {"builtin", "cifar100", "imagenet-r", "imagenet-a", "cub200", "cars196", "imagefolder"} == set(
         READERS.names()
     )
-    assert list(TASK_STAGES.names()) == ["train", "extract", "stats", "align", "eval"]
+    assert list(TASK_STAGES.names()) == ["train", "extract", "stats", "align", "eval", "pairs", "drift"]
     assert {"ca", "linear", "ncm", "lda", "fecam", "ranpac"} <= set(HEADS.names())
     assert all(METHODS.get(m).learner in LEARNERS for m in METHODS.names())
     with pytest.raises(ValueError, match="unknown learner 'nope'; valid: slow_learner"):

@@ -48,6 +48,11 @@ class HeadSpec:
     inputs: Callable[[RunConfig, int], list[tuple[str, int]]]
     # config keys beyond `heads.NAME` that the result depends on
     config_keys: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
+    # drift compensation: whether a `NAME+drift` variant exists (fitted on compensated statistics
+    # and features), and what it reads where that differs from the plain head (None: the same)
+    drift: bool = True
+    drift_inputs: Callable[[RunConfig, int], list[tuple[str, int]]] | None = None
+    drift_config_keys: Callable[[RunConfig], tuple[str, ...]] | None = None
 
 
 HEADS: Registry[HeadSpec] = Registry("head")
@@ -97,6 +102,7 @@ class HeadCache(Protocol):
     tasks: list[list[int]]  # [start, stop) of every task
     device: torch.device
     label: str  # what progress bars of the fit are called ("" shows none)
+    compensated: bool  # statistics and old features moved by drift compensation (a NAME+drift head)
 
     @property
     def n_seen(self) -> int: ...
@@ -139,6 +145,7 @@ class InMemoryCache:
         self.x, self.y, self.tasks, self.task, self.cfg, self.rows = x, y, tasks, task, cfg, rows
         self.device = torch.device(device)
         self.heads, self.label = heads, label
+        self.compensated = False
 
     @property
     def n_seen(self) -> int:

@@ -23,9 +23,11 @@ class CAHeadConfig:
 
 
 def fit(ctx: HeadCache, settings: CAHeadConfig):
-    if ctx.cfg.align_enabled:
+    if ctx.cfg.align_enabled and not ctx.compensated:
         return ctx.aligned_heads().to(ctx.device).eval()
-    heads = ctx.trained_heads()
+    heads = (
+        ctx.trained_heads()
+    )  # aligned here: on compensated statistics, or for a method that does not align
     if ctx.task > 0:
         align_on_stats(heads, ctx.class_stats(), ctx.task, ctx.cfg, ctx.device, label=ctx.label)
     return heads.to(ctx.device).eval()
@@ -45,5 +47,7 @@ register_head(
         fit,
         inputs=inputs,
         config_keys=lambda cfg: () if cfg.align_enabled else ALIGN_KEYS,
+        drift_inputs=lambda cfg, t: [("train", t), *(stats_upto(t) if t > 0 else [])],
+        drift_config_keys=lambda cfg: ALIGN_KEYS,
     )
 )

@@ -24,5 +24,6 @@ register_head(
         LinearHeadConfig,
         fit,
         inputs=lambda cfg, t: [("train", t)],
+        drift=False,  # the learner's heads: no statistics to compensate
     )
 )

@@ -21,6 +21,7 @@ from clpt.evaluate import accuracy_row, metrics
 from clpt.heads import HEADS, score_in_chunks
 from clpt.methods import METHODS
 from clpt.stages.base import RunView, StageContext
+from clpt.stages.graph import head_name, head_names
 from clpt.stages.heads import RunCache
 
 _ROW_KEYS = ("accuracy", "top5", "per_task", "per_task_n", "n_test", "task")
@@ -56,9 +57,12 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
     if not dist.is_main():
         return [out], {}
     device = dist.resolve_device(ctx.cfg.system.device)
-    cache = RunCache(ctx.root, ctx.cfg, t, ctx.tasks, device, label=f"task {t} head:{name}")
+    base, compensated = head_name(name)
+    cache = RunCache(
+        ctx.root, ctx.cfg, t, ctx.tasks, device, label=f"task {t} head:{name}", compensated=compensated
+    )
     t0 = time.perf_counter()
-    scores = HEADS.get(name).fit(cache, ctx.cfg.heads.of(name))
+    scores = HEADS.get(base).fit(cache, ctx.cfg.heads.of(base))
     fit_s = time.perf_counter() - t0
     x, y = artifacts.read_features(ctx.root, t, "test")
     logits = score_in_chunks(scores, x, device)
@@ -95,7 +99,9 @@ def _matrix(
 def head_report(run: RunView, t: int) -> dict:
     """{head: {accuracy, acc_matrix, last_acc, inc_acc, forgetting, ...}} for every head done up to task t."""
     out = {}
-    names = list(run.cfg.heads.enabled) + [h for h in HEADS.names() if h not in run.cfg.heads.enabled]
+    names = head_names(
+        run.cfg, list(run.cfg.heads.enabled) + [h for h in HEADS.names() if h not in run.cfg.heads.enabled]
+    )
     for name in names:
         stage = f"head:{name}"
         if not all(run.state(stage, i) in ("done", "damaged") for i in range(t + 1)):

@@ -10,6 +10,9 @@ Rows are grouped by class. Each chunk's `rows_done` is committed after its data,
 so an interrupted extraction resumes from the last committed chunk and never
 serves fill values. Plain zarr reads the store:
 `zarr.open_group("RUN/features.zarr")["task_000/train/feats"][:]`.
+
+The pairs stage (`clpt.stages.pairs`) writes the same training rows, in the same
+order, through the previous backbone, with `extract_rows` below.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 
 from clpt import artifacts, checkpoint
 from clpt import distributed as dist
+from clpt.data.benchmark import Benchmark, Split
 from clpt.errors import DataError
 from clpt.features import NonFiniteFeatures, extract_split
+from clpt.model import CLModel
 from clpt.precision import resolve as resolve_precision
 from clpt.stages.base import StageContext
 
@@ -48,6 +54,39 @@ def _writer(ctx: StageContext, split: str, n: int, d: int, source: str) -> artif
     return artifacts.FeatureWriter(feats, labels, done, commit_each=dist.world_size() == 1)
 
 
+def rows_of(split: Split, classes: range) -> np.ndarray:
+    """The rows of `classes` in `split`, grouped by class (stable): one slice per class, the same order every time."""
+    rows = split.indices_of(classes)
+    return rows[np.argsort(split.labels[rows], kind="stable")]
+
+
+def extract_rows(
+    ctx: StageContext, model: CLModel, bench: Benchmark, split: Split, rows: np.ndarray, store_split: str,
+    source: str, device: torch.device, precision: str, backbone_task: int,
+) -> int:  # fmt: skip
+    """Features of `split[rows]` under `model` (the backbone after task `backbone_task`) into `store_split`."""
+    cfg, t = ctx.cfg, ctx.task
+    sink = _writer(ctx, store_split, len(rows), model.dim, source)
+    if sink.rows_done:
+        log.info("task %d %s features: resuming at row %d of %d", t, store_split, sink.rows_done, len(rows))
+    try:
+        n = extract_split(
+            model, bench, split, rows, sink, cfg.system.extract_batch_size, cfg.system.feature_chunk_rows,
+            device, cfg.system.num_workers, precision, label=f"task {t} extract {store_split}",
+        )  # fmt: skip
+    except NonFiniteFeatures as e:
+        raise DataError(
+            f"the backbone of task {backbone_task} produced non-finite {store_split} features ({e.message}): "
+            "the model diverged",
+            hint=f"re-train task {backbone_task} with a lower train.lr ({{command}})",
+            redo=ctx.redo("train", backbone_task),
+        ) from None
+    dist.barrier()
+    if dist.is_main():
+        sink.finish(n)
+    return n
+
+
 def run(ctx: StageContext) -> tuple[list[Path], dict]:
     cfg, t = ctx.cfg, ctx.task
     device = dist.resolve_device(cfg.system.device)
@@ -62,27 +101,8 @@ def run(ctx: StageContext) -> tuple[list[Path], dict]:
         ("train", bench.train, classes),
         ("test", bench.test, range(classes.stop)),
     ):
-        rows = split.indices_of(cls)
-        rows = rows[np.argsort(split.labels[rows], kind="stable")]  # grouped by class: one slice per class
-        sink = _writer(ctx, split_name, len(rows), model.dim, source)
-        if sink.rows_done:
-            log.info(
-                "task %d %s features: resuming at row %d of %d", t, split_name, sink.rows_done, len(rows)
-            )
-        try:
-            counts[split_name] = extract_split(
-                model, bench, split, rows, sink, cfg.system.extract_batch_size, cfg.system.feature_chunk_rows,
-                device, cfg.system.num_workers, prec, label=f"task {t} extract {split_name}",
-            )  # fmt: skip
-        except NonFiniteFeatures as e:
-            raise DataError(
-                f"the backbone of task {t} produced non-finite {split_name} features ({e.message}): the model diverged",
-                hint=f"re-train task {t} with a lower train.lr ({{command}})",
-                redo=ctx.redo("train", t),
-            ) from None
-        dist.barrier()
-        if dist.is_main():
-            sink.finish(len(rows))
+        rows = rows_of(split, cls)
+        counts[split_name] = extract_rows(ctx, model, bench, split, rows, split_name, source, device, prec, t)
     seconds = time.perf_counter() - t0
     n = counts["train"] + counts["test"]
     log.info("task %d: extracted %d feature rows (%.0f images/s)", t, n, n / max(seconds, 1e-9))

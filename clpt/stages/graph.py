@@ -8,7 +8,10 @@ produces it (for error messages: `explain`), and the function that runs it
 
 The five stages of a task are `train`, `extract`, `stats`, `align` and `eval`
 (the method's own classifier); each classifier head of `clpt.heads` adds a stage
-`head:NAME`, declared from its registration. Adding a stage: a module in
+`head:NAME`, declared from its registration. With a drift method
+(`drift.method`, docs/methods/drift.md) a task also has `pairs` and `drift`
+after `stats`, and every head with statistics a twin `head:NAME+drift` fitted
+on the compensated statistics. Adding a stage: a module in
 `clpt/stages/` with a function of a `StageContext`, and a `declare(Stage(...))`
 here.
 """
@@ -20,6 +23,7 @@ import functools
 from clpt.config import RunConfig
 from clpt.errors import ClptError
 from clpt.heads import HEADS
+from clpt.heads.ca import ALIGN_KEYS  # what alignment reads (the `ca` head too)
 from clpt.learners import LEARNERS
 from clpt.methods import METHODS
 from clpt.registry import Registry, lazy
@@ -76,12 +80,6 @@ declare(
         fn=lazy("clpt.stages.fit_stats", "run"),
     )
 )
-ALIGN_KEYS = (
-    "align",
-    "train.weight_decay",
-    "seed",
-    "stats.ridge",
-)  # what alignment reads (the `ca` head too)
 declare(
     Stage(
         "align",
@@ -115,21 +113,79 @@ declare(
 
 CORE = tuple(TASK_STAGES.names())  # train, extract, stats, align, eval: in order
 HEAD_PREFIX = "head:"
+DRIFT_SUFFIX = "+drift"  # a head fitted on drift-compensated statistics: head:NAME+drift
+
+
+def _drift_keys(cfg: RunConfig) -> tuple[str, ...]:
+    return ("drift.method", f"drift.{cfg.drift.method}") if cfg.drift.enabled else ("drift.method",)
+
+
+# Drift compensation (docs/methods/drift.md): only in runs with a drift method, between stats and align.
+declare(
+    Stage(
+        "pairs",
+        "paired features (task t's training images under the previous backbone)",
+        "clpt extract-pairs {run} --task {task}",
+        inputs=lambda cfg, t: [("train", t - 1)] if t > 0 else [],
+        config_keys=lambda cfg: (),
+        fn=lazy("clpt.stages.pairs", "run"),
+        reads_images=True,
+    )
+)
+declare(
+    Stage(
+        "drift",
+        "compensated class statistics",
+        "clpt fit-drift {run} --task {task}",
+        # the pairs and task t's own rows; the old classes' statistics as they stood after task t-1
+        inputs=lambda cfg, t: (
+            [("pairs", t), ("extract", t), ("stats", t - 1), *([("drift", t - 1)] if t > 1 else [])]
+            if t > 0
+            else []
+        ),
+        config_keys=lambda cfg: (*_drift_keys(cfg), "stats.ridge"),  # the ridge decides what is repaired
+        fn=lazy("clpt.stages.drift", "run"),
+    )
+)
+DRIFT_STAGES = ("pairs", "drift")
+
+
+def head_name(name: str) -> tuple[str, bool]:
+    """`lda+drift` -> ("lda", True): the registered head and whether it reads compensated statistics."""
+    return (name[: -len(DRIFT_SUFFIX)], True) if name.endswith(DRIFT_SUFFIX) else (name, False)
 
 
 @functools.cache
 def head_stage(name: str) -> Stage:
-    """The stage of classifier head `name`, declared from its registration in `clpt.heads`."""
-    spec = HEADS.get(name)
+    """The stage of classifier head `name` (or `NAME+drift`), declared from its registration in `clpt.heads`."""
+    base, compensated = head_name(name)
+    spec = HEADS.get(base)
+    if not compensated:
+        inputs, keys = spec.inputs, spec.config_keys
+    else:
+        if not spec.drift:
+            raise ValueError(f"head {base!r} has no drift-compensated variant")
+        inputs, keys = spec.drift_inputs or spec.inputs, spec.drift_config_keys or spec.config_keys
+
+    def all_inputs(cfg: RunConfig, t: int) -> list[tuple[str, int]]:
+        # every head scores the test features of task t; a compensated one reads task t's drift stage
+        return [*inputs(cfg, t), ("extract", t), *([("drift", t)] if compensated and t > 0 else [])]
+
     return Stage(
         f"{HEAD_PREFIX}{name}",
         f"the {name} head",
         f"clpt heads {{run}} --head {name} --task {{task}}",
-        # every head scores the test features of task t
-        inputs=lambda cfg, t: [*spec.inputs(cfg, t), ("extract", t)],
-        config_keys=lambda cfg: (f"heads.{name}", *spec.config_keys(cfg)),
+        inputs=all_inputs,
+        config_keys=lambda cfg: (f"heads.{base}", *keys(cfg), *(_drift_keys(cfg) if compensated else ())),
         fn=functools.partial(lazy("clpt.stages.evaluate", "run_head"), name),
     )
+
+
+def head_names(cfg: RunConfig, names: list[str]) -> list[str]:
+    """`names`, then, with a drift method, the compensated variant of each that has one."""
+    if not cfg.drift.enabled:
+        return list(names)
+    return [*names, *(f"{n}{DRIFT_SUFFIX}" for n in names if HEADS.get(n).drift)]
 
 
 def get_stage(name: str) -> Stage:
@@ -141,10 +197,12 @@ def get_stage(name: str) -> Stage:
 def run_order(cfg: RunConfig) -> list[str]:
     """Stages of one task, in order: the core five (the method's classifier head before eval), then the heads."""
     own = classifier(cfg)
-    heads = [f"{HEAD_PREFIX}{h}" for h in ([own] if own else []) + [h for h in cfg.heads.enabled if h != own]]
+    names = head_names(cfg, ([own] if own else []) + [h for h in cfg.heads.enabled if h != own])
+    heads = [f"{HEAD_PREFIX}{h}" for h in names]
+    core = [*CORE[:3], *(DRIFT_STAGES if cfg.drift.enabled else ()), *CORE[3:]]  # [pairs, drift] after stats
     if own:
-        return [*CORE[:-1], heads[0], "eval", *heads[1:]]
-    return [*CORE, *heads]
+        return [*core[:-1], heads[0], "eval", *heads[1:]]
+    return [*core, *heads]
 
 
 def command(stage: str, root, task: int) -> str:

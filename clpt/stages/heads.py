@@ -10,9 +10,11 @@ import torch
 
 from clpt import artifacts, checkpoint
 from clpt.config import RunConfig
+from clpt.drift import compose_features
 from clpt.errors import DataError, Redo
 from clpt.heads.base import ClassStats
 from clpt.model import Heads
+from clpt.stages.drift import compensated_statistics, load_map
 
 
 @dataclass
@@ -25,6 +27,7 @@ class RunCache:
     tasks: list[list[int]]  # [start, stop) of every task of the run
     device: torch.device
     label: str = ""  # what progress bars of the fit are called ("" shows none)
+    compensated: bool = False  # drift-compensated statistics and old features (a NAME+drift head)
 
     @property
     def n_seen(self) -> int:
@@ -34,6 +37,17 @@ class RunCache:
         return Redo(stage, t, str(self.root))
 
     def class_stats(self) -> ClassStats:
+        if self.compensated and self.task > 0:  # the old classes as the drift stage moved them, then task T's
+            old, _ = compensated_statistics(self.root, self.task)
+            own = artifacts.load_stats(self.root, self.task)
+            task_of_class = torch.cat([torch.full((b - a,), i, dtype=torch.int64) for i, (a, b) in
+                                       enumerate(self.tasks[: self.task + 1])])  # fmt: skip
+            return ClassStats(
+                torch.cat([old.count, torch.as_tensor(own["count"]).double()]),
+                torch.cat([old.mean, torch.as_tensor(own["mean"]).double()]),
+                torch.cat([old.m2, torch.as_tensor(own["m2"]).double()]),
+                task_of_class,
+            )
         parts = [artifacts.load_stats(self.root, i) for i in range(self.task + 1)]
         for i, p in enumerate(parts):
             expected = list(range(*self.tasks[i]))
@@ -48,7 +62,14 @@ class RunCache:
     def train_chunks(self, i: int, rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Cached training features of task i (extracted with task i's backbone), on the device."""
         label = f"{self.label}, features of task {i}" if self.label else ""
+        maps = (
+            [load_map(self.root, self.cfg, j) for j in range(i + 1, self.task + 1)]
+            if self.compensated
+            else []
+        )
         for x, y in artifacts.iter_feature_chunks(self.root, i, "train", rows, label):
+            if maps:  # task i's features moved by the maps of tasks i+1..T
+                x = compose_features(x.double(), y, maps).float()
             yield x.to(self.device), y.to(self.device)
 
     def feature_dim(self) -> int:

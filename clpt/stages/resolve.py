@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from clpt import config as C
-from clpt.config import BenchmarkConfig, HeadsConfig, RunConfig
+from clpt.config import BenchmarkConfig, DriftConfig, HeadsConfig, RunConfig
 from clpt.data.registry import READERS
+from clpt.drift import DRIFT_METHODS
 from clpt.errors import ConfigError
 from clpt.heads import HEADS
 from clpt.methods import METHODS, REQUIRED_KEYS
@@ -27,6 +28,7 @@ def default_config() -> RunConfig:
     """The dataclass defaults, with every registered head's default settings."""
     cfg = RunConfig()
     cfg.heads.settings = {name: spec.config_cls() for name, spec in HEADS.items()}
+    cfg.drift.settings = {name: spec.config_cls() for name, spec in DRIFT_METHODS.items()}
     return cfg
 
 
@@ -47,6 +49,24 @@ def _build_heads(raw: Any, problems: list[str]) -> HeadsConfig:
         else:
             problems.append(f"heads.{key}: unknown key (valid: enabled, {', '.join(HEADS.names())})")
     return heads
+
+
+def _build_drift(raw: Any, problems: list[str]) -> DriftConfig:
+    """`drift: {method: NAME, <method>: {...}}`: each method's settings are its registered dataclass."""
+    drift = default_config().drift
+    if not isinstance(raw, dict):
+        problems.append(f"drift: expected a mapping, got {raw!r}")
+        return drift
+    for key, value in raw.items():
+        if key == "method":
+            drift.method = C.coerce(value, str, "drift.method", problems) or "none"
+        elif key in DRIFT_METHODS:
+            drift.settings[key] = C.build_section(
+                DRIFT_METHODS.get(key).config_cls, value, f"drift.{key}", problems
+            )
+        else:
+            problems.append(f"drift.{key}: unknown key (valid: method, {', '.join(DRIFT_METHODS.names())})")
+    return drift
 
 
 def registry_problems(cfg: RunConfig) -> list[str]:
@@ -80,6 +100,8 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
             continue
         if f.name == "heads":
             cfg.heads = _build_heads(raw[f.name], problems)
+        elif f.name == "drift":
+            cfg.drift = _build_drift(raw[f.name], problems)
         elif f.name in C.SECTIONS:
             setattr(cfg, f.name, C.build_section(hints[f.name], raw[f.name], f.name, problems))
         else:
