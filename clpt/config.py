@@ -127,6 +127,10 @@ class TrainConfig:
     loss: Loss = Loss.ce  # ce | sce (SLCA++)
     sce_alpha: float = 1.0  # SCE weight of CE (1.0 CIFAR/CUB, 0.5 ImageNet-R/Cars)
     sce_beta: float = 0.1  # SCE weight of reverse CE (0.1 CIFAR/CUB, 0.5 ImageNet-R/Cars)
+    # feature distillation to the previous backbone (SLDC's beta variants, docs/methods/drift.md); 0: off
+    kd_feat: float = 0.0  # weight of mean((f_prev(x) - f(x))^2) (SLDC: 1.0)
+    kd_norm: float = 0.0  # weight of mean((||f_prev(x)|| - ||f(x)||)^2) (SLDC: 0.1)
+    kd_first_task: bool = False  # also at task 0, the pre-trained backbone as the teacher (SLDC 97c076f)
 
     def problems(self) -> list[str]:
         out = checks(self, [
@@ -136,6 +140,8 @@ class TrainConfig:
             ("backbone_lr_scale", lambda v: v >= 0, "must be >= 0 (0 freezes the backbone)"),
             ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
             ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+            ("kd_feat", lambda v: v >= 0, "must be >= 0"),
+            ("kd_norm", lambda v: v >= 0, "must be >= 0"),
         ])  # fmt: skip
         m = self.milestones
         if isinstance(self.epochs, int) and isinstance(m, list) and all(isinstance(x, int) for x in m):

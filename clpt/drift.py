@@ -206,8 +206,9 @@ def fit_sdc(x_old, x_new, stats: Moments, classes, settings: SDCConfig, generato
 
 @dataclass
 class DPCRConfig:
-    rho: float = 1e-9  # ridge of the task-wise shift (their rg_tssp)
-    tolerance: float = 1e-6  # singular values of G_c above tolerance * the largest span the class; 0: "> 0"
+    rho: float = 1e-4  # ridge of the task-wise shift; theirs (rg_tssp): 1e-9, absolute
+    relative: bool = True  # rho times mean(diag X_old^T X_old): scale-free, as SLDC's ridge (theirs: false)
+    tolerance: float = 0.0  # 0: singular values > 0 (their code); > 0: above tolerance * the largest
 
     def problems(self) -> list[str]:
         return [f"{k}: must be >= 0" for k in ("rho", "tolerance") if getattr(self, k) < 0]
@@ -264,16 +265,17 @@ def span_projection(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
     return v @ v.transpose(1, 2)
 
 
-def dpcr_shift(x_old: torch.Tensor, x_new: torch.Tensor, rho: float) -> torch.Tensor:
-    """DPCR's task-wise map P = solve(X_old^T X_old + rho I, X_old^T X_new), raw features, float64."""
+def dpcr_shift(x_old: torch.Tensor, x_new: torch.Tensor, rho: float, relative: bool = False) -> torch.Tensor:
+    """DPCR's task-wise map P = solve(X_old^T X_old + r I, X_old^T X_new), raw features, float64;
+    r = rho, or rho * mean(diag X_old^T X_old) when `relative`."""
     a, b = x_old.to(torch.float64), x_new.to(torch.float64)
-    return torch.linalg.solve(
-        a.T @ a + rho * torch.eye(a.shape[1], dtype=torch.float64, device=a.device), a.T @ b
-    )
+    gram = a.T @ a
+    r = rho * float(torch.diagonal(gram).mean()) if relative else rho
+    return torch.linalg.solve(gram + r * torch.eye(a.shape[1], dtype=torch.float64, device=a.device), a.T @ b)
 
 
 def fit_dpcr(x_old, x_new, stats: Moments, classes, settings: DPCRConfig, generator=None) -> DPCRMap:
-    p = dpcr_shift(x_old, x_new, settings.rho)
+    p = dpcr_shift(x_old, x_new, settings.rho, settings.relative)
     return DPCRMap(classes.clone(), p, stats.gram(), settings.tolerance, {"pairs": len(x_old)})
 
 

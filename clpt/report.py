@@ -23,11 +23,13 @@ from clpt import artifacts, published
 from clpt import config as C
 from clpt.config import flatten
 from clpt.errors import ClptError, MissingInputError
+from clpt.io import read_json
 from clpt.run import open_run, report
 from clpt.stages import run_order
 
 METRICS = ("last_acc", "inc_acc", "forgetting", "last_acc_task_balanced", "inc_acc_task_balanced",
-           "top5", "old_acc", "old_task_acc", "new_acc")  # fmt: skip
+           "top5", "old_acc", "old_task_acc", "new_acc",
+           "oracle_last_acc")  # fmt: skip  # the classifier on oracle statistics (clpt drift-oracle), if measured
 SHOWN = ("last_acc", "inc_acc", "forgetting")
 FORMATS = ("table", "markdown", "csv", "latex", "json")
 
@@ -138,6 +140,14 @@ def load(paths: list[Path]) -> tuple[list[RunResult], list[tuple[str, str]]]:
         classifiers = {run.cfg.method: {k: rep.get(k) for k in (*METRICS, "accuracies", "acc_matrix")}}
         for name, h in rep["heads"].items():
             classifiers[f"head:{name}"] = {k: h.get(k) for k in (*METRICS, "accuracies", "acc_matrix")}
+        orc_path = artifacts.task_dir(run.root, last) / "oracle.json"
+        if (
+            orc_path.is_file()
+        ):  # `clpt drift-oracle` of the last task: each head (and its +drift twin) on true statistics
+            for name, h in read_json(orc_path).get("heads", {}).items():
+                for key in (f"head:{name}", f"head:{name}+drift"):
+                    if key in classifiers:
+                        classifiers[key]["oracle_last_acc"] = h.get("oracle")
         done.append(
             RunResult(
                 p,
@@ -217,7 +227,18 @@ def summarize(groups: list[Group]) -> list[dict]:
                     "protocol_differs": published.protocol_flags(p, ours),
                 })  # fmt: skip
             rows.append(row)
+    _recovered(rows)
     return rows
+
+
+def _recovered(rows: list[dict]) -> None:
+    """For each NAME+drift row with an oracle: (compensated - stale) / (oracle - stale), of the means, in place."""
+    by = {(r["group"], r["classifier"]): r for r in rows}
+    for r in rows:
+        stale = by.get((r["group"], r["classifier"].removesuffix("+drift")))
+        if r["classifier"].endswith("+drift") and stale and r.get("oracle_last_acc") and r.get("last_acc"):
+            s, c, o = stale["last_acc"]["mean"], r["last_acc"]["mean"], r["oracle_last_acc"]["mean"]
+            r["recovered"] = round((c - s) / (o - s), 4) if abs(o - s) > 1e-9 else None
 
 
 def _stats_curve(curves: list[list[float]]) -> dict:
@@ -319,6 +340,13 @@ def footnotes(rows: list[dict], skipped: list[tuple[str, str]]) -> list[str]:
         out.append(f"- published: {s}")
     for g, c, f in flags:
         out.append(f"- * {g} / {c}: protocol differs: {'; '.join(f)}")
+    oracle = [r for r in rows if r.get("oracle_last_acc")]
+    if oracle and not (srcs or flags or skipped):
+        out.append("")
+    for r in oracle:
+        rec = r.get("recovered")
+        out.append(f"- oracle statistics ({r['group']} / {r['classifier']}): Last-Acc {r['oracle_last_acc']['mean']:.2f}"
+                   + (f"; compensation recovered {100 * rec:.0f} % of the stale-to-oracle gap" if rec is not None else ""))  # fmt: skip
     for run, why in skipped:
         out.append(f"- skipped {run}: {why}")
     return out

@@ -10,6 +10,7 @@ learning-rate groups: the head at `lr`, the backbone at `lr * backbone_lr_scale`
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -104,18 +105,30 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig):
 
 
 class _TaskNet(nn.Module):
-    """Backbone + the current head: what one SL step differentiates (wrapped in DDP when distributed)."""
+    """Backbone + the current head: what one SL step differentiates (wrapped in DDP when distributed).
+
+    Returns (logits, features): the features feed the distillation term when it is on."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, train_backbone: bool):
         super().__init__()
         self.backbone, self.head, self.train_backbone = backbone, head, train_backbone
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.train_backbone:
-            return self.head(self.backbone(x))
-        with torch.no_grad():
             feats = self.backbone(x)
-        return self.head(feats)
+        else:
+            with torch.no_grad():
+                feats = self.backbone(x)
+        return self.head(feats), feats
+
+
+def distillation_loss(
+    feats: torch.Tensor, teacher: torch.Tensor, w_feat: float, w_norm: float
+) -> torch.Tensor:
+    """SLDC's feature distillation: w_feat mean((f_prev - f)^2) + w_norm mean((||f_prev|| - ||f||)^2)."""
+    feats, teacher = feats.float(), teacher.float()
+    norms = (teacher.norm(dim=1) - feats.norm(dim=1)) ** 2
+    return w_feat * ((teacher - feats) ** 2).mean() + w_norm * norms.mean()
 
 
 def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device: torch.device) -> dict:
@@ -130,6 +143,10 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         groups, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
     sched = make_scheduler(opt, cfg)
+    tc = cfg.train
+    teacher = None  # the backbone as the task starts: theta_{t-1} (the pre-trained one at t = 0)
+    if train_backbone and (tc.kd_feat > 0 or tc.kd_norm > 0) and (t > 0 or tc.kd_first_task):
+        teacher = copy.deepcopy(model.backbone).eval().requires_grad_(False)
     net: nn.Module = _TaskNet(model.backbone, model.heads.heads[-1], train_backbone)  # type: ignore[arg-type]
     world = dist.world_size()
     if world > 1:
@@ -163,8 +180,14 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
                 shown.advance(len(y))
                 y_local = y - classes.start  # labels within the current task
                 with P.autocast(prec, device):  # the forward pass only; the loss in float32
-                    logits = net(x).float()  # (B, |task|): the current task's logits only
+                    logits, feats = net(x)  # (B, |task|): the current task's logits only
+                    if teacher is not None:
+                        with torch.no_grad():
+                            prev = teacher(x)
+                logits = logits.float()
                 loss = task_loss(logits, y_local, cfg)
+                if teacher is not None:
+                    loss = loss + distillation_loss(feats, prev, tc.kd_feat, tc.kd_norm)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -203,6 +226,7 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
         "images_seen": int(len(loader.indices)) * cfg.train.epochs,
         **({"test_acc_during_training": during} if during else {}),
         "precision": prec,
+        **({"distillation": {"kd_feat": tc.kd_feat, "kd_norm": tc.kd_norm}} if teacher is not None else {}),
     }
 
 

@@ -111,6 +111,14 @@ def test_configs_are_shipped_for_every_benchmark_and_method():
     ):  # docs/methods/heads.md's protocol
         for method in ("simplecil", "simplecil_mist", "ranpac_frozen", "ranpac_mist"):
             assert f"{bench}_{method}" in names
+    for bench in (
+        "cifar100",
+        "imagenet-r",
+        "cub200",
+        "cars196",
+    ):  # docs/methods/drift.md: SLCA(++) with compensation
+        for method in ("slca", "slca_pp"):
+            assert f"{bench}_{method}_drift" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -122,6 +130,7 @@ def test_shipped_config_is_valid_and_equals_the_presets(path):
             f"benchmark.root={cfg.benchmark.root}",
             f"method={cfg.method}",
             *MOCOV3.get((path.stem.endswith("_mocov3"), cfg.method), []),
+            *(["drift.method=linear"] if path.stem.endswith("_drift") else []),
         ]
     )
     assert cfg == preset  # the file spells out exactly the published defaults

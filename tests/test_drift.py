@@ -71,7 +71,7 @@ def test_dpcr_is_its_formula_computed_directly():
     x, y = _pairs(n=9, d=12)  # N < d: each class's Gram spans few directions
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     stats = D.moments_of(x, labels, 3)
-    s = D.DPCRConfig(rho=1e-3, tolerance=1e-8)
+    s = D.DPCRConfig(rho=1e-3, relative=False, tolerance=1e-8)
     m = D.fit_dpcr(x, y, stats, torch.arange(3), s)
     a, b = x.numpy(), y.numpy()
     p = np.linalg.inv(a.T @ a + 1e-3 * np.eye(12)) @ a.T @ b
