@@ -284,6 +284,26 @@ class SystemConfig:
 DEFAULT_HEADS = ["ca", "linear", "ncm", "lda", "fecam", "ranpac"]
 
 
+def settings_of(settings: dict[str, Any], kind: str, name: str) -> Any:
+    """The settings dataclass of registered `name` (a head, a drift method), filled by the resolver."""
+    try:
+        return settings[name]
+    except KeyError:
+        raise KeyError(
+            f"no settings for {kind} {name!r}: build the config with clpt.stages.resolve "
+            "(resolve, default_config), which fills every registered one's settings"
+        ) from None
+
+
+def settings_problems(settings: dict[str, Any]) -> list[str]:
+    """`name.key: message` for every problem of each registered settings dataclass (its `problems()`)."""
+    out: list[str] = []
+    for name, value in settings.items():
+        check = getattr(value, "problems", None)
+        out.extend(f"{name}.{p}" for p in (check() if check is not None else []))
+    return out
+
+
 @dataclass
 class HeadsConfig:
     """Classifier heads fitted from the cache: which ones `clpt run` evaluates, and each one's settings.
@@ -296,20 +316,10 @@ class HeadsConfig:
     settings: dict[str, Any] = field(default_factory=dict)  # head name -> its config dataclass
 
     def of(self, name: str) -> Any:
-        try:
-            return self.settings[name]
-        except KeyError:
-            raise KeyError(
-                f"no settings for head {name!r}: build the config with clpt.stages.resolve "
-                "(resolve, default_config), which fills every registered head's settings"
-            ) from None
+        return settings_of(self.settings, "head", name)
 
     def problems(self) -> list[str]:
-        out: list[str] = []
-        for name, settings in self.settings.items():
-            check = getattr(settings, "problems", None)
-            out.extend(f"{name}.{p}" for p in (check() if check is not None else []))
-        return out
+        return settings_problems(self.settings)
 
 
 DRIFT_METHODS = ("linear", "weak_nonlinear", "sdc", "dpcr")  # clpt.drift registers exactly these
@@ -332,21 +342,15 @@ class DriftConfig:
         return self.method != "none"
 
     def of(self, name: str) -> Any:
-        try:
-            return self.settings[name]
-        except KeyError:
-            raise KeyError(
-                f"no settings for drift method {name!r}: build the config with clpt.stages.resolve"
-            ) from None
+        return settings_of(self.settings, "drift method", name)
 
     def problems(self) -> list[str]:
-        out: list[str] = []
-        if self.method != "none" and self.method not in DRIFT_METHODS:
-            out.append(f"method: {self.method!r} is not one of none, {', '.join(DRIFT_METHODS)}")
-        for name, settings in self.settings.items():
-            check = getattr(settings, "problems", None)
-            out.extend(f"{name}.{p}" for p in (check() if check is not None else []))
-        return out
+        out = (
+            []
+            if self.method == "none" or self.method in DRIFT_METHODS
+            else [f"method: {self.method!r} is not one of none, {', '.join(DRIFT_METHODS)}"]
+        )
+        return out + settings_problems(self.settings)
 
 
 @dataclass

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from processes import kill_mid_write
 from typer.testing import CliRunner
 
 from clpt.run import STAGES, open_run
@@ -132,31 +128,8 @@ def test_killed_extraction_is_not_taken_for_finished_work_and_resumes(run_copy, 
         ).exit_code
         == 0
     )
-    env = dict(os.environ)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clpt_cli", "extract", str(run_copy), "--task", "4", "--force"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     group = run_copy / "features.zarr" / "task_004" / "train" / "feats"
-    deadline = time.time() + 120
-    killed_at = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                arr = zarr.open_array(group, mode="r")
-                done = int(arr.attrs.get("rows_done", 0))
-                if arr.chunks[0] == 32 and 0 < done < arr.shape[0]:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_at = done
-                    break
-            except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
-                pass
-            time.sleep(0.005)
-    finally:
-        proc.kill()
-        proc.wait()
+    killed_at = kill_mid_write(["extract", run_copy, "--task", "4", "--force"], group, chunk_rows=32)
     assert killed_at is not None, "extraction finished before it could be killed"
     run = open_run(run_copy)
     assert run.state("extract", 4) == "missing"

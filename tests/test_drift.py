@@ -282,13 +282,7 @@ def test_a_moving_backbone_gets_maps_that_compose_and_a_killed_pairs_extraction_
 ):
     """SLCA moves the backbone; the compensated statistics are the composition of the stored maps; a pairs
     extraction killed with SIGKILL resumes to the identical store."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import zarr
+    from processes import kill_mid_write
 
     from clpt import artifacts
     from clpt.run import open_run
@@ -311,25 +305,8 @@ def test_a_moving_backbone_gets_maps_that_compose_and_a_killed_pairs_extraction_
     assert {"lda", "lda+drift", "ca+drift"} <= set(rep["heads"])
 
     full = artifacts.read_features(root, 2, artifacts.PAIRS)[0]
-    proc = subprocess.Popen([sys.executable, "-m", "clpt_cli", "extract-pairs", str(root), "--task", "2", "--force"],
-                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     group = root / "features.zarr" / "task_002" / "pairs" / "feats"
-    killed_at, deadline = None, time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                arr = zarr.open_array(group, mode="r")
-                done = int(arr.attrs.get("rows_done", 0))
-                if 0 < done < arr.shape[0]:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_at = done
-                    break
-            except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
-                pass
-            time.sleep(0.005)
-    finally:
-        proc.kill()
-        proc.wait()
+    killed_at = kill_mid_write(["extract-pairs", root, "--task", "2", "--force"], group)
     assert killed_at is not None, "the paired extraction finished before it could be killed"
     assert open_run(root).state("pairs", 2) == "missing"
     assert _cli("run", root).exit_code == 0

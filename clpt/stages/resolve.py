@@ -32,40 +32,44 @@ def default_config() -> RunConfig:
     return cfg
 
 
-def _build_heads(raw: Any, problems: list[str]) -> HeadsConfig:
-    """`heads: {enabled: [...], <head>: {...}}`: each head's settings are its registered dataclass."""
-    heads = default_config().heads
+def _build_registered(
+    raw: Any, section: str, own: str, registry, settings: dict, take_own, problems: list[str]
+) -> None:
+    """`section: {own: ..., <registered name>: {...}}`: each name's settings are its registered dataclass."""
     if not isinstance(raw, dict):
-        problems.append(f"heads: expected a mapping, got {raw!r}")
-        return heads
+        problems.append(f"{section}: expected a mapping, got {raw!r}")
+        return
     for key, value in raw.items():
-        if key == "enabled":
-            heads.enabled = C.coerce(value, list[str], "heads.enabled", problems) or []
-            bad = [h for h in heads.enabled if h not in HEADS]
-            if bad:
-                problems.append(f"heads.enabled: {bad} not among: {', '.join(HEADS.names())}")
-        elif key in HEADS:
-            heads.settings[key] = C.build_section(HEADS.get(key).config_cls, value, f"heads.{key}", problems)
+        if key == own:
+            take_own(value)
+        elif key in registry:
+            settings[key] = C.build_section(registry.get(key).config_cls, value, f"{section}.{key}", problems)
         else:
-            problems.append(f"heads.{key}: unknown key (valid: enabled, {', '.join(HEADS.names())})")
+            problems.append(f"{section}.{key}: unknown key (valid: {own}, {', '.join(registry.names())})")
+
+
+def _build_heads(raw: Any, problems: list[str]) -> HeadsConfig:
+    """`heads: {enabled: [...], <head>: {...}}`."""
+    heads = default_config().heads
+
+    def enabled(value: Any) -> None:
+        heads.enabled = C.coerce(value, list[str], "heads.enabled", problems) or []
+        bad = [h for h in heads.enabled if h not in HEADS]
+        if bad:
+            problems.append(f"heads.enabled: {bad} not among: {', '.join(HEADS.names())}")
+
+    _build_registered(raw, "heads", "enabled", HEADS, heads.settings, enabled, problems)
     return heads
 
 
 def _build_drift(raw: Any, problems: list[str]) -> DriftConfig:
-    """`drift: {method: NAME, <method>: {...}}`: each method's settings are its registered dataclass."""
+    """`drift: {method: NAME, <method>: {...}}`."""
     drift = default_config().drift
-    if not isinstance(raw, dict):
-        problems.append(f"drift: expected a mapping, got {raw!r}")
-        return drift
-    for key, value in raw.items():
-        if key == "method":
-            drift.method = C.coerce(value, str, "drift.method", problems) or "none"
-        elif key in DRIFT_METHODS:
-            drift.settings[key] = C.build_section(
-                DRIFT_METHODS.get(key).config_cls, value, f"drift.{key}", problems
-            )
-        else:
-            problems.append(f"drift.{key}: unknown key (valid: method, {', '.join(DRIFT_METHODS.names())})")
+
+    def method(value: Any) -> None:
+        drift.method = C.coerce(value, str, "drift.method", problems) or "none"
+
+    _build_registered(raw, "drift", "method", DRIFT_METHODS, drift.settings, method, problems)
     return drift
 
 
