@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from clpt import artifacts
+from clpt import distributed as dist
 from clpt.drift import DRIFT_METHODS, DriftMap, Moments
 from clpt.errors import DataError, Redo
 from clpt.seeding import DRIFT, generator, task_seed
@@ -87,6 +88,12 @@ def run(ctx: StageContext) -> tuple[list[Path], dict]:
     t, cfg = ctx.task, ctx.cfg
     if t == 0:
         return [], {"reason": "first task: no earlier class to compensate"}
+    outputs = [
+        artifacts.drift_map_path(ctx.root, t),
+        artifacts.drift_path(ctx.root) / artifacts.stats_group(t),
+    ]
+    if not dist.is_main():  # one rank fits and writes; the stores are on shared disk
+        return outputs, {}
     spec = DRIFT_METHODS.get(cfg.drift.method)
     x_old, y_old = artifacts.read_features(ctx.root, t, artifacts.PAIRS)
     x_new, y_new = artifacts.read_features(ctx.root, t, "train")
@@ -105,4 +112,5 @@ def run(ctx: StageContext) -> tuple[list[Path], dict]:
     artifacts.save_drift_map(artifacts.drift_map_path(ctx.root, t), spec.name, t, m.state(), info)
     group = artifacts.save_stats(ctx.root, t, range(0, ctx.tasks[t][0]), moved.count.numpy(),
                                  moved.mean.numpy(), moved.m2.numpy(), ctx.input_id("pairs", t), store="drift")  # fmt: skip
-    return [artifacts.drift_map_path(ctx.root, t), group], info
+    assert group == outputs[1]
+    return outputs, info
