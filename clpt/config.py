@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import tomllib
 import types
 import typing
@@ -47,6 +48,9 @@ def checks(obj: Any, rules: Iterable[tuple[str, Callable[[Any], bool], str]]) ->
 
 def one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in choices), f"is not one of {', '.join(choices)}"
+
+
+SEED_RANGE = "must be in [0, 2**32 - 1] (NumPy's seed range)"
 
 
 class Trainable(enum.StrEnum):
@@ -89,6 +93,8 @@ class BenchmarkConfig:
             ("image_size", lambda v: v >= 8, "must be >= 8"),
             ("normalization", *one_of("dataset", "imagenet", "none")),
             ("train_interpolation", *one_of("bicubic", "bilinear")),
+            ("seed", lambda v: 0 <= v < 2**32, SEED_RANGE),
+            ("split_seed", lambda v: 0 <= v < 2**32, SEED_RANGE),
         ])  # fmt: skip
         if self.name != "builtin" and self.name is not None and self.root is None:
             out.append(f"root: required for benchmark {self.name!r} (the dataset folder)")
@@ -370,7 +376,7 @@ class RunConfig:
 
     def problems(self) -> list[str]:
         """Every value problem of every section, `section.key: message` (the registries' checks: resolve)."""
-        out: list[str] = []
+        out: list[str] = checks(self, [("seed", lambda v: 0 <= v < 2**32, SEED_RANGE)])
         for name in SECTIONS:
             out.extend(f"{name}.{p}" for p in getattr(self, name).problems())
         return out
@@ -499,15 +505,20 @@ def coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         problems.append(f"{where}: expected an integer, got {value!r}")
         return None
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        problems.append(f"{where}: expected a number, got {value!r}")
-        return None
+        if number is None:
+            problems.append(f"{where}: expected a number, got {value!r}")
+        elif not math.isfinite(number):  # inf, nan (1e400 reads as inf): never a setting
+            problems.append(f"{where}: must be a finite number, got {value!r}")
+            number = None
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

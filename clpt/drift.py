@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from clpt.config import checks
 from clpt.registry import Registry
 
 
@@ -102,8 +103,9 @@ class LinearConfig:
     normalize: bool = True  # fit on L2-normalised rows (SLDC); false: on raw rows
 
     def problems(self) -> list[str]:
-        out = [f"{k}: must be > 0" for k in ("alpha_t",) if not getattr(self, k) > 0]
-        return out + ([] if self.gamma1 >= 0 else ["gamma1: must be >= 0"])
+        return checks(
+            self, [("alpha_t", lambda v: v > 0, "must be > 0"), ("gamma1", lambda v: v >= 0, "must be >= 0")]
+        )
 
 
 @dataclass
@@ -156,8 +158,8 @@ class SDCConfig:
     floor: float = 1e-5  # added to every weight (SSIAT, RSIAT); 0 as the original SDC
 
     def problems(self) -> list[str]:
-        return ([] if self.sigma > 0 else ["sigma: must be > 0"]) + (
-            [] if self.floor >= 0 else ["floor: must be >= 0"]
+        return checks(
+            self, [("sigma", lambda v: v > 0, "must be > 0"), ("floor", lambda v: v >= 0, "must be >= 0")]
         )
 
 
@@ -211,7 +213,7 @@ class DPCRConfig:
     tolerance: float = 0.0  # 0: singular values > 0 (their code); > 0: above tolerance * the largest
 
     def problems(self) -> list[str]:
-        return [f"{k}: must be >= 0" for k in ("rho", "tolerance") if getattr(self, k) < 0]
+        return checks(self, [(k, lambda v: v >= 0, "must be >= 0") for k in ("rho", "tolerance")])
 
 
 @dataclass
@@ -293,8 +295,9 @@ class WeakNonlinearConfig:
     samples_per_dim: int = 10  # K = samples_per_dim * d samples per class for the update
 
     def problems(self) -> list[str]:
-        out = [f"{k}: must be >= 1" for k in ("steps", "batch", "samples_per_dim") if getattr(self, k) < 1]
-        return out + [f"{k}: must be > 0" for k in ("lr", "lr_min") if not getattr(self, k) > 0]
+        rules = [(k, lambda v: v >= 1, "must be >= 1") for k in ("steps", "batch", "samples_per_dim")]
+        rules += [(k, lambda v: v > 0, "must be > 0") for k in ("lr", "lr_min")]
+        return checks(self, [*rules, ("gamma2", lambda v: v >= 0, "must be >= 0")])
 
 
 class WeakNonlinear(torch.nn.Module):

@@ -14,10 +14,17 @@ import torch
 from clpt.errors import ClptError, from_os_error
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode a plain open() gives (mkstemp's is 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

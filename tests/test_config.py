@@ -187,3 +187,36 @@ def _write(path, doc):
 
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=1e400", "train.lr: must be a finite number"),
+        ("train.lr=.inf", "train.lr: must be a finite number"),
+        ("heads.fecam.shrink1=.nan", "heads.fecam.shrink1: must be a finite number"),
+        ("heads.ranpac.lambdas=[.nan]", "heads.ranpac.lambdas[0]: must be a finite number"),
+        ("lora.scale=.nan", "lora.scale: must be a finite number"),
+        ("benchmark.seed=-1", "benchmark.seed: must be in [0, 2**32 - 1]"),
+        ("seed=1099511627776", "seed: must be in [0, 2**32 - 1]"),
+    ],
+)
+def test_non_finite_numbers_and_seeds_out_of_range_are_config_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        R.resolve(overrides=[override])
+    assert any(p.startswith(message) for p in e.value.problems), e.value.problems
+    assert e.value.exit_code == 2
+
+
+def test_files_are_written_with_the_mode_a_plain_open_gives(tmp_path):
+    import os
+    import stat
+
+    from clpt.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clpt.config import checks
 from clpt.heads.base import HeadCache, HeadSpec, extracts_upto, register_head
 from clpt.stats import covariance, fit_class_stats
 
@@ -34,7 +35,7 @@ class FeCAMConfig:
     tukey: bool = False  # sign(x) |x|^0.5 before normalising (their ResNet path)
 
     def problems(self) -> list[str]:
-        return [f"{k}: must be >= 0" for k in ("shrink1", "shrink2") if getattr(self, k) < 0]
+        return checks(self, [(k, lambda v: v >= 0, "must be >= 0") for k in ("shrink1", "shrink2")])
 
 
 def transform(x: torch.Tensor, settings: FeCAMConfig) -> torch.Tensor:

@@ -24,7 +24,8 @@ class LDAConfig:
     shrinkage: float = 1e-4  # e in (1 - e) S + e I
 
     def problems(self) -> list[str]:
-        return [] if 0 <= self.shrinkage <= 1 else [f"shrinkage: {self.shrinkage} must be in [0, 1]"]
+        e = self.shrinkage  # None: its type was wrong, reported by the parser
+        return [] if e is None or 0 <= e <= 1 else [f"shrinkage: {e} must be in [0, 1]"]
 
 
 def lda_weights(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, shrinkage: float):

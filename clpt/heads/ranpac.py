@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clpt.config import checks, one_of
 from clpt.heads.base import HeadSpec, ScoresWithInfo, extracts_upto, register_head
 
 LAMBDAS = [10.0**k for k in range(-8, 9)]  # 1e-8 .. 1e8, 17 values
@@ -43,17 +44,14 @@ class RanPACConfig:
     chunk_rows: int = 4096  # cached feature rows per Gram update
 
     def problems(self) -> list[str]:
-        out = []
-        if self.dim < 1:
-            out.append("dim: must be >= 1")
-        if not self.lambdas or any(v <= 0 for v in self.lambdas):
-            out.append("lambdas: must be a non-empty list of positive numbers")
-        if not 0 < self.val_fraction < 1:
-            out.append("val_fraction: must be in (0, 1)")
-        if self.dtype not in ("float64", "float32"):
-            out.append(f"dtype: {self.dtype!r} is not one of float64, float32")
-        if self.chunk_rows < 1:
-            out.append("chunk_rows: must be >= 1")
+        out = checks(self, [
+            ("dim", lambda v: v >= 1, "must be >= 1"),
+            ("lambdas", lambda v: bool(v) and all(x is not None and x > 0 for x in v),
+             "must be a non-empty list of positive numbers"),
+            ("val_fraction", lambda v: 0 < v < 1, "must be in (0, 1)"),
+            ("dtype", *one_of("float64", "float32")),
+            ("chunk_rows", lambda v: v >= 1, "must be >= 1"),
+        ])  # fmt: skip
         return out
 
 
