@@ -328,7 +328,7 @@ class HeadsConfig:
         return settings_problems(self.settings)
 
 
-DRIFT_METHODS = ("linear", "weak_nonlinear", "sdc", "dpcr")  # clpt.drift registers exactly these
+DRIFT_METHODS = ("linear", "weak_nonlinear", "sdc", "dpcr", "ldc")  # clpt.drift registers exactly these
 
 
 @dataclass
@@ -340,7 +340,7 @@ class DriftConfig:
     (`clpt.drift`); the resolver fills it.
     """
 
-    method: str = "none"  # none | linear (SLDC alpha-1) | weak_nonlinear (SLDC alpha-2) | sdc | dpcr
+    method: str = "none"  # none | linear (SLDC alpha-1) | weak_nonlinear (SLDC alpha-2) | sdc | dpcr | ldc
     settings: dict[str, Any] = field(default_factory=dict)  # method name -> its settings dataclass
 
     @property

@@ -9,6 +9,7 @@ statistics (count, mean, M2) of every old class into the new backbone's space:
     weak_nonlinear  SLDC alpha-2: identity + linear + MLP mixed by a softmax; re-estimated from samples
     sdc             SDC (SSIAT / RSIAT): a kernel-weighted mean shift per class; means only
     dpcr            DPCR: a task-wise ridge map times a per-class projection onto the class's Gram span
+    ldc             LDC: a linear projector learned by Adam on the pairs; means only
 
 A map is applied to statistics (`apply`) and, where it has one, to features of
 known classes (`apply_features`, for heads that read cached features). Maps
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from clpt.config import checks
+from clpt.config import checks, one_of
 from clpt.registry import Registry
 
 
@@ -382,6 +383,69 @@ def fit_weak_nonlinear(x_old, x_new, stats, classes, settings: WeakNonlinearConf
     return NonlinearMap(g.eval(), settings.samples_per_dim, seed, {"pairs": n, "mix": g.mix().tolist()})
 
 
+# --- ldc: a learned linear projector ----------------------------------------------------------------------
+
+
+@dataclass
+class LDCConfig:
+    epochs: int = 20  # passes over the task's pairs
+    batch: int = 128
+    lr: float = 1e-3  # Adam
+    init: str = "random"  # random: PyTorch's default Linear init, as their code | identity: the safer start
+
+    def problems(self) -> list[str]:
+        rules = [(k, lambda v: v >= 1, "must be >= 1") for k in ("epochs", "batch")]
+        return checks(
+            self, [*rules, ("lr", lambda v: v > 0, "must be > 0"), ("init", *one_of("random", "identity"))]
+        )
+
+
+@dataclass
+class MeanMap:
+    """mu_c <- mu_c W for every class, M2 unchanged (LDC moves prototypes only); features x W."""
+
+    w: torch.Tensor  # (d, d) float64
+    info: dict = field(default_factory=dict)
+
+    def apply(self, stats: Moments, classes: torch.Tensor) -> Moments:
+        return Moments(stats.count, stats.mean @ self.w.to(stats.mean), stats.m2)
+
+    def apply_features(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float64) @ self.w.to(x.device)).to(x.dtype)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w}
+
+
+def fit_ldc(
+    x_old, x_new, stats, classes, settings: LDCConfig, generator: torch.Generator | None = None
+) -> MeanMap:
+    """LDC: a bias-free Linear(d, d) trained by Adam on MSE(p(x_old), x_new), raw features, `epochs` shuffled passes."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    a, b = x_old.float(), x_new.float()
+    n, d = a.shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        p = torch.nn.Linear(d, d, bias=False)
+    if settings.init == "identity":
+        with torch.no_grad():
+            p.weight.copy_(torch.eye(d))
+    opt = torch.optim.Adam(p.parameters(), lr=settings.lr)
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, settings.batch):
+            rows = order[start : start + settings.batch]
+            loss = F.mse_loss(p(a[rows]), b[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        mse = float(F.mse_loss(p(a), b))
+    return MeanMap(
+        p.weight.detach().double().T.contiguous(), {"pairs": n, "mse": mse}
+    )  # y = x W, W = weight^T
+
+
 # --- registry and composition -----------------------------------------------------------------------------
 
 
@@ -431,6 +495,8 @@ register_drift(
 )
 register_drift(DriftSpec("dpcr", "DPCR: task-wise ridge map times per-class projection", DPCRConfig, fit_dpcr,
                          restore_dpcr))  # fmt: skip
+register_drift(DriftSpec("ldc", "LDC: a linear projector learned by Adam; means only", LDCConfig, fit_ldc,
+                         lambda state, stats, settings: MeanMap(state["w"])))  # fmt: skip
 
 
 def compose(stats: Moments, classes: torch.Tensor, maps: Sequence[DriftMap]) -> Moments:

@@ -160,13 +160,16 @@ def test_weak_nonlinear_learns_the_drift_and_the_option_regularises_the_mlp():
     assert reg.info["mix"][2] < m.info["mix"][2]  # the regulariser shrinks the MLP branch
 
 
-@pytest.mark.parametrize("method", ["linear", "weak_nonlinear", "sdc", "dpcr"])
+@pytest.mark.parametrize("method", ["linear", "weak_nonlinear", "sdc", "dpcr", "ldc"])
 def test_a_saved_map_restores_to_the_same_map(method):
     x, y = _pairs(n=60, d=6)
     labels = _classes(60)
     stats = D.moments_of(x, labels, 4)
     spec = D.DRIFT_METHODS.get(method)
-    settings = spec.config_cls(steps=20) if method == "weak_nonlinear" else spec.config_cls()
+    settings = {
+        "weak_nonlinear": lambda: spec.config_cls(steps=20),
+        "ldc": lambda: spec.config_cls(epochs=2),
+    }.get(method, spec.config_cls)()
     m = spec.fit(x, y, stats, torch.arange(4), settings, torch.Generator().manual_seed(0))
     again = spec.restore({k: v.clone() for k, v in m.state().items()}, stats, settings)
     a, b = m.apply(stats, torch.arange(4)), again.apply(stats, torch.arange(4))
@@ -175,7 +178,7 @@ def test_a_saved_map_restores_to_the_same_map(method):
 
 
 def test_the_registry_names_the_methods():
-    assert D.DRIFT_METHODS.names() == ["linear", "weak_nonlinear", "sdc", "dpcr"]
+    assert D.DRIFT_METHODS.names() == ["linear", "weak_nonlinear", "sdc", "dpcr", "ldc"]
     with pytest.raises(ValueError, match="unknown drift method 'nope'; valid: linear"):
         D.DRIFT_METHODS.get("nope")
     assert all(spec.config_cls().problems() == [] for _, spec in D.DRIFT_METHODS.items())
@@ -345,3 +348,17 @@ def test_the_oracle_says_what_it_needs(tmp_path, frozen_sdc_run):
     assert res.exit_code == 3 and "task after the first" in res.stderr
     res = _cli("drift-oracle", frozen_sdc_run[0], "--task", "7")
     assert res.exit_code == 1 and "task 7 does not exist" in res.stderr
+
+
+def test_ldc_learns_the_least_squares_map_and_moves_means_only():
+    """LDC and the ridge estimate the same map (x_old -> x_new); LDC's, by Adam, gets close and leaves M2 alone."""
+    x, y = _pairs(n=400, d=8)
+    labels = _classes(400)
+    stats = D.moments_of(x, labels, 4)
+    m = D.fit_ldc(x, y, stats, torch.arange(4), D.LDCConfig(epochs=200, lr=1e-2, init="identity"),
+                  torch.Generator().manual_seed(0))  # fmt: skip
+    ls = torch.linalg.lstsq(x, y).solution  # the least-squares map, no ridge
+    assert (m.w - ls).abs().max() < 0.05
+    after = m.apply(stats, torch.arange(4))
+    assert torch.equal(after.m2, stats.m2) and not torch.equal(after.mean, stats.mean)
+    torch.testing.assert_close(after.mean, stats.mean @ m.w)
