@@ -90,7 +90,7 @@ class DriftMap(Protocol):
         ...
 
 
-def _symmetric(m: torch.Tensor) -> torch.Tensor:
+def symmetric(m: torch.Tensor) -> torch.Tensor:
     return (m + m.transpose(-1, -2)) * 0.5
 
 
@@ -118,7 +118,7 @@ class LinearMap:
 
     def apply(self, stats: Moments, classes: torch.Tensor) -> Moments:
         w = self.w.to(stats.mean)
-        return Moments(stats.count, stats.mean @ w, _symmetric(w.T @ stats.m2 @ w))
+        return Moments(stats.count, stats.mean @ w, symmetric(w.T @ stats.m2 @ w))
 
     def apply_features(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return (x.to(torch.float64) @ self.w.to(x.device)).to(x.dtype)
@@ -245,7 +245,7 @@ class DPCRMap:
         for k, row in enumerate(self._index(classes)):
             w = self.class_map(row).to(stats.mean)
             means.append(stats.mean[k] @ w)
-            grams.append(_symmetric(w.T @ gram[k] @ w))
+            grams.append(symmetric(w.T @ gram[k] @ w))
         return Moments.from_gram(stats.count, torch.stack(means), torch.stack(grams))
 
     def apply_features(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -262,7 +262,7 @@ class DPCRMap:
 
 def span_projection(gram: torch.Tensor, tolerance: float) -> torch.Tensor:
     """(C, d, d) projection onto the span of each Gram's singular vectors above tolerance * the largest."""
-    evals, vecs = torch.linalg.eigh(_symmetric(gram.to(torch.float64)))  # ascending; a Gram is PSD
+    evals, vecs = torch.linalg.eigh(symmetric(gram.to(torch.float64)))  # ascending; a Gram is PSD
     keep = evals > (tolerance * evals[:, -1:]).clamp(min=0) if tolerance > 0 else evals > 0
     v = vecs * keep[:, None, :].to(vecs.dtype)
     return v @ v.transpose(1, 2)
@@ -343,7 +343,7 @@ class NonlinearMap:
         for c in range(len(stats.count)):
             n = float(stats.count[c])
             cov = stats.m2[c] / max(n - 1, 1.0)
-            evals, vecs = torch.linalg.eigh(_symmetric(cov))
+            evals, vecs = torch.linalg.eigh(symmetric(cov))
             root = vecs * evals.clamp(min=0).sqrt()[None, :]  # cov = root root^T (PSD, no jitter)
             z = torch.randn(k, d, generator=gen, dtype=torch.float64)
             y = self.apply_features(stats.mean[c] + z @ root.T, torch.full((k,), int(classes[c]))).to(
@@ -352,7 +352,7 @@ class NonlinearMap:
             mu = y.mean(0)
             diff = y - mu
             means.append(mu)
-            m2s.append(_symmetric(diff.T @ diff / (k - 1) * max(n - 1, 1.0)))  # keep n: M2 = (n - 1) Sigma
+            m2s.append(symmetric(diff.T @ diff / (k - 1) * max(n - 1, 1.0)))  # keep n: M2 = (n - 1) Sigma
         return Moments(stats.count, torch.stack(means), torch.stack(m2s))
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 
 from clpt import artifacts
 from clpt import distributed as dist
-from clpt.drift import DRIFT_METHODS, DriftMap, Moments
+from clpt.drift import DRIFT_METHODS, DriftMap, Moments, symmetric
 from clpt.errors import DataError, Redo
 from clpt.seeding import DRIFT, generator, task_seed
 from clpt.stages.base import StageContext
@@ -27,11 +27,12 @@ from clpt.stages.base import StageContext
 log = logging.getLogger("clpt")
 
 
-def _moments(p: dict) -> Moments:
+def record_moments(p: dict) -> Moments:
+    """A statistics store's arrays (`artifacts.load_stats`) as float64 Moments."""
     return Moments(*(torch.as_tensor(p[k]).to(torch.float64) for k in ("count", "mean", "m2")))
 
 
-def _cat(parts: list[Moments]) -> Moments:
+def concat(parts: list[Moments]) -> Moments:
     return Moments(*(torch.cat([getattr(p, k) for p in parts]) for k in ("count", "mean", "m2")))
 
 
@@ -41,13 +42,15 @@ def old_statistics(root: Path, t: int) -> tuple[Moments, torch.Tensor]:
     if t >= 2:
         parts.append(artifacts.load_stats(root, t - 1, store="drift"))
     parts.append(artifacts.load_stats(root, t - 1))
-    return _cat([_moments(p) for p in parts]), torch.cat([torch.as_tensor(p["classes"]) for p in parts])
+    return concat([record_moments(p) for p in parts]), torch.cat(
+        [torch.as_tensor(p["classes"]) for p in parts]
+    )
 
 
 def compensated_statistics(root: Path, t: int) -> tuple[Moments, torch.Tensor]:
     """The old classes' statistics in theta_t's space (classes of tasks 0..t-1), as the drift stage stored them."""
     p = artifacts.load_stats(root, t, store="drift")
-    return _moments(p), torch.as_tensor(p["classes"])
+    return record_moments(p), torch.as_tensor(p["classes"])
 
 
 def load_map(root: Path, cfg, t: int) -> DriftMap:
@@ -73,15 +76,11 @@ def repair(m: Moments, classes: torch.Tensor, ridge: float) -> tuple[Moments, li
     m2, repaired = m.m2.clone(), []
     for i in bad:
         e, v = torch.linalg.eigh(m.m2[i])
-        m2[i] = _sym((v * e.clamp(min=0)) @ v.T)
+        m2[i] = symmetric((v * e.clamp(min=0)) @ v.T)
         repaired.append({"class": int(classes[i]), "min_eigenvalue": float(e.min())})
     log.warning("drift: %d compensated covariance(s) were not positive definite with stats.ridge; their negative "
                 "eigenvalues were clipped to 0 (classes %s)", len(repaired), [r["class"] for r in repaired[:10]])  # fmt: skip
     return Moments(m.count, m.mean, m2), repaired
-
-
-def _sym(a: torch.Tensor) -> torch.Tensor:
-    return (a + a.T) * 0.5
 
 
 def run(ctx: StageContext) -> tuple[list[Path], dict]:

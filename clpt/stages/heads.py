@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from clpt import artifacts, checkpoint
 from clpt.config import RunConfig
-from clpt.drift import compose_features
+from clpt.drift import DriftMap, compose_features
 from clpt.errors import DataError, Redo
 from clpt.heads.base import ClassStats
 from clpt.model import Heads
-from clpt.stages.drift import compensated_statistics, load_map
+from clpt.stages.drift import concat, load_map, record_moments
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RunCache:
     device: torch.device
     label: str = ""  # what progress bars of the fit are called ("" shows none)
     compensated: bool = False  # drift-compensated statistics and old features (a NAME+drift head)
+    _maps: dict[int, DriftMap] = field(default_factory=dict, repr=False)  # each task's drift map, read once
 
     @property
     def n_seen(self) -> int:
@@ -36,37 +37,41 @@ class RunCache:
     def _redo(self, stage: str, t: int) -> Redo:
         return Redo(stage, t, str(self.root))
 
+    def _checked(self, p: dict, classes: range, stage: str, t: int) -> dict:
+        """A statistics store's arrays, checked to cover exactly `classes` (else the damaged line of `stage`)."""
+        expected = list(classes)
+        if p["classes"].tolist() != expected:
+            raise DataError(
+                f"the statistics of task {t} cover classes {p['classes'].tolist()[:3]}..., "
+                f"not the task's {expected[:3]}...",
+                redo=self._redo(stage, t),
+            )
+        return p
+
     def class_stats(self) -> ClassStats:
+        own = self._checked(
+            artifacts.load_stats(self.root, self.task), range(*self.tasks[self.task]), "stats", self.task
+        )
         if self.compensated and self.task > 0:  # the old classes as the drift stage moved them, then task T's
-            old, _ = compensated_statistics(self.root, self.task)
-            own = artifacts.load_stats(self.root, self.task)
+            old = self._checked(artifacts.load_stats(self.root, self.task, store="drift"),
+                                range(0, self.tasks[self.task][0]), "drift", self.task)  # fmt: skip
+            both = concat([record_moments(old), record_moments(own)])
             task_of_class = torch.cat([torch.full((b - a,), i, dtype=torch.int64) for i, (a, b) in
                                        enumerate(self.tasks[: self.task + 1])])  # fmt: skip
-            return ClassStats(
-                torch.cat([old.count, torch.as_tensor(own["count"]).double()]),
-                torch.cat([old.mean, torch.as_tensor(own["mean"]).double()]),
-                torch.cat([old.m2, torch.as_tensor(own["m2"]).double()]),
-                task_of_class,
-            )
-        parts = [artifacts.load_stats(self.root, i) for i in range(self.task + 1)]
-        for i, p in enumerate(parts):
-            expected = list(range(*self.tasks[i]))
-            if p["classes"].tolist() != expected:
-                raise DataError(
-                    f"the statistics of task {i} cover classes {p['classes'].tolist()[:3]}..., "
-                    f"not the task's {expected[:3]}...",
-                    redo=self._redo("stats", i),
-                )
+            return ClassStats(both.count, both.mean, both.m2, task_of_class)
+        parts = [self._checked(artifacts.load_stats(self.root, i), range(*self.tasks[i]), "stats", i)
+                 for i in range(self.task)] + [own]  # fmt: skip
         return ClassStats.from_tasks(*([p[k] for p in parts] for k in ("count", "mean", "m2")))
+
+    def _map(self, j: int) -> DriftMap:
+        if j not in self._maps:
+            self._maps[j] = load_map(self.root, self.cfg, j)
+        return self._maps[j]
 
     def train_chunks(self, i: int, rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Cached training features of task i (extracted with task i's backbone), on the device."""
         label = f"{self.label}, features of task {i}" if self.label else ""
-        maps = (
-            [load_map(self.root, self.cfg, j) for j in range(i + 1, self.task + 1)]
-            if self.compensated
-            else []
-        )
+        maps = [self._map(j) for j in range(i + 1, self.task + 1)] if self.compensated else []
         for x, y in artifacts.iter_feature_chunks(self.root, i, "train", rows, label):
             if maps:  # task i's features moved by the maps of tasks i+1..T
                 x = compose_features(x.double(), y, maps).float()

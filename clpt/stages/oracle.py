@@ -31,7 +31,7 @@ from clpt.features import extract_split
 from clpt.heads import HEADS, InMemoryCache, score_in_chunks
 from clpt.io import write_json
 from clpt.precision import resolve as resolve_precision
-from clpt.stages.drift import compensated_statistics
+from clpt.stages.drift import compensated_statistics, concat, record_moments
 from clpt.stages.extract import rows_of
 from clpt.stats import covariance, fit_class_stats
 
@@ -143,10 +143,7 @@ def oracle(run, t: int) -> dict:
         for i, m in enumerate(sinks)
     ]  # fmt: skip
     orc_m = Moments(*(torch.cat([getattr(p, k).cpu() for p in parts]) for k in ("count", "mean", "m2")))
-    stale_parts = [artifacts.load_stats(root, i) for i in range(t)]
-    stale = Moments(
-        *(torch.cat([torch.as_tensor(p[k]).double() for p in stale_parts]) for k in ("count", "mean", "m2"))
-    )
+    stale = concat([record_moments(artifacts.load_stats(root, i)) for i in range(t)])
     comp = (
         compensated_statistics(root, t)[0] if cfg.drift.enabled and run.state("drift", t) == "done" else None
     )
