@@ -2,7 +2,7 @@
 compensation method, and with oracle statistics; the share of the stale-to-oracle gap each method recovers; and
 what the drift stages cost against one training epoch.
 
-    python bench/compare_drift.py                    # SLCA, SLCA++, Seq FT w/ SL, Seq FT on the built-in benchmark
+    python bench/compare_drift.py                    # SLCA, SLCA++, Seq FT w/ SL, Seq FT, SLDC on the built-in benchmark
     python bench/compare_drift.py --runs RUN [RUN]   # run folders of your own (any drift method set, or none)
     python bench/compare_drift.py --out runs/drift --set train.epochs=2 --set train.milestones=[1]
 
@@ -22,7 +22,13 @@ from clpt.drift import DRIFT_METHODS
 from clpt.run import edit_config, open_for_work, open_run, report, run_all, run_one
 from clpt.stages.oracle import oracle
 
-LEARNERS = {"slca": "SLCA", "slca_pp": "SLCA++", "seqft_sl": "Seq FT w/ SL", "seqft": "Seq FT"}
+LEARNERS = {
+    "slca": "SLCA",
+    "slca_pp": "SLCA++",
+    "seqft_sl": "Seq FT w/ SL",
+    "seqft": "Seq FT",
+    "sldc": "SLDC",
+}
 
 
 def measure(root: Path, methods: list[str]) -> dict:

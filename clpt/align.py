@@ -7,6 +7,12 @@ logit-normalised cross-entropy. Each Sigma_c is factored once (Cholesky in
 float64, then float32) and all classes are sampled with one batched matmul.
 The aligned heads are what `eval` scores; the next task trains from the
 pre-alignment heads, and alignment is redone from scratch for each task.
+
+SLDC's classifier refinement (docs/methods/drift.md) is the same loop with other
+options: Adam (`align.optimizer`), symmetric cross-entropy of the raw logits
+(`align.loss: sce`), a cosine floor (`align.lr_min`), a batch that grows with
+the classes (`align.batch_per_class`), one draw of samples for all epochs
+(`align.resample: false`), and a refinement at task 0 too (`align.first_task`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from clpt import progress
 from clpt.config import RunConfig
 from clpt.errors import ClptError
+from clpt.losses import sce_loss
 from clpt.model import Heads
 from clpt.seeding import ALIGN, task_seed
 from clpt.stats import covariance
@@ -99,24 +106,37 @@ def align_heads(
     task_of_class = task_of_class.to(device)
     sampler = GaussianSampler(means, covs, device)
     shrink = mean_scale_slca(task_of_class, current_task) if a.mean_shrink else None
-    opt = torch.optim.SGD(
-        heads.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=cfg.align_weight_decay
-    )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs)
+    if a.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(
+            heads.parameters(), lr=a.lr, weight_decay=cfg.align_weight_decay
+        )
+    else:
+        opt = torch.optim.SGD(
+            heads.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=cfg.align_weight_decay
+        )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs, eta_min=a.lr_min)
     gen = torch.Generator(device=device).manual_seed(seed)
     sizes = heads.sizes
+    batch = a.batch_size if a.batch_per_class is None else max(1, int(a.batch_per_class * len(means)))
     losses = []
+    drawn = None
     with progress.bar(label, a.epochs, unit="epoch") as shown:
         for _ in range(a.epochs):
-            x, y = sampler.sample(a.samples_per_class, gen, shrink)
-            if a.sample_scale:
-                x = x * sample_scale_slca_pp(task_of_class[y], current_task, gen)[:, None]
+            if drawn is None or a.resample:
+                x, y = sampler.sample(a.samples_per_class, gen, shrink)
+                if a.sample_scale:
+                    x = x * sample_scale_slca_pp(task_of_class[y], current_task, gen)[:, None]
+                drawn = x, y
+            x, y = drawn
             perm = torch.randperm(len(y), generator=gen, device=device)
             x, y = x[perm], y[perm]
             total = 0.0
-            for start in range(0, len(y), a.batch_size):
-                xb, yb = x[start : start + a.batch_size], y[start : start + a.batch_size]
-                loss = ca_loss(heads(xb), yb, sizes, a.tau)
+            for start in range(0, len(y), batch):
+                xb, yb = x[start : start + batch], y[start : start + batch]
+                if a.loss == "sce":
+                    loss = sce_loss(heads(xb), yb, a.sce_alpha, a.sce_beta)
+                else:
+                    loss = ca_loss(heads(xb), yb, sizes, a.tau)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

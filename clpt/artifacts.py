@@ -50,6 +50,7 @@ FORMATS = {
     "clpt-eval": 1,
     "clpt-head-eval": 1,
     "clpt-drift-map": 1,  # tasks/003/drift.safetensors
+    "clpt-head-state": 1,  # tasks/003/heads/NAME.safetensors: a fitted head, ready to score
 }
 
 
@@ -78,6 +79,10 @@ def eval_path(root: Path, t: int) -> Path:
 
 def head_eval_path(root: Path, head: str, t: int) -> Path:
     return task_dir(root, t) / "heads" / f"{head}.json"
+
+
+def head_state_path(root: Path, head: str, t: int) -> Path:
+    return task_dir(root, t) / "heads" / f"{head}.safetensors"
 
 
 def features_path(root: Path) -> Path:
@@ -500,3 +505,44 @@ def read_drift_map(path: Path, method: str, redo: Redo) -> dict[str, torch.Tenso
     if meta.get("method") != method:
         raise DataError(f"{path} holds a {meta.get('method')} map, the run's method is {method}", redo=redo)
     return state
+
+
+# --- fitted heads (safetensors) ---------------------------------------------------------------
+
+
+def head_state_bytes(head: str, task: int, n_classes: int, tensors: dict[str, torch.Tensor], meta: dict,
+                     settings: dict, info: dict | None = None) -> bytes:  # fmt: skip
+    """A fitted head as safetensors: its tensors; its name, task, classes [0, n_classes), the state's
+    meta (what rebuilding needs), its settings and the fit's choices as metadata."""
+    md = {"format": "clpt-head-state", "format_version": str(FORMATS["clpt-head-state"]), "head": head,
+          "task": str(task), "n_classes": str(n_classes), "meta": json.dumps(meta),
+          "settings": json.dumps(settings), "info": json.dumps(info or {})}  # fmt: skip
+    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=md)
+
+
+def save_head_state(path: Path, *args, **kwargs) -> None:
+    write_bytes(path, head_state_bytes(*args, **kwargs))
+
+
+def read_head_state(path: Path, head: str, redo: Redo | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata with `meta`, `settings`, `info` decoded) of a saved head, or a one-line error."""
+    if not Path(path).is_file():
+        raise MissingInputError(
+            f"{path} does not exist", redo=None if redo is None else Redo(redo.stage, redo.task, redo.root)
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if md.get("format") != "clpt-head-state" or md.get("format_version") != str(
+            FORMATS["clpt-head-state"]
+        ):
+            raise DataError(f"{path} is not a clpt head state of this version", redo=redo)
+        for k in ("meta", "settings", "info"):
+            md[k] = json.loads(md.get(k, "{}"))
+        md["task"], md["n_classes"] = int(md["task"]), int(md["n_classes"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__})", redo=redo) from None
+    if md.get("head") != head:
+        raise DataError(f"{path} holds head {md.get('head')!r}, not {head!r}", redo=redo)
+    return tensors, md

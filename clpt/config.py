@@ -133,7 +133,12 @@ class TrainConfig:
     loss: Loss = Loss.ce  # ce | sce (SLCA++)
     sce_alpha: float = 1.0  # SCE weight of CE (1.0 CIFAR/CUB, 0.5 ImageNet-R/Cars)
     sce_beta: float = 0.1  # SCE weight of reverse CE (0.1 CIFAR/CUB, 0.5 ImageNet-R/Cars)
-    # feature distillation to the previous backbone (SLDC's beta variants, docs/methods/drift.md); 0: off
+    label_smoothing: float = 0.0  # loss ce: label smoothing (SLDC 97c076f: 0.1)
+    optimizer: str = "sgd"  # sgd (SLCA, with momentum) | adamw (SLDC; momentum unused)
+    cosine_floor: float | None = None  # schedule cosine: floor as a share of each group's LR (SLDC: 1/3);
+    # None -> the SLCA++ reference code's absolute floor 1e-3 * gamma ** len(milestones)
+    # feature distillation to the previous backbone (SLDC's beta variants, docs/methods/drift.md), for the
+    # slow learner and MIST (on both views); 0: off
     kd_feat: float = 0.0  # weight of mean((f_prev(x) - f(x))^2) (SLDC: 1.0)
     kd_norm: float = 0.0  # weight of mean((||f_prev(x)|| - ||f(x)||)^2) (SLDC: 0.1)
     kd_first_task: bool = False  # also at task 0, the pre-trained backbone as the teacher (SLDC 97c076f)
@@ -148,6 +153,9 @@ class TrainConfig:
             ("weight_decay", lambda v: v >= 0, "must be >= 0"),
             ("kd_feat", lambda v: v >= 0, "must be >= 0"),
             ("kd_norm", lambda v: v >= 0, "must be >= 0"),
+            ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("optimizer", *one_of("sgd", "adamw")),
+            ("cosine_floor", lambda v: 0 <= v <= 1, "must be in [0, 1] (a share of the LR)"),
         ])  # fmt: skip
         m = self.milestones
         if isinstance(self.epochs, int) and isinstance(m, list) and all(isinstance(x, int) for x in m):
@@ -214,6 +222,15 @@ class AlignConfig:
     head_scale: bool = False  # SLCA++: after alignment, old head t_c gets input scale 1 + 0.02 (T - t_c)
     task_of_class: str = "true"  # true | authors: class // size of the current task, as the authors' code
     # (differs only when the current task's size differs: Cars-196's last task of 16 classes)
+    # SLDC's classifier refinement (docs/methods/drift.md) as options; the defaults are SLCA's CA
+    optimizer: str = "sgd"  # sgd (SLCA, with momentum) | adam (SLDC)
+    loss: str = "ca"  # ca: CE of tau-normalised logits (SLCA) | sce: symmetric CE of raw logits (SLDC)
+    sce_alpha: float = 0.5  # loss sce: weight of CE (SLDC: 0.5)
+    sce_beta: float = 0.5  # loss sce: weight of reverse CE (SLDC: 0.5)
+    lr_min: float = 0.0  # floor of the cosine schedule (SLDC: 5e-5)
+    batch_per_class: float | None = None  # None -> batch_size; else floor(x * seen classes) (SLDC: 3.2)
+    resample: bool = True  # new samples every epoch (SLCA) | false: one draw per alignment (SLDC)
+    first_task: bool = False  # also align at task 0 (SLDC refines its classifier after every task)
 
     def problems(self) -> list[str]:
         return checks(self, [
@@ -224,6 +241,12 @@ class AlignConfig:
             ("batch_size", lambda v: v >= 1, "must be >= 1"),
             ("tau", lambda v: v > 0, "must be > 0"),
             ("task_of_class", *one_of("true", "authors")),
+            ("optimizer", *one_of("sgd", "adam")),
+            ("loss", *one_of("ca", "sce")),
+            ("sce_alpha", lambda v: v >= 0, "must be >= 0"),
+            ("sce_beta", lambda v: v >= 0, "must be >= 0"),
+            ("lr_min", lambda v: v >= 0, "must be >= 0"),
+            ("batch_per_class", lambda v: v > 0, "must be > 0"),
         ])  # fmt: skip
 
 

@@ -27,7 +27,8 @@ class MethodSpec:
     name: str
     summary: str
     learner: str = "slow_learner"  # a registered learner (clpt.learners)
-    # the method's own classifier: None -> the (aligned) task heads; else a head name (clpt.heads)
+    # the method's own classifier: None -> the (aligned) task heads; else a head name (clpt.heads),
+    # NAME+drift for the head on compensated statistics (NAME in a run without a drift method)
     classifier: str | None = None
     preset: dict[str, Any] = field(default_factory=dict)  # config sections it sets
     benchmark_presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark name -> sections
@@ -143,4 +144,61 @@ register_method(
     MethodSpec("ranpac_mist", "MIST sparse tuning every task + RanPAC's ridge head", learner="mist",
                classifier="ranpac", preset=_merge(_PROTOCOL, {"mist": {"batch_size": 56, "frozen_quantile": 0.9995}}),
                benchmark_presets=_NO_NORM)
+)  # fmt: skip
+
+# --- SLDC (docs/methods/drift.md, SLDC's recipe): LoRA-only sequential fine-tuning, drift-compensated
+# statistics, and its own classifier refinement, all as options of the pieces above. The alpha
+# variants are `sldc` (drift.method weak_nonlinear, its default; linear with --set drift.method=linear),
+# the beta variants `sldc_kd` (feature distillation to the previous backbone).
+_SLDC = {
+    "train": {
+        "backbone_lr_scale": 0.0,  # only LoRA trains (`only_lora`); the fresh final LayerNorm stays frozen
+        "optimizer": "adamw",
+        "lr": 1e-3,  # the head: lr 1e-4 x head_scale 10
+        "weight_decay": 3e-5,
+        "schedule": "cosine",
+        "cosine_floor": 1 / 3,  # cosine down to lr / 3
+        "milestones": [],
+        "batch_size": 16,
+        "loss": "sce",
+        "sce_alpha": 0.5,
+        "sce_beta": 0.5,  # commit fe0f492; 97c076f: loss ce, label_smoothing 0.1
+        "trainable": "all",
+    },
+    "lora": {"targets": ["qkv", "mlp"], "rank": 4, "scale": 0.8, "lr_first": 1e-4, "lr": 1e-4},
+    "align": {
+        "enabled": True,
+        "optimizer": "adam",
+        "loss": "sce",
+        "sce_alpha": 0.5,
+        "sce_beta": 0.5,
+        "lr": 5e-4,
+        "lr_min": 5e-5,
+        "weight_decay": 1e-4,
+        "epochs": 6,
+        "samples_per_class": 1024,
+        "batch_per_class": 3.2,  # floor(32 * classes / 10)
+        "resample": False,  # drawn once per refinement
+        "first_task": True,
+        "mean_shrink": False,
+        "sample_scale": False,
+        "head_scale": False,
+    },
+    "drift": {"method": "weak_nonlinear"},
+}
+# --smart_defaults: backbone epochs per task (splits are the readers' presets: 10 x 10, then 10 x 20)
+_SLDC_BENCH = {
+    "cifar100": {"train": {"epochs": 5}},
+    "imagenet-r": {"train": {"epochs": 10}},
+    "cub200": {"train": {"epochs": 15}},
+    "cars196": {"train": {"epochs": 15}},
+}
+_SLDC_KD = {"train": {"kd_feat": 1.0, "kd_norm": 0.1, "kd_first_task": False}}  # fe0f492: t > 0 only
+register_method(
+    MethodSpec("sldc", "SLDC (alpha): LoRA-only sequential fine-tuning, compensated statistics, SCE refinement",
+               classifier="ca+drift", preset=_SLDC, benchmark_presets=_SLDC_BENCH)
+)  # fmt: skip
+register_method(
+    MethodSpec("sldc_kd", "SLDC (beta): sldc plus feature distillation to the previous backbone",
+               classifier="ca+drift", preset=_merge(_SLDC, _SLDC_KD), benchmark_presets=_SLDC_BENCH)
 )  # fmt: skip

@@ -25,6 +25,7 @@ fused tensor operations per step (no loop over elements, no host sync).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import re
@@ -39,6 +40,7 @@ from clpt import precision as P
 from clpt import progress
 from clpt.data.loader import batches
 from clpt.errors import ClptError
+from clpt.losses import distillation_loss
 from clpt.seeding import LOADER, MIST_VIEW, task_seed
 
 log = logging.getLogger("clpt")
@@ -148,8 +150,10 @@ class MistModel(nn.Module):
         super().__init__()
         self.backbone, self.proj = backbone, proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projections, backbone features): the features feed the distillation term when it is on."""
+        feats = self.backbone(x)
+        return self.proj(feats), feats
 
 
 def make_projection(dim: int, out: int = 128, seed: int = 0) -> nn.Linear:
@@ -173,7 +177,7 @@ def sensitivity(
     for x, y in loader:
         x2 = torch.cat([x, second_view(x, generator)])
         with amp():
-            z = net(x2)
+            z, _ = net(x2)
         loss = mi_loss(z.float(), y, tau)
         net.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,6 +250,10 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
     if t > 0 and mc.first_task_only:
         return {"mist": "skipped (first_task_only)", "train_images": 0}
     proj, state = proj.to(device), state.to(device)
+    tc = cfg.train  # feature distillation to the backbone as the task starts (SLDC's beta variants)
+    teacher = None
+    if (tc.kd_feat > 0 or tc.kd_norm > 0) and (t > 0 or tc.kd_first_task):
+        teacher = copy.deepcopy(backbone).eval().requires_grad_(False)
     net: nn.Module = MistModel(backbone, proj)
     world = dist.world_size()
     if world > 1:
@@ -290,8 +298,13 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
                 shown.advance(len(y))
                 x2 = torch.cat([x, second_view(x, gen)])
                 with amp():
-                    z = net(x2)
+                    z, feats = net(x2)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            prev = teacher(x2)
                 loss = mi_loss(z.float(), y, mc.tau)
+                if teacher is not None:
+                    loss = loss + distillation_loss(feats, prev, tc.kd_feat, tc.kd_norm)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 sample = step == 0  # the share statistic: the epoch's first step
@@ -335,4 +348,5 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
         "train_images": int(len(loader.indices)),
         "images_seen": int(len(loader.indices)) * mc.epochs * 2,  # two views per image, every epoch
         "precision": prec,
+        **({"distillation": {"kd_feat": tc.kd_feat, "kd_norm": tc.kd_norm}} if teacher is not None else {}),
     }

@@ -5,7 +5,10 @@ backbone at t = 0), adds a head for its classes, freezes the older heads, and
 minimises cross-entropy over the *current* head's logits only
 (`CE(logits[:, seen_before:], y - seen_before)`). SGD with momentum and two
 learning-rate groups: the head at `lr`, the backbone at `lr * backbone_lr_scale`
-(0 freezes it), MultiStepLR at the milestones.
+(0 freezes it), MultiStepLR at the milestones. SLDC's recipe (docs/methods/drift.md)
+is options of the same pieces: AdamW (`train.optimizer`), a cosine schedule to a
+share of each group's LR (`train.cosine_floor`), label smoothing, and feature
+distillation to the previous backbone (`train.kd_feat`, `train.kd_norm`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from clpt.data.benchmark import Benchmark
 from clpt.data.loader import batches
 from clpt.errors import ClptError
 from clpt.lora import apply_lora, is_peft_trainable
+from clpt.losses import distillation_loss, sce_loss
 from clpt.model import CLModel, Heads
 from clpt.seeding import LOADER, task_seed
 
@@ -80,23 +84,29 @@ def param_groups(model: CLModel, cfg: RunConfig, task: int) -> list[dict]:
     return groups
 
 
-def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """a * CE(z, y) + b * mean(-sum_k p_k log q_k), p = clamp(softmax z, 1e-7, 1), q = clamp(onehot y, 1e-4, 1)."""
-    ce = F.cross_entropy(logits, labels)
-    p = F.softmax(logits, dim=1).clamp(min=1e-7, max=1.0)
-    q = F.one_hot(labels, logits.shape[1]).to(logits.dtype).clamp(min=1e-4, max=1.0)
-    rce = (-(p * torch.log(q)).sum(dim=1)).mean()
-    return alpha * ce + beta * rce
-
-
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     if cfg.train.loss == Loss.sce:
         return sce_loss(logits, labels, cfg.train.sce_alpha, cfg.train.sce_beta)
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, label_smoothing=cfg.train.label_smoothing)
+
+
+def make_optimizer(groups: list[dict], cfg: RunConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (SLCA), or AdamW with torch's default betas (SLDC), over the LR groups."""
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def cosine_to_share(epochs: int, floor: float):
+    """LambdaLR factor: cosine from 1 to `floor` over `epochs` (each group's own LR times the factor)."""
+    return lambda e: floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / epochs))
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig):
     t = cfg.train
+    if t.schedule == Schedule.cosine and t.cosine_floor is not None:  # SLDC: down to lr / 3 per group
+        return torch.optim.lr_scheduler.LambdaLR(opt, cosine_to_share(t.epochs, t.cosine_floor))
     if t.schedule == Schedule.cosine:  # floor of the reference code: 1e-3 * gamma ** len(milestones)
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=t.epochs, eta_min=1e-3 * t.gamma ** len(t.milestones)
@@ -122,15 +132,6 @@ class _TaskNet(nn.Module):
         return self.head(feats), feats
 
 
-def distillation_loss(
-    feats: torch.Tensor, teacher: torch.Tensor, w_feat: float, w_norm: float
-) -> torch.Tensor:
-    """SLDC's feature distillation: w_feat mean((f_prev - f)^2) + w_norm mean((||f_prev|| - ||f||)^2)."""
-    feats, teacher = feats.float(), teacher.float()
-    norms = (teacher.norm(dim=1) - feats.norm(dim=1)) ** 2
-    return w_feat * ((teacher - feats) ** 2).mean() + w_norm * norms.mean()
-
-
 def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device: torch.device) -> dict:
     """Slow Learner on task t: adds its head and trains in place. Returns a summary."""
     classes = bench.tasks[t]
@@ -139,9 +140,7 @@ def train_task(model: CLModel, bench: Benchmark, cfg: RunConfig, t: int, device:
     model.to(device)
     groups = param_groups(model, cfg, t)
     train_backbone = any(g["name"] in ("backbone", "lora") for g in groups)
-    opt = torch.optim.SGD(
-        groups, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
-    )
+    opt = make_optimizer(groups, cfg)
     sched = make_scheduler(opt, cfg)
     tc = cfg.train
     teacher = None  # the backbone as the task starts: theta_{t-1} (the pre-trained one at t = 0)

@@ -119,6 +119,8 @@ def test_configs_are_shipped_for_every_benchmark_and_method():
     ):  # docs/methods/drift.md: SLCA(++) with compensation
         for method in ("slca", "slca_pp"):
             assert f"{bench}_{method}_drift" in names
+        for method in ("sldc", "sldc_kd"):  # SLDC's own recipe, alpha and beta
+            assert f"{bench}_{method}" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -274,7 +274,8 @@ def test_cars_task_of_class_option_reproduces_the_authors_index():
 def test_feature_distillation_keeps_the_backbone_near_its_previous_self():
     """SLDC's beta variants: with kd_feat / kd_norm the trained backbone's features stay closer to the teacher's;
     the weights at 0 (the default) train exactly as without the term."""
-    from clpt.train import distillation_loss, train_task
+    from clpt.losses import distillation_loss
+    from clpt.train import train_task
 
     f, g = torch.randn(8, 16), torch.randn(8, 16)
     want = 0.7 * ((g - f) ** 2).mean() + 0.2 * ((g.norm(dim=1) - f.norm(dim=1)) ** 2).mean()

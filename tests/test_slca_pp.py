@@ -16,9 +16,10 @@ from clpt.backbone import create_backbone
 from clpt.checkpoint import load_model, save_model
 from clpt.errors import Redo
 from clpt.lora import LoRALinear, apply_lora
+from clpt.losses import sce_loss
 from clpt.model import CLModel, Heads
 from clpt.stages import resolve as R
-from clpt.train import initial_model, make_scheduler, param_groups, sce_loss
+from clpt.train import initial_model, make_scheduler, param_groups
 
 
 @pytest.fixture(scope="module")

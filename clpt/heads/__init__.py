@@ -6,8 +6,11 @@ from clpt.heads.base import (
     ClassStats,
     HeadCache,
     HeadSpec,
+    HeadState,
     InMemoryCache,
+    TaskHeadScores,
     register_head,
+    restore_state,
     score_in_chunks,
 )
 
@@ -16,7 +19,10 @@ __all__ = [
     "ClassStats",
     "HeadCache",
     "HeadSpec",
+    "HeadState",
     "InMemoryCache",
+    "TaskHeadScores",
     "register_head",
+    "restore_state",
     "score_in_chunks",
 ]

@@ -1,13 +1,16 @@
 """What every classifier head is: a registered spec, a fit from the run's cache, a scoring function.
 
 A head is fitted for task T from cached quantities only (class statistics,
-cached features, the trained task heads), never from images. The fitted head
-scores test features, (N, d) -> (N, C_seen), and predicts by argmax. Each head
-is one stage of the run (`head:NAME`) with its own marker, so editing
-`heads.NAME.*` makes exactly that head stale.
+cached features, the trained task heads), never from images. The fit returns a
+`HeadState`: a module whose buffers are what scoring needs (saved as
+safetensors beside the head's evaluation, loaded back by `clpt predict` and
+`clpt export`) and whose forward scores features, (N, d) -> (N, C_seen);
+argmax predicts. Each head is one stage of the run (`head:NAME`) with its own
+marker, so editing `heads.NAME.*` makes exactly that head stale.
 
-Adding a head: one module with a settings dataclass, a fit function and a
-`register_head(HeadSpec(...))` call, imported in `clpt/heads/__init__.py`.
+Adding a head: one module with a settings dataclass, a fit function returning a
+`HeadState` subclass, and a `register_head(HeadSpec(...))` call, imported in
+`clpt/heads/__init__.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from clpt.config import RunConfig
 from clpt.model import Heads
@@ -27,15 +31,54 @@ from clpt.stats import fit_class_stats
 Scores = Callable[[torch.Tensor], torch.Tensor]  # (N, d) features -> (N, C) scores, argmax predicts
 
 
-@dataclass(frozen=True)
-class ScoresWithInfo:
-    """Scores, and what the fit chose (recorded as `fit` in the head's evaluation row)."""
+class HeadState(nn.Module):
+    """A fitted head: buffers (its saved tensors) and `meta()` (the JSON-able rest); forward scores.
 
-    scores: Scores
-    info: dict
+    `from_state(tensors, meta)` rebuilds it from what was saved, so scoring a loaded
+    state is the same arithmetic on the same tensors as scoring the fit (buffers are
+    kept contiguous: a solver's column-major result would round differently). `info` is
+    what the fit chose (recorded as `fit` in the head's evaluation row). `score`
+    says what a score is (for `clpt predict`'s help and output).
+    """
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scores(x)
+    score = "a logit"
+
+    def __init__(self, info: dict | None = None):
+        super().__init__()
+        self.info = dict(info or {})
+
+    def meta(self) -> dict:
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What is saved: the persistent buffers, as float32 / int64 CPU tensors."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> HeadState:
+        raise NotImplementedError
+
+
+class TaskHeadScores(HeadState):
+    """The learner's per-task linear heads (`linear`, `ca`, the aligned heads): concatenated logits."""
+
+    score = "a logit of the task heads"
+
+    def __init__(self, heads: Heads, info: dict | None = None):
+        super().__init__(info)
+        self.heads = heads.eval()
+
+    def meta(self) -> dict:
+        return {"dim": self.heads.dim, "sizes": self.heads.sizes}
+
+    @classmethod
+    def from_state(cls, tensors, meta) -> TaskHeadScores:
+        heads = Heads(int(meta["dim"]), [int(n) for n in meta["sizes"]])
+        heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items()})
+        return cls(heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(x)
 
 
 @dataclass(frozen=True)
@@ -43,7 +86,7 @@ class HeadSpec:
     name: str
     summary: str
     config_cls: type  # dataclass of the head's settings (`heads.NAME.*`)
-    fit: Callable[[HeadCache, Any], Scores]
+    fit: Callable[[HeadCache, Any], HeadState]
     # stages of task t (besides the test features of t) whose outputs the fit reads
     inputs: Callable[[RunConfig, int], list[tuple[str, int]]]
     # config keys beyond `heads.NAME` that the result depends on
@@ -53,9 +96,16 @@ class HeadSpec:
     drift: bool = True
     drift_inputs: Callable[[RunConfig, int], list[tuple[str, int]]] | None = None
     drift_config_keys: Callable[[RunConfig], tuple[str, ...]] | None = None
+    state_cls: type[HeadState] | None = None  # what `fit` returns; None: TaskHeadScores
 
 
 HEADS: Registry[HeadSpec] = Registry("head")
+
+
+def restore_state(head: str, tensors: dict[str, torch.Tensor], meta: dict) -> HeadState:
+    """The fitted head `head` (a registered name) rebuilt from its saved tensors and meta."""
+    cls = HEADS.get(head).state_cls or TaskHeadScores
+    return cls.from_state(tensors, meta).eval()
 
 
 def register_head(spec: HeadSpec) -> HeadSpec:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clpt.align import align_on_stats
-from clpt.heads.base import HeadCache, HeadSpec, register_head, stats_upto
+from clpt.heads.base import HeadCache, HeadSpec, TaskHeadScores, register_head, stats_upto
 
 # what the alignment reads from the config (the align stage declares the same keys)
 ALIGN_KEYS = ("align", "train.weight_decay", "seed", "stats.ridge")
@@ -22,21 +22,25 @@ class CAHeadConfig:
     """Settings live in `align.*` (shared with the align stage)."""
 
 
-def fit(ctx: HeadCache, settings: CAHeadConfig):
+def fit(ctx: HeadCache, settings: CAHeadConfig) -> TaskHeadScores:
     if ctx.cfg.align_enabled and not ctx.compensated:
-        return ctx.aligned_heads().to(ctx.device).eval()
+        return TaskHeadScores(ctx.aligned_heads().to(ctx.device))
     heads = (
         ctx.trained_heads()
     )  # aligned here: on compensated statistics, or for a method that does not align
-    if ctx.task > 0:
+    if ctx.task > 0 or ctx.cfg.align.first_task:
         align_on_stats(heads, ctx.class_stats(), ctx.task, ctx.cfg, ctx.device, label=ctx.label)
-    return heads.to(ctx.device).eval()
+    return TaskHeadScores(heads.to(ctx.device))
 
 
 def inputs(cfg, t: int) -> list[tuple[str, int]]:
     if cfg.align_enabled:
         return [("align", t)]
-    return [("train", t), *(stats_upto(t) if t > 0 else [])]
+    return _own_inputs(cfg, t)
+
+
+def _own_inputs(cfg, t: int) -> list[tuple[str, int]]:
+    return [("train", t), *(stats_upto(t) if t > 0 or cfg.align.first_task else [])]
 
 
 register_head(
@@ -47,7 +51,7 @@ register_head(
         fit,
         inputs=inputs,
         config_keys=lambda cfg: () if cfg.align_enabled else ALIGN_KEYS,
-        drift_inputs=lambda cfg, t: [("train", t), *(stats_upto(t) if t > 0 else [])],
+        drift_inputs=_own_inputs,
         drift_config_keys=lambda cfg: ALIGN_KEYS,
     )
 )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from clpt.config import checks
-from clpt.heads.base import HeadCache, HeadSpec, extracts_upto, register_head
+from clpt.heads.base import HeadCache, HeadSpec, HeadState, extracts_upto, register_head
 from clpt.stats import covariance, fit_class_stats
 
 
@@ -78,7 +78,32 @@ def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.
     return out
 
 
-def fit(ctx: HeadCache, settings: FeCAMConfig):
+class FeCAMScores(HeadState):
+    """-(x^ - mu_c)^T P_c (x^ - mu_c): means (C, d) and precisions (C, d, d), float32; the transform's switches."""
+
+    score = "the negative squared Mahalanobis distance"
+
+    def __init__(self, mu: torch.Tensor, prec: torch.Tensor, settings: FeCAMConfig, info: dict | None = None):
+        super().__init__(info)
+        self.settings = settings
+        self.mu: torch.Tensor
+        self.prec: torch.Tensor
+        self.register_buffer("mu", mu.contiguous())
+        self.register_buffer("prec", prec.contiguous())
+
+    def meta(self) -> dict:
+        return {"normalize": self.settings.normalize, "tukey": self.settings.tukey}
+
+    @classmethod
+    def from_state(cls, tensors, meta) -> FeCAMScores:
+        settings = FeCAMConfig(normalize=bool(meta["normalize"]), tukey=bool(meta["tukey"]))
+        return cls(tensors["mu"], tensors["prec"], settings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -mahalanobis(transform(x, self.settings), self.mu, self.prec)
+
+
+def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
     means, covs = [], []
     for i in range(ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
@@ -86,8 +111,7 @@ def fit(ctx: HeadCache, settings: FeCAMConfig):
         means.append(m.mean)
         covs.append(covariance(m.count, m.m2))
     mu, prec = fecam_parameters(torch.cat(means), torch.cat(covs), settings)
-    mu, prec = mu.float(), prec.float()
-    return lambda x: -mahalanobis(transform(x, settings), mu, prec)
+    return FeCAMScores(mu.float(), prec.float(), settings)
 
 
 register_head(
@@ -97,5 +121,6 @@ register_head(
         FeCAMConfig,
         fit,
         inputs=lambda cfg, t: extracts_upto(t),
+        state_cls=FeCAMScores,
     )
 )

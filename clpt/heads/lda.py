@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clpt.heads.base import HeadSpec, register_head, stats_upto
+from clpt.heads.base import HeadSpec, HeadState, register_head, stats_upto
 
 
 @dataclass
@@ -39,15 +39,39 @@ def lda_weights(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, shrin
     return w, b
 
 
-def fit(ctx, settings: LDAConfig):
+class LinearScores(HeadState):
+    """w_c . x + b_c: weights (C, d) and biases (C,), float32."""
+
+    score = "the linear discriminant w_c . x + b_c"
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, info: dict | None = None):
+        super().__init__(info)
+        self.w: torch.Tensor
+        self.b: torch.Tensor
+        self.register_buffer("w", w.contiguous())
+        self.register_buffer("b", b.contiguous())
+
+    @classmethod
+    def from_state(cls, tensors, meta) -> LinearScores:
+        return cls(tensors["w"], tensors["b"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b, x.float(), self.w.T)
+
+
+def fit(ctx, settings: LDAConfig) -> LinearScores:
     s = ctx.class_stats()
     w, b = lda_weights(s.count, s.mean, s.m2, settings.shrinkage)
-    w, b = w.to(ctx.device, torch.float32), b.to(ctx.device, torch.float32)
-    return lambda x: torch.addmm(b, x.float(), w.T)
+    return LinearScores(w.to(ctx.device, torch.float32), b.to(ctx.device, torch.float32))
 
 
 register_head(
     HeadSpec(
-        "lda", "streaming LDA, shared shrunk covariance", LDAConfig, fit, inputs=lambda cfg, t: stats_upto(t)
+        "lda",
+        "streaming LDA, shared shrunk covariance",
+        LDAConfig,
+        fit,
+        inputs=lambda cfg, t: stats_upto(t),
+        state_cls=LinearScores,
     )
 )

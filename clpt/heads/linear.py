@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clpt.heads.base import HeadSpec, register_head
+from clpt.heads.base import HeadSpec, TaskHeadScores, register_head
 
 
 @dataclass
@@ -12,9 +12,8 @@ class LinearHeadConfig:
     """No settings: the trained heads are used as they are."""
 
 
-def fit(ctx, settings: LinearHeadConfig):
-    heads = ctx.trained_heads().to(ctx.device).eval()
-    return heads
+def fit(ctx, settings: LinearHeadConfig) -> TaskHeadScores:
+    return TaskHeadScores(ctx.trained_heads().to(ctx.device))
 
 
 register_head(

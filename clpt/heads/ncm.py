@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clpt.heads.base import HeadSpec, register_head, stats_upto
+from clpt.heads.base import HeadSpec, HeadState, register_head, stats_upto
 
 
 @dataclass
@@ -20,13 +20,36 @@ class NCMConfig:
     """No settings: cosine similarity to the class means, scale 1."""
 
 
-def fit(ctx, settings: NCMConfig):
+class CosineScores(HeadState):
+    """cos(f(x), p_c): unit prototypes (C, d) float32."""
+
+    score = "the cosine similarity to the class mean"
+
+    def __init__(self, protos: torch.Tensor, info: dict | None = None):
+        super().__init__(info)
+        self.protos: torch.Tensor
+        self.register_buffer("protos", protos.contiguous())
+
+    @classmethod
+    def from_state(cls, tensors, meta) -> CosineScores:
+        return cls(tensors["protos"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.to(self.protos.dtype), dim=1) @ self.protos.T
+
+
+def fit(ctx, settings: NCMConfig) -> CosineScores:
     protos = F.normalize(ctx.class_stats().mean.to(ctx.device, dtype=torch.float32), dim=1)  # (C, d)
-    return lambda x: F.normalize(x.to(protos.dtype), dim=1) @ protos.T
+    return CosineScores(protos)
 
 
 register_head(
     HeadSpec(
-        "ncm", "cosine nearest class mean (SimpleCIL)", NCMConfig, fit, inputs=lambda cfg, t: stats_upto(t)
+        "ncm",
+        "cosine nearest class mean (SimpleCIL)",
+        NCMConfig,
+        fit,
+        inputs=lambda cfg, t: stats_upto(t),
+        state_cls=CosineScores,
     )
 )

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clpt.config import checks, one_of
-from clpt.heads.base import HeadSpec, ScoresWithInfo, extracts_upto, register_head
+from clpt.heads.base import HeadSpec, HeadState, extracts_upto, register_head
 
 LAMBDAS = [10.0**k for k in range(-8, 9)]  # 1e-8 .. 1e8, 17 values
 
@@ -96,7 +96,41 @@ def ridge_solution(gram: torch.Tensor, q: torch.Tensor, lam: float, dtype=torch.
     return torch.linalg.solve(g, q.to(dtype))
 
 
-def fit(ctx, settings: RanPACConfig):
+class RanPACScores(HeadState):
+    """ReLU(x W_rand) W_o: W_o (M, C) float32 is saved; W_rand (d, M) is redrawn from its seed (30 MB at
+    d = 768, M = 10000, derivable), unless it was saved too (`clpt export` writes it)."""
+
+    score = "the ridge regression's output for the class (about 1 for the predicted one)"
+
+    def __init__(self, w_o: torch.Tensor, seed: int, dim: int, w_rand: torch.Tensor | None = None,
+                 info: dict | None = None):  # fmt: skip
+        super().__init__(info)
+        self.seed, self.dim = int(seed), int(dim)
+        self.w_o: torch.Tensor
+        self.w_rand: torch.Tensor
+        self.register_buffer("w_o", w_o.contiguous())
+        if w_rand is None:
+            w_rand = random_projection(dim, len(w_o), seed, w_o.device)
+        self.register_buffer("w_rand", w_rand.contiguous(), persistent=False)
+
+    def meta(self) -> dict:
+        return {"seed": self.seed, "feature_dim": self.dim}
+
+    def tensors(self, with_projection: bool = False) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        if with_projection:
+            out["w_rand"] = self.w_rand.detach().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_state(cls, tensors, meta) -> RanPACScores:
+        return cls(tensors["w_o"], int(meta["seed"]), int(meta["feature_dim"]), tensors.get("w_rand"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.w_rand) @ self.w_o
+
+
+def fit(ctx, settings: RanPACConfig) -> RanPACScores:
     dtype = getattr(torch, settings.dtype)
     n_cls = ctx.n_seen
     seed = ctx.cfg.seed if settings.seed is None else settings.seed
@@ -127,7 +161,7 @@ def fit(ctx, settings: RanPACConfig):
     )  # fmt: skip
     del h_t
     w_o = ridge_solution(gram, q, lam, dtype).float()  # (M, C)
-    return ScoresWithInfo(lambda x: project(x, w_rand) @ w_o, {"lambda": lam, "val_mse": losses})
+    return RanPACScores(w_o, seed, ctx.feature_dim(), w_rand, info={"lambda": lam, "val_mse": losses})
 
 
 register_head(
@@ -138,5 +172,6 @@ register_head(
         fit,
         inputs=lambda cfg, t: extracts_upto(t),
         config_keys=lambda cfg: ("seed",),
+        state_cls=RanPACScores,
     )
 )

@@ -15,7 +15,7 @@ def run(ctx: StageContext) -> tuple[list[Path], dict]:
     cfg, t = ctx.cfg, ctx.task
     out = artifacts.aligned_path(ctx.root, t)
     heads = checkpoint.load_trained_heads(artifacts.model_path(ctx.root, t), ctx.redo("train", t))
-    if t == 0 or not cfg.align_enabled:
+    if (t == 0 and not cfg.align.first_task) or not cfg.align_enabled:
         reason = "first task" if t == 0 else f"method {cfg.method} has no alignment"
         if dist.is_main():
             checkpoint.save_heads(out, heads, t)

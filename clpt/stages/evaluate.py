@@ -7,6 +7,7 @@ the matrices and metrics of `clpt eval --json`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -19,9 +20,8 @@ from clpt import distributed as dist
 from clpt.errors import MissingInputError, Redo
 from clpt.evaluate import accuracy_row, metrics
 from clpt.heads import HEADS, score_in_chunks
-from clpt.methods import METHODS
 from clpt.stages.base import RunView, StageContext
-from clpt.stages.graph import head_name, head_names
+from clpt.stages.graph import classifier, head_name, head_names
 from clpt.stages.heads import RunCache
 
 _ROW_KEYS = ("accuracy", "top5", "per_task", "per_task_n", "n_test", "task")
@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> tuple[list[Path], dict]:
     out = artifacts.eval_path(ctx.root, t)
     if not dist.is_main():
         return [out], {}
-    own = METHODS.get(ctx.cfg.method).classifier
+    own = classifier(ctx.cfg)
     if own is not None:  # a statistics head is the method's classifier: its row is the method's row
         row = artifacts.read_eval(artifacts.head_eval_path(ctx.root, own, t), "clpt-head-eval",
                                   ctx.redo(f"head:{own}", t))  # fmt: skip
@@ -62,15 +62,19 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
         ctx.root, ctx.cfg, t, ctx.tasks, device, label=f"task {t} head:{name}", compensated=compensated
     )
     t0 = time.perf_counter()
-    scores = HEADS.get(base).fit(cache, ctx.cfg.heads.of(base))
+    settings = ctx.cfg.heads.of(base)
+    state = HEADS.get(base).fit(cache, settings)
     fit_s = time.perf_counter() - t0
     x, y = artifacts.read_features(ctx.root, t, "test")
-    logits = score_in_chunks(scores, x, device)
+    logits = score_in_chunks(state, x, device)
     row = accuracy_row(logits, y, ctx.tasks[: t + 1])
-    info = getattr(scores, "info", None)
+    info = state.info
     row.update(task=t, head=name, fit_seconds=round(fit_s, 4), **({"fit": info} if info else {}))
+    state_path = artifacts.head_state_path(ctx.root, name, t)
+    artifacts.save_head_state(state_path, name, t, cache.n_seen, state.tensors(), state.meta(),
+                              dataclasses.asdict(settings), info)  # fmt: skip
     artifacts.write_eval(out, row, fmt="clpt-head-eval")
-    return [out], {"accuracy": row["accuracy"], "fit_seconds": round(fit_s, 4)}
+    return [out, state_path], {"accuracy": row["accuracy"], "fit_seconds": round(fit_s, 4)}
 
 
 def _matrix(

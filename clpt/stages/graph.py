@@ -30,6 +30,7 @@ from clpt.registry import Registry, lazy
 from clpt.stages.base import Stage
 
 TASK_STAGES: Registry[Stage] = Registry("stage")
+DRIFT_SUFFIX = "+drift"  # a head fitted on drift-compensated statistics: head:NAME+drift
 
 
 def declare(stage: Stage) -> Stage:
@@ -93,8 +94,14 @@ declare(
 
 
 def classifier(cfg: RunConfig) -> str | None:
-    """The method's own classifier: None (its aligned task heads) or a head name."""
-    return METHODS.get(cfg.method).classifier
+    """The method's own classifier: None (its aligned task heads) or a head name.
+
+    A compensated head (`ca+drift`, SLDC's) falls back to its stale twin in a run
+    whose `drift.method` is none."""
+    own = METHODS.get(cfg.method).classifier
+    if own is not None and own.endswith(DRIFT_SUFFIX) and not cfg.drift.enabled:
+        return own[: -len(DRIFT_SUFFIX)]
+    return own
 
 
 declare(
@@ -113,7 +120,6 @@ declare(
 
 CORE = tuple(TASK_STAGES.names())  # train, extract, stats, align, eval: in order
 HEAD_PREFIX = "head:"
-DRIFT_SUFFIX = "+drift"  # a head fitted on drift-compensated statistics: head:NAME+drift
 
 
 def _drift_keys(cfg: RunConfig) -> tuple[str, ...]:
@@ -197,11 +203,14 @@ def get_stage(name: str) -> Stage:
 def run_order(cfg: RunConfig) -> list[str]:
     """Stages of one task, in order: the core five (the method's classifier head before eval), then the heads."""
     own = classifier(cfg)
-    names = head_names(cfg, ([own] if own else []) + [h for h in cfg.heads.enabled if h != own])
-    heads = [f"{HEAD_PREFIX}{h}" for h in names]
+    bases = list(cfg.heads.enabled)
+    if own and head_name(own)[0] not in bases:
+        bases.insert(0, head_name(own)[0])
+    heads = [f"{HEAD_PREFIX}{h}" for h in head_names(cfg, bases)]
     core = [*CORE[:3], *(DRIFT_STAGES if cfg.drift.enabled else ()), *CORE[3:]]  # [pairs, drift] after stats
     if own:
-        return [*core[:-1], heads[0], "eval", *heads[1:]]
+        first = f"{HEAD_PREFIX}{own}"
+        return [*core[:-1], first, "eval", *(h for h in heads if h != first)]
     return [*core, *heads]
 
 
