@@ -456,6 +456,190 @@ def drift_oracle(
     out.print(line)
 
 
+PREDICT_FORMATS = ("table", "json", "jsonl", "csv")
+
+
+@app.command("predict")
+@guarded
+def predict_(
+    source: Annotated[
+        Path, typer.Argument(help="A run folder, or an export folder (`clpt export`).", show_default=False)
+    ],  # fmt: skip
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Image files, folders (searched recursively), or - for paths on stdin.", show_default=False
+        ),  # fmt: skip
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            help="Predict the run's own images of this split (train | test) instead.",
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
+    task: Annotated[
+        int | None,
+        typer.Option(
+            "--task",
+            "-t",
+            help="The task's model (default: the last with the head fitted).",
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            help="own (the method's classifier, the default), or a head: ca, linear, ncm, "
+            "lda, fecam, ranpac, NAME+drift.",
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
+    top_k_: Annotated[int, typer.Option("--top-k", "-k", help="Classes per image.", min=1)] = 5,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | jsonl | csv.")] = "table",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Images per forward pass (default: the run's system.extract_batch_size, or 256).",
+            min=1,
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="cpu | cuda | cuda:N | auto (default: the run's system.device).",
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
+) -> None:
+    """Classify images with what a run learned (read-only: it never changes the run folder).
+
+    Each image gets its top-k classes (the names in benchmark.json) and their scores. A score is
+    the head's own: a logit for the task heads (own with alignment, ca, linear) and for lda
+    (w.x + b); the cosine similarity to the class mean for ncm; the negative squared Mahalanobis
+    distance for fecam; the ridge regression's output for ranpac (about 1 for the predicted class).
+    None is a probability. An image that cannot be read is reported in its row and on stderr, the
+    others are still predicted, and the exit code is 4.
+    """
+    from clpt import distributed as D
+    from clpt.predict import expand_inputs, predict_files
+    from clpt.stages.predict import open_source, predict_split
+
+    if fmt not in PREDICT_FORMATS:
+        raise _fail(
+            f"--format {fmt!r} is not one of {', '.join(PREDICT_FORMATS)}; fix: choose one of them", 1
+        )
+    if split is not None and inputs:
+        raise _fail("give images or --split, not both; fix: drop one of them", 1)
+    if split is None and not inputs:
+        raise _fail("no images given; fix: pass image files, folders, - (paths on stdin), or --split test", 1)
+    if split not in (None, "train", "test"):
+        raise _fail(f"--split {split!r} is not train or test; fix: use --split test", 1)
+    dev = D.resolve_device(device or "auto")
+    model, record, run = open_source(source, task, head, dev)
+    if run is not None and device is None:
+        dev = D.resolve_device(run.cfg.system.device)
+        model.to(dev)
+    precision = run.cfg.system.precision if run is not None else "fp32"
+    bs = batch_size or (run.cfg.system.extract_batch_size if run is not None else 256)
+    if split is not None:
+        if run is None:
+            raise _fail("--split needs a run folder (an export holds no images); fix: pass image files", 1)
+        rows = predict_split(run, model, split, record["task"], dev, precision, bs, top_k_)
+    else:
+        rows = predict_files(model, expand_inputs(inputs or []), dev, precision, bs, top_k_)
+    failed = _write_predictions(rows, fmt, top_k_, {"source": str(source), "task": record["task"],
+                                "head": record["head"]["name"], "score": model.score})  # fmt: skip
+    if failed:
+        raise _fail(f"{failed} image(s) could not be read (listed above and in their rows); fix: "
+                    "replace or remove those files", 4)  # fmt: skip
+
+
+def _write_predictions(rows, fmt: str, k: int, head: dict) -> int:
+    """Print prediction rows on stdout in `fmt`; each unreadable image is also a line on stderr."""
+    import csv
+
+    failed = 0
+    collected = []
+    writer = csv.writer(sys.stdout) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(
+            ["path", *[c for i in range(1, k + 1) for c in (f"class_{i}", f"score_{i}")], "error"]
+        )
+    for row in rows:
+        if "error" in row:
+            failed += 1
+            errors.print(f"error: {row['path']}: {row['error']}", markup=False, highlight=False)
+        if fmt == "jsonl":
+            print(json.dumps(row), flush=True)
+        elif writer is not None:
+            top = row.get("top", [])
+            cells = [v for t in top for v in (t["class"], f"{t['score']:.6g}")]
+            writer.writerow([row["path"], *cells, *[""] * (2 * k - len(cells)), row.get("error", "")])
+        else:
+            collected.append(row)
+    if fmt == "json":
+        _print_json({**head, "predictions": collected})
+    elif fmt == "table":
+        table = Table(title=f"{head['head']} after task {head['task']}: top classes (score: {head['score']})")
+        for col in ("image", "class", "score", "next"):
+            table.add_column(col, justify="right" if col == "score" else "left")
+        for row in collected:
+            top = row.get("top")
+            if not top:
+                table.add_row(row["path"], "-", "-", row["error"])
+                continue
+            rest = ", ".join(f"{t['class']} ({t['score']:.3g})" for t in top[1:])
+            table.add_row(row["path"], top[0]["class"], f"{top[0]['score']:.4g}", rest)
+        out.print(table)
+    return failed
+
+
+@app.command("export")
+@guarded
+def export_(
+    run_dir: RunArg,
+    out_dir: Annotated[
+        Path, typer.Argument(help="The export folder to write (new or empty).", show_default=False)
+    ],
+    task: Annotated[
+        int | None,
+        typer.Option(
+            "--task", "-t", help="The task (default: the last with the head fitted).", show_default=False
+        ),  # fmt: skip
+    ] = None,
+    head: Annotated[
+        str | None, typer.Option("--head", help="own (default), or a head name.", show_default=False)
+    ] = None,
+    program: Annotated[
+        bool, typer.Option("--program/--no-program", help="Also write model.pt2 (torch.export).")
+    ] = True,  # fmt: skip
+    json_: JsonOpt = False,
+) -> None:
+    """Write a self-contained model: backbone and head weights (safetensors), class names, the test
+    transform, provenance, and a torch.export program (model.pt2). Load it with `clpt.load_model(OUT)`,
+    `torch.export.load(OUT/model.pt2)`, or predict with `clpt predict OUT IMAGE...`."""
+    from clpt.export import write_export
+    from clpt.run import open_run
+    from clpt.stages.predict import open_classifier
+
+    model, record = open_classifier(open_run(run_dir), task, head)
+    doc = write_export(
+        out_dir, model, record["backbone"], record["head"], record["provenance"], program=program
+    )
+    if json_:
+        _print_json(doc)
+    else:
+        files = ", ".join(doc["provenance"]["sha256"])
+        err.print(f"exported {record['head']['name']} after task {record['task']} ({len(doc['classes'])} "
+                  f"classes) to {out_dir}: model.json, {files}")  # fmt: skip
+
+
 @app.command("config")
 @guarded
 def config_(run_dir: RunArg, set_: SetOpt = None, wait: WaitOpt = False) -> None:

@@ -8,6 +8,8 @@ has to decode or crop single images. Randomness comes from a CPU
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -160,3 +162,60 @@ def file_transform(family: str, train: bool, size: int, crop_scale=None, interpo
     else:  # ImageNet-R, image folders
         steps = [v2.RandomResizedCrop(size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.uint8)])
+
+
+# --- the test transform, one image at a time (prediction and exports) ----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """A run's test transform for one PIL image: (3, size, size) float32, normalised.
+
+    `kind` is the pipeline the run's evaluation used, so a file of a test image gives
+    the tensor its evaluation saw: `files` (image-file benchmarks: torchvision
+    Resize(round(size * 256 / 224), bicubic) + CenterCrop(size) on uint8),
+    `arrays` (in-memory CIFAR-sized images: the tensor resize and center crop
+    above), `builtin` (resized only when the image is not already `size`).
+    """
+
+    kind: str
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    KINDS = ("files", "arrays", "builtin")
+
+    @classmethod
+    def for_family(cls, family: str, size: int, mean, std) -> EvalTransform:
+        kind = {"builtin": "builtin", "cifar": "arrays"}.get(family, "files")
+        return cls(kind, int(size), tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "size": self.size, "mean": list(self.mean), "std": list(self.std),
+                "resize": round(self.size * 256 / 224) if self.kind != "builtin" else self.size,
+                "interpolation": "bicubic", "crop": "center"}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalTransform:
+        if d.get("kind") not in cls.KINDS:
+            raise ValueError(f"unknown test transform kind {d.get('kind')!r}")
+        return cls(d["kind"], int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
+
+    def __call__(self, image) -> torch.Tensor:
+        import numpy as np
+
+        rgb = image.convert("RGB")
+        if self.kind == "files":
+            x = _file_test_transform(self.size)(rgb)[None].float().div_(255.0)  # (1, 3, S, S)
+        else:
+            x = to_float(torch.from_numpy(np.asarray(rgb).copy())[None])  # (1, 3, H, W)
+            if self.kind == "arrays":
+                x = resize_center_crop(x, round(self.size * 256 / 224), self.size)
+            elif x.shape[-1] != self.size or x.shape[-2] != self.size:
+                x = resize_center_crop(x, self.size, self.size)
+        return normalize(x, self.mean, self.std)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _file_test_transform(size: int):
+    return file_transform("files", train=False, size=size)

@@ -70,12 +70,13 @@ def fecam_parameters(means: torch.Tensor, covs: torch.Tensor, settings: FeCAMCon
 
 
 def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
-    """(N, C) squared distances (x - mu_c)^T P_c (x - mu_c), one class at a time."""
-    out = torch.empty(len(x), len(mu), dtype=x.dtype, device=x.device)
+    """(N, C) squared distances (x - mu_c)^T P_c (x - mu_c), one class at a time (no N-sized
+    allocation, so `torch.export` keeps the batch dimension dynamic)."""
+    cols = []
     for c in range(len(mu)):
         diff = x - mu[c]  # (N, d)
-        out[:, c] = ((diff @ prec[c]) * diff).sum(1)
-    return out
+        cols.append(((diff @ prec[c]) * diff).sum(1))
+    return torch.stack(cols, dim=1)
 
 
 class FeCAMScores(HeadState):
