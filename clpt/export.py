@@ -27,7 +27,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-import clpt
 from clpt.data.transforms import EvalTransform
 from clpt.errors import ClptError, DataError, MissingInputError
 from clpt.heads.base import restore_state
@@ -35,6 +34,15 @@ from clpt.io import write_bytes, write_json
 from clpt.predict import Classifier
 
 FORMAT, VERSION = "clpt-export", 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clpt")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 def _sha256(data: bytes) -> str:
@@ -76,7 +84,7 @@ def write_export(out: Path, model: Classifier, backbone: dict, head: dict, prove
         "classes": model.classes,
         "preprocess": model.preprocess.to_dict(),
         "provenance": {
-            "clpt_version": clpt.__version__,
+            "clpt_version": _version(),
             "torch_version": torch.__version__,
             **provenance,
             "sha256": files,
