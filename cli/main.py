@@ -640,6 +640,44 @@ def export_(
                   f"classes) to {out_dir}: model.json, {files}")  # fmt: skip
 
 
+@app.command("add-task")
+@guarded
+def add_task(
+    run_dir: RunArg,
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="The new classes: train/<class>/ and test/<class>/, or <class>/ (a test share is held out).",
+            show_default=False,
+        ),
+    ],  # fmt: skip
+    test_fraction: Annotated[
+        float,
+        typer.Option(
+            "--test-fraction", help="Held out per class for test when the folder has no test/ (recorded)."
+        ),
+    ] = 0.2,  # fmt: skip
+    wait: WaitOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Append the classes of FOLDER to the run as its next task (earlier tasks stay as they are);
+    `clpt run RUN` then trains it and fits everything after it. Each image is checked and recorded
+    with its checksum in manifest.json."""
+    from clpt.lock import run_lock
+    from clpt.run import open_run
+    from clpt.stages.grow import add_task as grow
+
+    run = open_run(run_dir)
+    with run_lock(run.root, wait):
+        res = grow(open_run(run_dir), folder, test_fraction)
+    if json_:
+        _print_json(res)
+    else:
+        err.print(f"added task {res['task']}: {res['classes']} classes (labels {res['range'][0]}-{res['range'][1] - 1}), "
+                  f"{res['train_images']} training and {res['test_images']} test images from {res['root']}; "
+                  f"next: clpt run {run_dir}")  # fmt: skip
+
+
 @app.command("config")
 @guarded
 def config_(run_dir: RunArg, set_: SetOpt = None, wait: WaitOpt = False) -> None:

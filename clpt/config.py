@@ -70,7 +70,7 @@ class Loss(enum.StrEnum):
 
 @dataclass
 class BenchmarkConfig:
-    name: str = "builtin"  # builtin (no download) | cifar100 | imagenet-r | imagenet-a | cub200 | cars196 | imagefolder
+    name: str = "builtin"  # builtin (no download) | cifar100 | imagenet-r | imagenet-a | cub200 | cars196 | imagefolder | stream (grown by clpt add-task)
     root: str | None = None  # dataset folder; unused by `builtin`
     init_classes: int = 10  # classes in the first task
     increment: int = 10  # classes in each later task (a remainder forms a last, smaller task)

@@ -50,7 +50,7 @@ from clpt.heads import HEADS
 from clpt.io import read_json, write_json, write_text
 from clpt.lock import run_lock
 from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
-from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, run_order
+from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, grow, run_order
 from clpt.stages import resolve as R
 from clpt.stages.evaluate import head_report, report
 from clpt.stages.graph import head_name, head_names
@@ -78,9 +78,11 @@ class Run:
         """The benchmark's images, checked once per process against the run's manifest."""
         if self._bench is None:
             bench = load_benchmark(self.cfg.benchmark)
+            recorded = None
             if bench.raw is not None:
-                manifest.verify(bench.raw, artifacts.read_record(self.root, "clpt-manifest"))
-            self._bench = bench
+                recorded = artifacts.read_record(self.root, "clpt-manifest")
+                manifest.verify(bench.raw, recorded)
+            self._bench = grow.extend(bench, self.info, recorded)  # tasks added later (clpt add-task)
         return self._bench
 
     def marker_path(self, stage: str, t: int) -> Path:
@@ -330,6 +332,8 @@ def _read_info(root: Path) -> RunInfo:
         "source": dict,
     }
     bad = sorted(k for k, tp in expect.items() if not isinstance(rec.get(k), tp))
+    if not isinstance(rec.get("additions", []), list):
+        bad.append("additions")
     extra = sorted(set(rec) - names)
     if bad or extra or not all(isinstance(r, list) and len(r) == 2 for r in rec["tasks"]):
         raise DataError(

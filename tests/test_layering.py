@@ -122,9 +122,16 @@ def test_a_learner_a_reader_and_a_stage_are_registrations(tmp_path):
     from clpt.stages import TASK_STAGES
 
     assert {"slow_learner", "mist", "none"} <= set(LEARNERS.names())
-    assert {"builtin", "cifar100", "imagenet-r", "imagenet-a", "cub200", "cars196", "imagefolder"} == set(
-        READERS.names()
-    )
+    assert {
+        "builtin",
+        "cifar100",
+        "imagenet-r",
+        "imagenet-a",
+        "cub200",
+        "cars196",
+        "imagefolder",
+        "stream",
+    } == set(READERS.names())
     assert list(TASK_STAGES.names()) == ["train", "extract", "stats", "align", "eval", "pairs", "drift"]
     assert {"ca", "linear", "ncm", "lda", "fecam", "ranpac"} <= set(HEADS.names())
     assert all(METHODS.get(m).learner in LEARNERS for m in METHODS.names())

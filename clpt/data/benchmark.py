@@ -143,7 +143,7 @@ def _load_benchmark(
         size, info, kept = image_size or int(raw.train.images.shape[1]), dict(raw.info), None
     else:
         size, info = image_size or 224, {"source": str(raw.root), **raw.info}
-    order = class_order(len(names), seed)
+    order = class_order(len(names), seed) if spec.shuffle_classes else np.arange(len(names))
     train.labels = remap_labels(train.labels, order)
     test.labels = remap_labels(test.labels, order)
     return Benchmark(

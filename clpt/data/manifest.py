@@ -56,7 +56,7 @@ def decode_problem(data: bytes) -> str | None:
     return None
 
 
-def _split_entries(raw_split, root: Path, check: bool = False) -> list[list]:
+def split_entries(raw_split, root: Path, check: bool = False) -> list[list]:
     if raw_split.images is not None:
         return [
             [i, int(y), _hash_bytes(img.tobytes())]
@@ -90,7 +90,7 @@ def _split_entries(raw_split, root: Path, check: bool = False) -> list[list]:
 
 def build_manifest(raw) -> dict:
     """The manifest of a RawDataset (see clpt.data.readers); every file is checked to decode."""
-    splits = {s: _split_entries(getattr(raw, s), raw.root, check=True) for s in ("train", "test")}
+    splits = {s: split_entries(getattr(raw, s), raw.root, check=True) for s in ("train", "test")}
     return {
         "format": FORMAT,
         "dataset": raw.name,
@@ -121,7 +121,7 @@ def verify(raw, manifest: dict) -> None:
         split = getattr(raw, s)
         recorded = manifest["splits"][s]
         if split.images is not None:
-            now = _split_entries(split, raw.root)
+            now = split_entries(split, raw.root)
             changed = [str(e[0]) for e, r in zip(now, recorded, strict=False) if e != r]
             if len(now) != len(recorded):
                 problems.append(f"{s}: {len(now)} images instead of {len(recorded)}")

@@ -199,6 +199,45 @@ def read_imagefolder(root: Path, name: str = "imagefolder") -> RawDataset:
     return RawDataset(name, root, classes, splits[0], splits[1], {"layout": f"train/, {test_dir.name}/"})
 
 
+def read_class_folders(root: Path, name: str = "stream", split_seed: int = 0,
+                       test_fraction: float = 0.2) -> RawDataset:  # fmt: skip
+    """A folder of classes: `train/<class>/` and `test/<class>/` (or `val/`), read as they are; or
+    `<class>/` alone, each class split into test (round(test_fraction * n), at least 1) and train.
+
+    The held-out split of a class depends only on its name, its files and `split_seed`:
+    files sorted by name, permuted by `np.random.default_rng([split_seed, crc32(name)])`.
+    A class needs at least two images to give one to each split.
+    """
+    import zlib
+
+    root = Path(root)
+    if (root / "train").is_dir():
+        return read_imagefolder(root, name)
+    classes = _class_folders(root) if root.is_dir() else []
+    if not classes:
+        raise _missing("class folders (<class>/*.jpg, or train/<class>/ and test/<class>/)", root,
+                       "arrange the images as <class>/* (a test share is held out) or train/<class>/* and test/<class>/*")  # fmt: skip
+    tr_p: list[str] = []
+    te_p: list[str] = []
+    tr_y: list[int] = []
+    te_y: list[int] = []
+    for c, cls in enumerate(classes):
+        files = _image_files(root / cls)
+        if len(files) < 2:
+            raise DataError(
+                f"class folder {root / cls} holds {len(files)} image(s): a held-out test image needs at least two",
+                hint="add images to it, or give the split yourself as train/<class>/ and test/<class>/",
+            )
+        order = np.random.default_rng([split_seed, zlib.crc32(cls.encode())]).permutation(len(files))
+        n_test = min(len(files) - 1, max(1, int(round(test_fraction * len(files)))))
+        for rank, i in enumerate(order):
+            (te_p if rank < n_test else tr_p).append(str(files[i]))
+            (te_y if rank < n_test else tr_y).append(c)
+    return RawDataset(name, root, classes, RawSplit(np.asarray(tr_y, dtype=np.int64), paths=tr_p),
+                      RawSplit(np.asarray(te_y, dtype=np.int64), paths=te_p),
+                      {"layout": "<class>/", "split": f"per class {test_fraction:g} held out for test, seed {split_seed}"})  # fmt: skip
+
+
 def _presplit(root: Path, *names: str) -> Path | None:
     """The folder among root and root/<name> holding train/ and val/ (or test/) class folders, if any."""
     for base in (root, *(root / n for n in names)):
@@ -422,3 +461,7 @@ register_reader(ReaderSpec(
     preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW, "align": {"tau": 0.05}},
 ))  # fmt: skip
 register_reader(ReaderSpec("imagefolder", _rooted(lambda r, d, s: read_imagefolder(r)), "rrc"))
+# A stream of image folders: the first folder creates the run (classes in folder order, not shuffled),
+# `clpt add-task RUN FOLDER` appends each later one as a task.
+register_reader(ReaderSpec("stream", _rooted(lambda r, d, s: read_class_folders(r, "stream", s)), "rrc",
+                           shuffle_classes=False))  # fmt: skip

@@ -65,6 +65,7 @@ class ReaderSpec:
     )  # config sections: the benchmark's published settings
     needs_root: bool = True  # False: generated or downloaded when benchmark.root is absent
     generated: bool = False  # True: images are made, not read: no manifest of files
+    shuffle_classes: bool = True  # False: classes keep the reader's order (benchmark.seed is unused)
 
 
 READERS: Registry[ReaderSpec] = Registry("benchmark")

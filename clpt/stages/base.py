@@ -29,6 +29,9 @@ class RunInfo:
     class_order: list[int]
     class_names: list[str]
     source: dict
+    additions: list[dict] = field(
+        default_factory=list
+    )  # tasks appended by `clpt add-task` (clpt.stages.grow)
 
     @property
     def n_tasks(self) -> int:

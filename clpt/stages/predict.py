@@ -107,11 +107,10 @@ def predict_split(run, model: Classifier, split: str, task: int, device: torch.d
     """Rows for the run's own `split` images of the classes seen by task `task` (grouped by class, as cached),
     through the benchmark's loader (the built-in benchmark's images are generated, not files)."""
     from clpt import precision as P
-    from clpt.data.benchmark import load_benchmark
     from clpt.data.loader import batches
     from clpt.stages.extract import rows_of
 
-    bench = load_benchmark(run.cfg.benchmark)
+    bench = run.benchmark()
     data = {"train": bench.train, "test": bench.test}[split]
     rows = rows_of(data, range(run.info.tasks[task][1]))
     prec = P.resolve(precision, device)
