@@ -527,7 +527,7 @@ def predict_(
     others are still predicted, and the exit code is 4.
     """
     from clpt import distributed as D
-    from clpt.predict import expand_inputs, predict_files
+    from clpt.inference import expand_inputs, predict_files
     from clpt.stages.predict import open_source, predict_split
 
     if fmt not in PREDICT_FORMATS:
@@ -619,18 +619,21 @@ def export_(
     program: Annotated[
         bool, typer.Option("--program/--no-program", help="Also write model.pt2 (torch.export).")
     ] = True,  # fmt: skip
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Also write model.onnx (needs onnx and onnxscript).")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Write a self-contained model: backbone and head weights (safetensors), class names, the test
     transform, provenance, and a torch.export program (model.pt2). Load it with `clpt.load_model(OUT)`,
     `torch.export.load(OUT/model.pt2)`, or predict with `clpt predict OUT IMAGE...`."""
-    from clpt.export import write_export
+    from clpt.exports import write_export
     from clpt.run import open_run
     from clpt.stages.predict import open_classifier
 
     model, record = open_classifier(open_run(run_dir), task, head)
     doc = write_export(
-        out_dir, model, record["backbone"], record["head"], record["provenance"], program=program
+        out_dir, model, record["backbone"], record["head"], record["provenance"], program=program, onnx=onnx
     )
     if json_:
         _print_json(doc)

@@ -20,7 +20,7 @@ from clpt.data.registry import IMAGENET_MEAN, IMAGENET_STD, READERS
 from clpt.data.transforms import EvalTransform
 from clpt.errors import ClptError, MissingInputError, Redo
 from clpt.heads import HEADS, HeadState, TaskHeadScores, restore_state
-from clpt.predict import Classifier, top_k
+from clpt.inference import Classifier, top_k
 from clpt.stages.graph import classifier, head_name, head_names
 
 OWN = "own"  # the method's own classifier (what `clpt eval` scores)
@@ -131,7 +131,7 @@ def predict_split(run, model: Classifier, split: str, task: int, device: torch.d
 
 def open_source(source: Path, task: int | None, head: str | None, device: torch.device | None = None):
     """(classifier, record, run or None) of a run folder or an export folder."""
-    from clpt.export import is_export, load_model, read_export_doc
+    from clpt.exports import is_export, load_model, read_export_doc
 
     if is_export(source):
         if task is not None or head not in (None, OWN):

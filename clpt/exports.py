@@ -11,6 +11,8 @@ An export folder holds everything prediction needs, and nothing of the run:
     model.pt2             a `torch.export` program of the whole model, preprocessed
                           images (B, 3, S, S) -> scores (B, C): needs torch only
                           (`torch.export.load(path).module()`)
+    model.onnx            (with `onnx=True`) the same model as ONNX, input `images`,
+                          output `scores`, batch dynamic: for onnxruntime and others
 
 `load_model(folder)` rebuilds the `Classifier` (timm and clpt needed) from the
 first three; `clpt predict FOLDER IMAGE...` works on it as on a run folder.
@@ -30,8 +32,8 @@ from safetensors.torch import save as safetensors_bytes
 from clpt.data.transforms import EvalTransform
 from clpt.errors import ClptError, DataError, MissingInputError
 from clpt.heads.base import restore_state
+from clpt.inference import Classifier
 from clpt.io import write_bytes, write_json
-from clpt.predict import Classifier
 
 FORMAT, VERSION = "clpt-export", 1
 
@@ -50,12 +52,20 @@ def _sha256(data: bytes) -> str:
 
 
 def write_export(out: Path, model: Classifier, backbone: dict, head: dict, provenance: dict,
-                 program: bool = True) -> dict:  # fmt: skip
+                 program: bool = True, onnx: bool = False) -> dict:  # fmt: skip
     """Write `model` to folder `out` (created; must be empty or absent). Returns the model.json document.
 
     `backbone`: {"name", "image_size", "reset_final_norm", "lora": {targets, rank, scale}};
-    `head`: {"name", "base", "meta", "settings"}. `program=False` skips model.pt2."""
+    `head`: {"name", "base", "meta", "settings"}. `program=False` skips model.pt2; `onnx=True` adds
+    model.onnx (needs the packages onnx and onnxscript)."""
     out = Path(out)
+    if onnx:
+        try:
+            import onnx as _onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ClptError("ONNX export needs the packages onnx and onnxscript",
+                            hint="pip install onnx onnxscript, or leave out --onnx") from None  # fmt: skip
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ClptError(f"{out} exists and is not an empty folder", hint="choose a new folder for the export")
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +85,13 @@ def write_export(out: Path, model: Classifier, backbone: dict, head: dict, prove
         prog = torch.export.export(cpu, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(prog, str(out / "model.pt2"))
         files["model.pt2"] = _sha256((out / "model.pt2").read_bytes())
+    if onnx:
+        size = model.preprocess.size
+        cpu = model.to("cpu").eval()
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        torch.onnx.export(cpu, (torch.zeros(2, 3, size, size),), str(out / "model.onnx"), input_names=["images"],
+                          output_names=["scores"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip
+        files["model.onnx"] = _sha256((out / "model.onnx").read_bytes())
     doc = {
         "format": FORMAT,
         "format_version": VERSION,

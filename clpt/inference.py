@@ -8,7 +8,7 @@ classes and their scores, or the reason the image could not be read. What a
 score is depends on the head (`Classifier.score`).
 
 Library code: it knows nothing of run folders (`clpt.stages.predict` opens one,
-`clpt.export` writes and reads self-contained folders).
+`clpt.exports` writes and reads self-contained folders).
 """
 
 from __future__ import annotations
