@@ -27,6 +27,7 @@ class LearnerSpec:
     summary: str
     train: Callable[..., dict]  # (model, bench, cfg, task, device, learner_state) -> summary
     config_keys: tuple[str, ...] = ()  # config sections its result depends on, beyond train/backbone/...
+    trains_heads: bool = True  # False: its task heads stay as initialised (CA then aligns them at task 0 too)
 
 
 LEARNERS: Registry[LearnerSpec] = Registry("learner")
@@ -42,9 +43,9 @@ register_learner(
 )  # fmt: skip
 register_learner(
     LearnerSpec("mist", "MIST: sparse, sensitivity-chosen tuning of the backbone's own weights",
-                lazy("clpt.mist", "train_task_mist"), config_keys=("mist",))
+                lazy("clpt.mist", "train_task_mist"), config_keys=("mist",), trains_heads=False)
 )  # fmt: skip
 register_learner(
     LearnerSpec("none", "no training: the frozen backbone and an untrained task head",
-                lazy("clpt.train", "no_training"))
+                lazy("clpt.train", "no_training"), trains_heads=False)
 )  # fmt: skip

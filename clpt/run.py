@@ -65,7 +65,14 @@ __all__ = ["Run", "RunInfo", "create_run", "open_run", "refit_heads", "report", 
 
 
 class Run:
-    """An opened run folder: its config, benchmark record and stage markers."""
+    """An opened run folder: its config, benchmark record and stage markers.
+
+    Markers and states are read once and remembered (a command's view of the run;
+    writers hold the run's lock). Completing or invalidating a stage of task t
+    forgets what was remembered of tasks >= t: a stage reads only tasks <= its own,
+    so nothing earlier can change. Checking a task's stages therefore costs the
+    same at task 300 as at task 3.
+    """
 
     def __init__(self, root: Path, cfg: RunConfig, info: RunInfo):
         self.root = Path(root)
@@ -73,6 +80,13 @@ class Run:
         self.info = info
         self._bench: Benchmark | None = None
         self._cfg_dict: dict | None = None
+        self._markers: dict[tuple[str, int], dict | None] = {}
+        self._states: dict[tuple[str, int], str] = {}
+
+    def _forget(self, t: int) -> None:
+        for cache in (self._markers, self._states):
+            for key in [k for k in cache if k[1] >= t]:
+                del cache[key]
 
     def benchmark(self) -> Benchmark:
         """The benchmark's images, checked once per process against the run's manifest."""
@@ -114,6 +128,12 @@ class Run:
 
     def marker(self, stage: str, t: int) -> dict | None:
         """The stage's completion marker; None if absent or not a valid marker (see `state`: damaged)."""
+        key = (stage, t)
+        if key not in self._markers:
+            self._markers[key] = self._read_marker(stage, t)
+        return self._markers[key]
+
+    def _read_marker(self, stage: str, t: int) -> dict | None:
         p = self.marker_path(stage, t)
         if not p.is_file():
             return None
@@ -126,6 +146,12 @@ class Run:
     def state(self, stage: str, t: int) -> str:
         """'done', 'stale' (an input was redone), 'damaged' (a result file changed after it was written,
         or the marker itself is not a marker), or 'missing'."""
+        key = (stage, t)
+        if key not in self._states:
+            self._states[key] = self._state(stage, t)
+        return self._states[key]
+
+    def _state(self, stage: str, t: int) -> str:
         m = self.marker(stage, t)
         if m is None:
             return "damaged" if self.marker_path(stage, t).exists() else "missing"
@@ -182,6 +208,7 @@ class Run:
 
     def invalidate(self, stage: str, t: int) -> None:
         self.marker_path(stage, t).unlink(missing_ok=True)
+        self._forget(t)
 
     def complete(
         self, stage: str, t: int, inputs: dict, outputs: list[Path], seconds: float, summary: dict
@@ -204,6 +231,7 @@ class Run:
             "summary": summary,
         }
         write_json(self.marker_path(stage, t), marker)
+        self._forget(t)
         return marker
 
 

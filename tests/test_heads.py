@@ -275,3 +275,32 @@ def test_a_saved_head_state_scores_exactly_as_the_fit_that_produced_it(name, tmp
         assert set(tensors) == {"w_o"}  # W_rand is redrawn from its seed, not stored
     with pytest.raises(Exception, match="holds head"):
         artifacts.read_head_state(path, "other" if name != "other" else "x", None)
+
+
+def test_ca_aligns_task_0_when_the_learner_never_trains_its_heads():
+    """SimpleCIL / RanPAC / MIST train no task heads: CA aligns them at task 0 too, instead of scoring random
+    heads; a learner that trains them keeps SLCA's rule (no alignment at task 0)."""
+    from clpt.heads.ca import aligns_first_task
+    from clpt.model import Heads
+
+    x, y = blobs()
+    for method, aligned in (("simplecil", True), ("ranpac_mist", True), ("slca", False), ("seqft", False)):
+        cfg = R.resolve(
+            overrides=[
+                f"method={method}",
+                "align.epochs=5",
+                "align.samples_per_class=128",
+                "align.batch_size=32",
+                "align.lr=0.1",
+                "align.tau=1.0",
+            ]
+        )
+        assert aligns_first_task(cfg) is aligned
+        torch.manual_seed(0)
+        cache = InMemoryCache(x, y, TASKS, 0, cfg, "cpu", heads=Heads(x.shape[1], [3]))
+        state = HEADS.get("ca").fit(cache, cfg.heads.of("ca"))
+        sel = y < 3
+        acc = float((state(x[sel]).argmax(1) == y[sel]).float().mean())
+        assert (
+            (acc > 0.9) if aligned else torch.equal(state.heads.heads[0].weight, cache.heads.heads[0].weight)
+        )

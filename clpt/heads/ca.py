@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from clpt.align import align_on_stats
 from clpt.heads.base import HeadCache, HeadSpec, TaskHeadScores, register_head, stats_upto
+from clpt.learners import LEARNERS
+from clpt.methods import METHODS
 
 # what the alignment reads from the config (the align stage declares the same keys)
 ALIGN_KEYS = ("align", "train.weight_decay", "seed", "stats.ridge")
@@ -28,7 +30,7 @@ def fit(ctx: HeadCache, settings: CAHeadConfig) -> TaskHeadScores:
     heads = (
         ctx.trained_heads()
     )  # aligned here: on compensated statistics, or for a method that does not align
-    if ctx.task > 0 or ctx.cfg.align.first_task:
+    if ctx.task > 0 or aligns_first_task(ctx.cfg):
         align_on_stats(heads, ctx.class_stats(), ctx.task, ctx.cfg, ctx.device, label=ctx.label)
     return TaskHeadScores(heads.to(ctx.device))
 
@@ -39,8 +41,14 @@ def inputs(cfg, t: int) -> list[tuple[str, int]]:
     return _own_inputs(cfg, t)
 
 
+def aligns_first_task(cfg) -> bool:
+    """Task 0 is aligned too: when asked (SLDC), or when the learner never trains its task heads
+    (SimpleCIL, RanPAC, MIST: the heads would otherwise score as initialised, at chance)."""
+    return bool(cfg.align.first_task) or not LEARNERS.get(METHODS.get(cfg.method).learner).trains_heads
+
+
 def _own_inputs(cfg, t: int) -> list[tuple[str, int]]:
-    return [("train", t), *(stats_upto(t) if t > 0 or cfg.align.first_task else [])]
+    return [("train", t), *(stats_upto(t) if t > 0 or aligns_first_task(cfg) else [])]
 
 
 register_head(
