@@ -352,7 +352,13 @@ def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
         table.add_column(s)
     if heads:
         table.add_column("heads (done)")
-    style = {"done": "green", "stale": "yellow", "missing": "dim", "damaged": "bold red"}
+    style = {
+        "done": "green",
+        "stale": "yellow",
+        "missing": "dim",
+        "damaged": "bold red",
+        "running": "bold cyan",
+    }
     for row in doc["tasks"]:
         cells = []
         for s in core:
@@ -368,6 +374,8 @@ def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
             )
         table.add_row(str(row["task"]), f"{row['classes'][0]}-{row['classes'][1] - 1}", *cells)
     out.print(table)
+    if doc.get("writer"):
+        out.print(f"being written by {doc['writer']}")
 
 
 HeadOpt = Annotated[
@@ -532,14 +540,14 @@ def predict_(
 
     if fmt not in PREDICT_FORMATS:
         raise _fail(
-            f"--format {fmt!r} is not one of {', '.join(PREDICT_FORMATS)}; fix: choose one of them", 1
+            f"--format {fmt!r} is not one of {', '.join(PREDICT_FORMATS)}; fix: choose one of them", 2
         )
     if split is not None and inputs:
-        raise _fail("give images or --split, not both; fix: drop one of them", 1)
+        raise _fail("give images or --split, not both; fix: drop one of them", 2)
     if split is None and not inputs:
-        raise _fail("no images given; fix: pass image files, folders, - (paths on stdin), or --split test", 1)
+        raise _fail("no images given; fix: pass image files, folders, - (paths on stdin), or --split test", 2)
     if split not in (None, "train", "test"):
-        raise _fail(f"--split {split!r} is not train or test; fix: use --split test", 1)
+        raise _fail(f"--split {split!r} is not train or test; fix: use --split test", 2)
     dev = D.resolve_device(device or "auto")
     model, record, run = open_source(source, task, head, dev)
     if run is not None and device is None:
@@ -549,7 +557,7 @@ def predict_(
     bs = batch_size or (run.cfg.system.extract_batch_size if run is not None else 256)
     if split is not None:
         if run is None:
-            raise _fail("--split needs a run folder (an export holds no images); fix: pass image files", 1)
+            raise _fail("--split needs a run folder (an export holds no images); fix: pass image files", 2)
         rows = predict_split(run, model, split, record["task"], dev, precision, bs, top_k_)
     else:
         rows = predict_files(model, expand_inputs(inputs or []), dev, precision, bs, top_k_)

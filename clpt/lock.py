@@ -30,6 +30,24 @@ class RunBusyError(ClptError):
     exit_code = 1
 
 
+def holder(root: Path) -> str | None:
+    """Who holds the run's writer lock now ("process PID (command)"), or None: a probe that takes and at
+    once releases a non-blocking lock on a read-only descriptor (it creates nothing)."""
+    try:
+        fd = os.open(Path(root) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None  # never locked (or unreadable): no writer we can see
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def run_lock(root: Path, wait: bool = False) -> Iterator[None]:
     """Hold the run folder's writer lock for the duration of the block."""

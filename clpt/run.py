@@ -538,7 +538,13 @@ def prepare_backbone(run: Run) -> None:
 
 
 def status(run: Run) -> dict:
-    """Which stages (and enabled heads) are done for which task, with their wall time."""
+    """Which stages (and enabled heads) are done for which task, with their wall time.
+
+    While another command holds the run's lock, the first stage (in run order) that is not done
+    shows as `running`, and `writer` names the process."""
+    from clpt.lock import holder
+
+    writer = holder(run.root)
     tasks = []
     for t in range(run.info.n_tasks):
         row: dict = {"task": t, "classes": run.info.tasks[t], "stages": {}}
@@ -551,8 +557,13 @@ def status(run: Run) -> dict:
                 "finished_at": m["finished_at"] if m else None,
             }
         tasks.append(row)
+    if writer is not None:
+        pending = next(((r, s) for r in tasks for s, v in r["stages"].items() if v["state"] != "done"), None)
+        if pending is not None:
+            pending[0]["stages"][pending[1]]["state"] = "running"
     return {
         "run": str(run.root),
+        "writer": writer,
         "benchmark": run.info.benchmark,
         "method": run.cfg.method,
         "heads": list(run.cfg.heads.enabled),

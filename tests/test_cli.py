@@ -300,3 +300,12 @@ def test_a_config_key_added_later_at_its_default_keeps_stages_done(run_copy):
     marker["config"]["benchmark"]["seed"] = 7  # a recorded value that differs still makes it stale
     path.write_text(json.dumps(marker))
     assert open_run(run_copy).state("train", 0) == "stale"
+
+
+def test_a_usage_error_exits_2_as_the_readme_says():
+    from pathlib import Path
+
+    res = CliRunner().invoke(app, ["status", "somewhere", "--jsn"])
+    assert res.exit_code == 2 and "--jsn" in res.stderr
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "2 a usage error of the command line" in readme

@@ -69,3 +69,24 @@ def test_wait_runs_after_the_holder(run_copy):
         proc.wait()
     assert res.exit_code == 0, res.stderr
     assert time.perf_counter() - t0 > 1.0  # it queued behind the holder
+
+
+def test_status_shows_the_stage_a_writer_is_on_as_running(tmp_path):
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from clpt.lock import holder, run_lock
+    from clpt_cli.main import app
+
+    run = tmp_path / "run"
+    assert CliRunner().invoke(app, ["init", str(run)]).exit_code == 0
+    assert holder(run) is None
+    with run_lock(run):
+        assert holder(run) is not None and "process" in holder(run)
+        doc = _json.loads(CliRunner().invoke(app, ["status", str(run), "--json"]).stdout)
+    assert doc["writer"] and doc["tasks"][0]["stages"]["train"]["state"] == "running"
+    states = [v["state"] for r in doc["tasks"] for v in r["stages"].values()]
+    assert states.count("running") == 1
+    doc = _json.loads(CliRunner().invoke(app, ["status", str(run), "--json"]).stdout)
+    assert doc["writer"] is None and doc["tasks"][0]["stages"]["train"]["state"] == "missing"

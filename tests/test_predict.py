@@ -162,7 +162,7 @@ def test_predict_and_export_say_what_is_wrong(finished_run, tmp_path):
     for args, code, needle in (
         (["--head", "nope"], 1, "choose --head among"),
         (["--task", "7"], 1, "does not exist"),
-        (["--format", "xml"], 1, "--format"),
+        (["--format", "xml"], 2, "--format"),
         (["--split", "test", "--head", "ncm+drift"], 1, "no head 'ncm+drift'"),
     ):
         res = _cli("predict", finished_run, *([] if "--split" in args else [good]), *args)
