@@ -117,7 +117,69 @@ def _codecs() -> dict:
     """zstd, then a crc32c checksum of every chunk, verified by zarr on each read."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    return {"compressors": [ZstdCodec(), Crc32cCodec()]}
+    # every chunk is written, even one equal to the fill value, so that a missing chunk file is damage
+    return {"compressors": [ZstdCodec(), Crc32cCodec()], "config": {"write_empty_chunks": True}}
+
+
+EVERY_CHUNK = "every_chunk_written"  # array attribute: a missing chunk file is damage, not fill values
+
+
+def _chunk_keys(meta: dict, start: int, stop: int) -> list[str]:
+    """Chunk keys ("c/i/j") of rows [start, stop) of an array, from its zarr.json (default chunk encoding)."""
+    import itertools
+
+    shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    if stop <= start:
+        return []
+    axes = [range(start // chunks[0], (stop - 1) // chunks[0] + 1)]
+    axes += [range(-(-s // c)) for s, c in zip(shape[1:], chunks[1:], strict=True)]
+    return ["c/" + "/".join(map(str, idx)) for idx in itertools.product(*axes)]
+
+
+def _missing_in(folder: Path, meta: dict, start: int, stop: int) -> str | None:
+    return next((k for k in _chunk_keys(meta, start, stop) if not (folder / k).is_file()), None)
+
+
+def check_chunks(arr: zarr.Array, sel, what: str, redo: Redo) -> None:
+    """A DataError naming `redo` if a chunk file under rows `sel` of `arr` is missing (arrays written
+    with every chunk; older arrays are not checked)."""
+    if not arr.attrs.get(EVERY_CHUNK, False) or not hasattr(arr.store, "root") or not arr.shape:
+        return
+    rows = sel if isinstance(sel, slice) else slice(None)
+    start, stop, _ = rows.indices(arr.shape[0])
+    meta = {"shape": list(arr.shape), "chunk_grid": {"configuration": {"chunk_shape": list(arr.chunks)}}}
+    folder = Path(arr.store.root) / arr.path
+    missing = _missing_in(folder, meta, start, stop)
+    if missing is not None:
+        raise DataError(f"{what} is damaged (chunk file {missing} is missing)", redo=redo)
+
+
+def missing_chunk(path: Path) -> str | None:
+    """The first missing chunk file of the zarr arrays under `path` (written with every chunk), or None.
+
+    A feature array counts only its committed rows (`rows_done`, shared by its labels)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for meta_path in sorted(path.rglob("zarr.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue  # damaged metadata is found when the store is opened
+        attrs = meta.get("attributes") or {}
+        if meta.get("node_type") != "array" or not attrs.get(EVERY_CHUNK) or not meta.get("shape"):
+            continue
+        n = meta["shape"][0]
+        if meta_path.parent.name in ("feats", "labels"):
+            try:
+                feats = json.loads((meta_path.parent.parent / "feats" / "zarr.json").read_text())
+                n = int((feats.get("attributes") or {}).get("rows_done", n))
+            except (OSError, ValueError, TypeError):
+                pass
+        key = _missing_in(meta_path.parent, meta, 0, n)
+        if key is not None:
+            return str(meta_path.parent / key)
+    return None
 
 
 # What zarr raises for metadata it cannot parse: JSON errors are ValueErrors, a valid JSON
@@ -211,6 +273,7 @@ def writable_group(store: Path, path: str) -> zarr.Group:
 
 def read_checked(arr: zarr.Array, sel, what: str, redo: Redo) -> np.ndarray:
     """arr[sel], with a failed checksum or undecodable chunk as a one-line DataError naming the stage to redo."""
+    check_chunks(arr, sel, what, redo)
     try:
         return np.asarray(arr[sel])
     except (ValueError, RuntimeError, OSError) as e:
@@ -342,8 +405,10 @@ def prepare_features(
             "format_version": FORMATS["clpt-features"],
             "source": source,
             "rows_done": 0,
+            EVERY_CHUNK: True,
         }
     )
+    labels.attrs[EVERY_CHUNK] = True
     return feats, labels, 0
 
 
@@ -433,6 +498,7 @@ def save_stats(
             chunks=(1, d, d) if key == "m2" else value.shape,
             **_codecs(),
         )
+        arr.attrs[EVERY_CHUNK] = True
         arr[...] = value
     g.attrs.update(
         {

@@ -160,6 +160,8 @@ class Run:
         for rel, digest in (m.get("digests") or {}).items():
             if _digest(self.root / rel) != digest:
                 return "damaged"  # a result file changed after its stage wrote it
+        if any(artifacts.missing_chunk(self.root / o) for o in m.get("outputs", [])):
+            return "damaged"  # a chunk file of a result store is gone (it would read as fill values)
         recorded, current = m.get("config"), self.config_values(stage)
         if not isinstance(recorded, dict) or set(recorded) != set(current):
             return "stale"
@@ -173,6 +175,16 @@ class Run:
                 return "stale"
         return "done"
 
+    def damaged_ancestor(self, stage: str, t: int) -> tuple[str, int] | None:
+        """The first damaged stage among the (transitive) inputs of a stale `stage` of task t, if any."""
+        for s, i in self.inputs(stage, t):
+            st = self.state(s, i)
+            if st == "damaged":
+                return s, i
+            if st == "stale" and (root := self.damaged_ancestor(s, i)) is not None:
+                return root
+        return None
+
     def require(self, stage: str, t: int) -> dict:
         """The inputs' markers for `stage` of task t; a clear error naming the command if any is not done."""
         found = {}
@@ -180,6 +192,9 @@ class Run:
             st = self.state(s, i)
             if st == "damaged":
                 raise self.damaged_error(s, i)
+            root = self.damaged_ancestor(s, i) if st == "stale" else None
+            if root is not None:  # stale because something below it is damaged: name that, not the chain
+                raise self.damaged_error(*root)
             if st != "done":
                 dep = get_stage(s)
                 cmd = dep.command.format(run=self.root, task=i)  # the wiring: formats a stage's command
@@ -203,7 +218,11 @@ class Run:
             )
         else:
             changed = [r for r, d in (m.get("digests") or {}).items() if _digest(self.root / r) != d]
-            what = f"{changed[0] if changed else 'a result file'} was changed after it was written"
+            gone = next(
+                (c for o in m.get("outputs", []) if (c := artifacts.missing_chunk(self.root / o))), None
+            )
+            what = (f"{changed[0]} was changed after it was written" if changed else
+                    f"its store's chunk file {Path(gone).relative_to(self.root)} is missing" if gone else "a result file was changed after it was written")  # fmt: skip
         return DataError(f"{stage} of task {t} is damaged: {what}", hint=f"re-run `{cmd} --force`")
 
     def invalidate(self, stage: str, t: int) -> None:

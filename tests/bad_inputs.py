@@ -297,6 +297,27 @@ def _(ws):
     return Prepared(["eval", str(run), "--task", "4", "--force"], run=run)
 
 
+@case("a deleted feature chunk file (it would read as fill values)", "cache", 4, needle="clpt extract")
+def _(ws):
+    run = ws.run()
+    (run / "features.zarr" / "task_004" / "test" / "feats" / "c" / "0" / "0").unlink()
+    return Prepared(["eval", str(run), "--task", "4", "--force"], run=run)
+
+
+@case("a deleted label chunk file", "cache", 4, needle="clpt extract")
+def _(ws):
+    run = ws.run()
+    (run / "features.zarr" / "task_003" / "train" / "labels" / "c" / "0").unlink()
+    return Prepared(["fit-stats", str(run), "--task", "3", "--force"], run=run)
+
+
+@case("a deleted statistics mean chunk", "cache", 4, needle="clpt fit-stats")
+def _(ws):
+    run = ws.run()
+    (run / "stats.zarr" / "task_002" / "mean" / "c" / "0" / "0").unlink()
+    return Prepared(["align", str(run), "--task", "2", "--force"], run=run)
+
+
 @case("a truncated feature chunk", "cache", 4, needle="clpt extract")
 def _(ws):
     run = ws.run()

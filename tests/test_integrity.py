@@ -70,3 +70,15 @@ def test_a_hand_edited_result_is_shown_damaged_and_never_reported(run_copy):
     assert cli("heads", run_copy, "--head", "lda", "--force").exit_code == 0
     after = json.loads(cli("eval", run_copy, "--task", 4, "--json").stdout)
     assert after == before
+
+
+def test_a_deleted_chunk_file_shows_the_stage_damaged_not_done(run_copy):
+    """zarr reads a missing chunk as fill values: every store is written with every chunk, so a missing
+    one is damage, seen by `clpt status` and named by the stage that reads it."""
+    (run_copy / "features.zarr" / "task_004" / "test" / "feats" / "c" / "0" / "0").unlink()
+    run = open_run(run_copy)
+    assert run.state("extract", 4) == "damaged" and run.state("extract", 3) == "done"
+    assert run.state("eval", 4) == "stale" and run.damaged_ancestor("eval", 4) == ("extract", 4)
+    res = CliRunner().invoke(app, ["eval", str(run_copy), "--task", "4", "--force"])
+    assert res.exit_code == 4 and "task_004/test/feats/c/0/0 is missing" in res.stderr
+    assert "clpt extract" in res.stderr and "--force" in res.stderr
