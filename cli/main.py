@@ -700,8 +700,8 @@ def config_(run_dir: RunArg, set_: SetOpt = None, wait: WaitOpt = False) -> None
     if set_:
         from clpt.lock import run_lock
 
-        with run_lock(run.root, wait):
-            run = edit_config(run, set_)
+        with run_lock(run.root, wait):  # read again under the lock: a queued edit sees the one before it
+            run = edit_config(open_run(run_dir), set_)
     print(C.dump_yaml(run.cfg), end="")
 
 
@@ -719,9 +719,20 @@ def pretrain_builtin(force: ForceOpt = False) -> None:
     _print_json(pretrain(path))
 
 
+def _finite_or_null(obj):
+    """JSON has no NaN or infinity: such a number is printed as null."""
+    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def _print_json(doc: dict) -> None:
     if not _QUIET_RANK:
-        print(json.dumps(doc), flush=True)
+        print(json.dumps(_finite_or_null(doc), allow_nan=False), flush=True)
 
 
 def _print_report(rep: dict, as_json: bool) -> None:

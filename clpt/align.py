@@ -18,6 +18,7 @@ the classes (`align.batch_per_class`), one draw of samples for all epochs
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,11 @@ def align_heads(
                 total += loss.item() * len(yb)
             sched.step()
             losses.append(total / len(y))
+            if not math.isfinite(losses[-1]):  # stop before NaN heads are saved and scored
+                raise ClptError(
+                    f"classifier alignment of task {current_task} diverged: the loss became {losses[-1]}",
+                    hint="lower align.lr (clpt config RUN --set align.lr=...) and run again",
+                )
             shown.advance()
     heads.eval()
     if a.head_scale:

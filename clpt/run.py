@@ -157,7 +157,10 @@ class Run:
             return "damaged" if self.marker_path(stage, t).exists() else "missing"
         if not all((self.root / o).exists() for o in m.get("outputs", [])):
             return "missing"
+        known = m.get("stat") or {}
         for rel, digest in (m.get("digests") or {}).items():
+            if rel in known and _stat(self.root / rel) == known[rel]:
+                continue  # a large file as it was written: not read again
             if _digest(self.root / rel) != digest:
                 return "damaged"  # a result file changed after its stage wrote it
         if any(artifacts.missing_chunk(self.root / o) for o in m.get("outputs", [])):
@@ -233,9 +236,8 @@ class Run:
         self, stage: str, t: int, inputs: dict, outputs: list[Path], seconds: float, summary: dict
     ) -> dict:
         rel = [str(Path(o).relative_to(self.root)) for o in outputs]
-        small = [
-            r for r in rel if (self.root / r).is_file() and (self.root / r).stat().st_size <= DIGEST_MAX_BYTES
-        ]
+        files = [r for r in rel if (self.root / r).is_file()]  # every result file, large ones too
+        large = {r: _stat(self.root / r) for r in files if (self.root / r).stat().st_size > DIGEST_MAX_BYTES}
         marker = {
             "stage": stage,
             "format_version": 1,
@@ -243,7 +245,9 @@ class Run:
             "id": uuid.uuid4().hex,
             "inputs": inputs,
             "outputs": rel,
-            "digests": {r: _digest(self.root / r) for r in small},  # result files tied to this marker
+            "digests": {r: _digest(self.root / r) for r in files},  # result files tied to this marker
+            # a large file is re-hashed only when its size or modification time differ from these
+            "stat": large,
             "config": self.config_values(stage),
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -511,15 +515,27 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def _digest(path: Path) -> str | None:
-    """SHA-256 of a file, memoised per (path, size, mtime); None if it cannot be read."""
+    """SHA-256 of a file (streamed), memoised per (path, size, mtime); None if it cannot be read."""
     try:
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         if key not in _DIGESTS:
-            _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _DIGESTS[key] = h.hexdigest()
         return _DIGESTS[key]
     except OSError:
         return None
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _default_at(dotted: str):

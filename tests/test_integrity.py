@@ -82,3 +82,38 @@ def test_a_deleted_chunk_file_shows_the_stage_damaged_not_done(run_copy):
     res = CliRunner().invoke(app, ["eval", str(run_copy), "--task", "4", "--force"])
     assert res.exit_code == 4 and "task_004/test/feats/c/0/0 is missing" in res.stderr
     assert "clpt extract" in res.stderr and "--force" in res.stderr
+
+
+def test_a_large_result_file_is_verified_too(run_copy, monkeypatch):
+    """Every result file has its SHA-256 in the marker; one over DIGEST_MAX_BYTES is re-hashed only when its
+    size or modification time changed (an in-place overwrite changes the time)."""
+    import os
+
+    from clpt import run as run_mod
+
+    monkeypatch.setattr(
+        run_mod, "DIGEST_MAX_BYTES", 1 << 20
+    )  # the built-in model.pt (3.3 MB) counts as large
+    run = open_run(run_copy)
+    old = run.marker("train", 2)
+    path = run_copy / "tasks" / "002" / "model.pt"
+    marker = run.complete("train", 2, old["inputs"], [path], old["seconds"], old["summary"])
+    size = path.stat().st_size
+    assert marker["stat"]["tasks/002/model.pt"][0] == size and "tasks/002/model.pt" in marker["digests"]
+    assert open_run(run_copy).state("train", 2) == "done"
+    with open(path, "r+b") as f:  # zero 64 KiB in place: same size, new modification time
+        f.seek(size // 2)
+        f.write(b"\0" * 65536)
+    assert open_run(run_copy).state("train", 2) == "damaged"
+    os.utime(path, ns=(marker["stat"]["tasks/002/model.pt"][1],) * 2)  # a forged time is trusted: as stated
+    assert open_run(run_copy).state("train", 2) == "done"
+
+
+def test_a_diverging_alignment_stops_and_json_never_prints_nan(run_copy):
+    res = CliRunner().invoke(app, ["config", str(run_copy), "--set", "align.lr=1e30"])
+    assert res.exit_code == 0
+    res = CliRunner().invoke(app, ["run", str(run_copy)])
+    assert res.exit_code == 1 and "diverged" in res.stderr and "align.lr" in res.stderr
+    from clpt_cli.main import _finite_or_null
+
+    assert _finite_or_null({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}

@@ -90,3 +90,27 @@ def test_status_shows_the_stage_a_writer_is_on_as_running(tmp_path):
     assert states.count("running") == 1
     doc = _json.loads(CliRunner().invoke(app, ["status", str(run), "--json"]).stdout)
     assert doc["writer"] is None and doc["tasks"][0]["stages"]["train"]["state"] == "missing"
+
+
+def test_two_queued_config_edits_both_survive(tmp_path):
+    """Each edit reads the config under the lock: the second queued edit sees the first."""
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from clpt.lock import run_lock
+    from clpt.run import open_run
+    from clpt_cli.main import app
+
+    run = tmp_path / "run"
+    assert CliRunner().invoke(app, ["init", str(run)]).exit_code == 0
+    cmd = [sys.executable, "-m", "clpt_cli", "config", str(run), "--wait", "--set"]
+    with run_lock(run):
+        a = subprocess.Popen([*cmd, "align.tau=0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        b = subprocess.Popen([*cmd, "align.epochs=3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(3)  # both have read the run and wait for the lock
+    assert a.wait(60) == 0 and b.wait(60) == 0
+    cfg = open_run(run).cfg
+    assert cfg.align.tau == 0.05 and cfg.align.epochs == 3

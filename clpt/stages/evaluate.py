@@ -17,7 +17,7 @@ import torch
 
 from clpt import artifacts, checkpoint
 from clpt import distributed as dist
-from clpt.errors import MissingInputError, Redo
+from clpt.errors import ClptError, MissingInputError, Redo
 from clpt.evaluate import accuracy_row, metrics
 from clpt.heads import HEADS, score_in_chunks
 from clpt.stages.base import RunView, StageContext
@@ -67,6 +67,11 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
     fit_s = time.perf_counter() - t0
     x, y = artifacts.read_features(ctx.root, t, "test")
     logits = score_in_chunks(state, x, device)
+    if not bool(torch.isfinite(logits).all()):  # a NaN head would score as one class: never recorded
+        raise ClptError(
+            f"head {name} of task {t} gives non-finite scores",
+            hint=f"check the settings it was fitted with (clpt config {ctx.root}), correct them and run again",
+        )
     row = accuracy_row(logits, y, ctx.tasks[: t + 1])
     info = state.info
     row.update(task=t, head=name, fit_seconds=round(fit_s, 4), **({"fit": info} if info else {}))
