@@ -175,6 +175,11 @@ class HeadCache(Protocol):
         """The task heads after the align stage of task `task`."""
         ...
 
+    def previous_state(self, head: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The fitted state of `head` after the previous task (tensors, metadata with `settings`, `meta`,
+        `n_classes`), for a head that updates incrementally; None where there is none to build on."""
+        ...
+
 
 @torch.no_grad()
 def score_in_chunks(scores: Scores, x: torch.Tensor, device: torch.device, rows: int = 4096) -> torch.Tensor:
@@ -207,6 +212,9 @@ class InMemoryCache:
         return copy.deepcopy(self.heads)
 
     aligned_heads = trained_heads  # in memory, the heads given are the heads used
+
+    def previous_state(self, head: str):
+        return None  # in memory, every fit is from scratch
 
     def feature_dim(self) -> int:
         return int(self.x.shape[1])

@@ -17,6 +17,7 @@ the ResNet path of their code, offered as an option.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -105,14 +106,28 @@ class FeCAMScores(HeadState):
 
 
 def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
+    """Incremental: an old class's features never change (each task's were extracted with its own
+    backbone), so the previous task's state is kept and only task T's classes are fitted; from scratch
+    at task 0, for a compensated head, or where the previous state was fitted with other settings."""
+    prev = ctx.previous_state("fecam")
+    first = 0
+    old_mu, old_prec = None, None
+    if prev is not None:
+        tensors, md = prev
+        if md["settings"] == dataclasses.asdict(settings) and md["n_classes"] == ctx.tasks[ctx.task][0]:
+            old_mu, old_prec, first = tensors["mu"], tensors["prec"], ctx.task
     means, covs = [], []
-    for i in range(ctx.task + 1):
+    for i in range(first, ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
         m = fit_class_stats(chunks, range(*ctx.tasks[i]), ctx.feature_dim(), ctx.device)
         means.append(m.mean)
         covs.append(covariance(m.count, m.m2))
     mu, prec = fecam_parameters(torch.cat(means), torch.cat(covs), settings)
-    return FeCAMScores(mu.float(), prec.float(), settings)
+    mu, prec = mu.float(), prec.float()
+    if old_mu is not None and old_prec is not None:
+        mu = torch.cat([old_mu.to(mu.device), mu])
+        prec = torch.cat([old_prec.to(prec.device), prec])
+    return FeCAMScores(mu, prec, settings, info={"incremental": old_mu is not None})
 
 
 register_head(
@@ -121,7 +136,9 @@ register_head(
         "per-class Mahalanobis on normalised features (FeCAM)",
         FeCAMConfig,
         fit,
-        inputs=lambda cfg, t: extracts_upto(t),
+        # the previous task's fitted state: fecam updates it with task T's classes
+        inputs=lambda cfg, t: [*extracts_upto(t), *([("head:fecam", t - 1)] if t > 0 else [])],
+        drift_inputs=lambda cfg, t: extracts_upto(t),  # compensated: old features move, a full refit
         state_cls=FeCAMScores,
     )
 )

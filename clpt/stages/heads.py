@@ -90,3 +90,11 @@ class RunCache:
         return checkpoint.load_aligned_heads(
             artifacts.aligned_path(self.root, self.task), self._redo("align", self.task)
         )
+
+    def previous_state(self, head: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The saved state of `head` after task `task` - 1 (tensors, metadata), for an incremental fit;
+        None at task 0 and for a compensated head (its old features move every task)."""
+        if self.task == 0 or self.compensated:
+            return None
+        path = artifacts.head_state_path(self.root, head, self.task - 1)
+        return artifacts.read_head_state(path, head, Redo(f"head:{head}", self.task - 1, str(self.root)))
