@@ -689,6 +689,73 @@ def add_task(
                   f"next: clpt run {run_dir}")  # fmt: skip
 
 
+@app.command("sweep")
+@guarded
+def sweep(
+    parent: Annotated[
+        Path,
+        typer.Argument(help="The folder of the sweep's runs (one subfolder per job).", show_default=False),
+    ],  # fmt: skip
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seeds: SeedsOpt = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            "-g",
+            help="KEY=V1,V2,... (repeatable): one job per combination, times the seeds.",
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
+    cluster: Annotated[
+        str,
+        typer.Option(
+            "--cluster", help="slurm (a job array) | local (processes here) | debug (in this process)."
+        ),
+    ] = "local",  # fmt: skip
+    timeout_min: Annotated[int, typer.Option("--timeout-min", help="Per job.", min=1)] = 1440,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs per job (Slurm gpus_per_node).", min=0)] = 0,
+    cpus: Annotated[
+        int | None, typer.Option("--cpus", help="CPUs per job.", min=1, show_default=False)
+    ] = None,
+    partition: Annotated[
+        str | None, typer.Option("--partition", help="Slurm partition.", show_default=False)
+    ] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option("--parallel", help="At most this many jobs at once (Slurm).", min=1, show_default=False),
+    ] = None,  # fmt: skip
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Submit and return (job ids on stdout).")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Run seeds x a grid of settings as a job array through submitit, one run folder per job
+    (PARENT/KEY=V,.../seed_S); then `clpt report PARENT` aggregates them. A re-submitted job continues its run."""
+    from clpt.run import parse_seeds
+    from clpt.sweep import parse_grid, plan, submit
+
+    jobs = plan(parent, config, set_ or [], parse_seeds(seeds) if seeds else None, parse_grid(grid or []))
+    err.print(f"sweep: {len(jobs)} job(s) on {cluster}, logs in {parent / '.submitit'}")
+    res = submit(
+        jobs, parent / ".submitit", cluster, timeout_min, gpus, cpus, partition, parallel, not no_wait
+    )
+    if json_ or no_wait:
+        _print_json({"jobs": res})
+    else:
+        for r in res:
+            err.print(
+                f"{r['run']}: "
+                + (f"error: {r['error']}" if "error" in r else f"Last-Acc {100 * r['last_acc']:.2f}")
+            )
+        out.print(f"next: clpt report {parent}")
+    failed = [r for r in res if "error" in r]
+    if failed:
+        raise _fail(f"{len(failed)} of {len(res)} job(s) failed (listed above); fix: see their logs in "
+                    f"{parent / '.submitit'}, correct the cause and run the same command again", 1)  # fmt: skip
+
+
 @app.command("config")
 @guarded
 def config_(run_dir: RunArg, set_: SetOpt = None, wait: WaitOpt = False) -> None:

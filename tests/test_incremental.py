@@ -14,7 +14,9 @@ def test_fecam_updated_task_by_task_equals_the_fit_from_scratch_at_every_task(fi
     run = open_run(finished_run)
     settings = run.cfg.heads.of("fecam")
     for t in range(run.info.n_tasks):
-        tensors, md = artifacts.read_head_state(artifacts.head_state_path(run.root, "fecam", t), "fecam", None)
+        tensors, md = artifacts.read_head_state(
+            artifacts.head_state_path(run.root, "fecam", t), "fecam", None
+        )
         assert md["info"] == {"incremental": t > 0}  # the run built each task's state on the one before
         cache = RunCache(run.root, run.cfg, t, run.info.tasks, torch.device("cpu"))
         cache.previous_state = lambda head: None  # type: ignore[method-assign]  # from scratch
