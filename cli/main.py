@@ -91,6 +91,10 @@ def guarded(fn):
         except KeyboardInterrupt:
             errors.print(INTERRUPTED)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as e:
             if interrupt.received():  # a DataLoader worker or a collective died of the same Ctrl-C
                 errors.print(INTERRUPTED)
@@ -758,10 +762,32 @@ def sweep(
 
 @app.command("config")
 @guarded
-def config_(run_dir: RunArg, set_: SetOpt = None, wait: WaitOpt = False) -> None:
-    """Show the run's resolved config; --set changes editable keys (align.*, stats.*, heads.*, system.*)."""
+def config_(
+    run_dir: Annotated[Path | None, typer.Argument(help="The run folder.", show_default=False)] = None,
+    set_: SetOpt = None,
+    wait: WaitOpt = False,
+    defaults: Annotated[
+        bool,
+        typer.Option(
+            "--defaults", help="List every config key with its default and what it means (no run needed)."
+        ),
+    ] = False,  # fmt: skip
+) -> None:
+    """Show the run's resolved config; --set changes editable keys (align.*, stats.*, heads.*, system.*).
+    `clpt config --defaults` lists every key, its default and its meaning (before presets)."""
     from clpt import config as C
     from clpt.run import edit_config, open_run
+
+    if defaults:
+        from clpt.stages.resolve import describe_defaults
+
+        rows = describe_defaults()
+        width = max(len(k) for k, _, _ in rows)
+        for key, value, note in rows:
+            print(f"{key:<{width}}  {json.dumps(value)}" + (f"  # {note}" if note else ""))
+        return
+    if run_dir is None:
+        raise _fail("no run folder given; fix: clpt config RUN (or clpt config --defaults)", 2)
 
     run = open_run(run_dir)
     if set_:

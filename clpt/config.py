@@ -384,9 +384,7 @@ class DriftConfig:
 
 @dataclass
 class RunConfig:
-    method: str = (
-        "slca"  # a registered method (clpt.methods): slca | slca_pp | seqft | seqft_sl | frozen_ca | sldc ...
-    )
+    method: str = "slca"  # a registered method (clpt.methods): slca | slca_pp | seqft | sldc | ...
     seed: int = 1993  # training seed (weights init, shuffling, sampling)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

@@ -66,7 +66,10 @@ class ConfigError(ClptError, ValueError):
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = list(problems)
         message = f"{source}: {len(problems)} problem(s): " + "; ".join(problems)
-        super().__init__(message, hint="correct these entries (see `clpt init --help` and configs/)")
+        super().__init__(
+            message,
+            hint="correct these entries (every key, its default and meaning: `clpt config --defaults`; examples in configs/)",
+        )
 
 
 class MissingInputError(ClptError, FileNotFoundError):

@@ -309,3 +309,19 @@ def test_a_usage_error_exits_2_as_the_readme_says():
     assert res.exit_code == 2 and "--jsn" in res.stderr
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "2 a usage error of the command line" in readme
+
+
+def test_config_defaults_lists_every_key_with_its_default_and_meaning():
+    from clpt import config as C
+    from clpt.stages.resolve import default_config
+
+    res = CliRunner().invoke(app, ["config", "--defaults"])
+    assert res.exit_code == 0, res.stderr
+    lines = res.stdout.splitlines()
+    keys = {line.split()[0] for line in lines}
+    flat = C.flatten(C.to_dict(default_config()))
+    assert set(flat) <= keys  # every key of the resolved config, heads' and drift methods' included
+    assert any(line.startswith("heads.ranpac.dim ") and "10000" in line for line in lines)
+    assert any(line.startswith("train.kd_feat ") and "# weight of" in line for line in lines)
+    res = CliRunner().invoke(app, ["init", "x", "--set", "train.lr=-1"])
+    assert res.exit_code == 2 and "clpt config --defaults" in res.stderr

@@ -11,6 +11,7 @@ reports every problem at once in one `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import typing
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,47 @@ def load_resolved(path: str | Path) -> RunConfig:
     by a newer clpt) takes its benchmark's and method's preset, not the bare default.
     """
     return resolve(path)
+
+
+def describe_defaults() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, the comment its dataclass gives it) for every config key, heads and drift
+    methods included: what `clpt config --defaults` lists."""
+    import inspect
+    import re
+
+    def comments(cls) -> dict[str, str]:
+        out: dict[str, str] = {}
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            return out
+        for i, line in enumerate(lines):
+            m = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
+            if not m or line.strip().startswith("#"):
+                continue
+            if m.group(2):
+                out[m.group(1)] = m.group(2).strip()
+            elif line.rstrip().endswith("(") and i + 1 < len(lines) and "#" in lines[i + 1]:
+                out[m.group(1)] = lines[i + 1].split("#", 1)[1].strip()  # a default wrapped over lines
+        return out
+
+    cfg = default_config()
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(obj, prefix: str) -> None:
+        notes = comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if f.name == "settings" and isinstance(value, dict):
+                for name, sub in value.items():
+                    walk(sub, f"{prefix}{name}.")
+            elif dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                rows.append(
+                    (key, value.value if isinstance(value, enum.Enum) else value, notes.get(f.name, ""))
+                )
+
+    walk(cfg, "")
+    return rows
