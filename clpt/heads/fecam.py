@@ -11,8 +11,14 @@ Pre-trained ViT variant (their `FeCAM_vit_*` scripts), the default:
 - d_c(x) = (x^ - mu_c)^T pinv(S~_c) (x^ - mu_c), x^ = L2-normalised f(x); predict argmin.
 
 `tukey: true` applies the power transform x^0.5 (sign-preserving:
-sign(x) |x|^0.5, since ViT features are not non-negative) before normalising:
-the ResNet path of their code, offered as an option.
+sign(x) |x|^0.5, since ViT features are not non-negative) before normalising.
+It borrows the transform of their ResNet path and nothing else: that path
+transforms unnormalised (non-negative) features, from task 1 on, and shrinks
+twice; this option is not that path.
+
+In a run the fit is incremental: task T keeps task T-1's saved state (an old
+class's features never change) and fits only task T's classes, bit-identical to
+a fit from scratch; a compensated `fecam+drift` refits every task.
 """
 
 from __future__ import annotations
