@@ -39,7 +39,7 @@ class FeCAMConfig:
     shrink1: float = 1.0  # a1: times mean(diag S) on the diagonal
     shrink2: float = 0.0  # a2: times mean of the non-zero off-diagonal entries, off the diagonal
     normalize: bool = True  # L2-normalise features (the ViT path)
-    tukey: bool = False  # sign(x) |x|^0.5 before normalising (their ResNet path)
+    tukey: bool = False  # sign(x) |x|^0.5 before normalising (the transform of their ResNet path only)
 
     def problems(self) -> list[str]:
         return checks(self, [(k, lambda v: v >= 0, "must be >= 0") for k in ("shrink1", "shrink2")])
