@@ -452,17 +452,17 @@ def _finite(x: np.ndarray, what: str, redo: Redo) -> np.ndarray:
 def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = ""):
     """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time (checksums verified).
 
-    `label` names a progress bar over the rows ("" shows none). A split read in one chunk shows no bar:
-    it would sit at 0 while the chunk is used, then vanish."""
+    `label` names a progress bar over the rows read ("" shows none); it advances as each chunk is read,
+    so a split read in one chunk does not sit at 0 while the chunk is used."""
     feats, labels = open_features(root, t, split)
     what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t, True, split)
-    with progress.bar(label if feats.shape[0] > rows else "", feats.shape[0], unit="row") as shown:
+    with progress.bar(label, feats.shape[0], unit="row") as shown:
         for start in range(0, feats.shape[0], rows):
             sel = slice(start, start + rows)
             x = torch.from_numpy(_finite(read_checked(feats, sel, what, redo), what, redo))
             y = torch.from_numpy(read_checked(labels, sel, what, redo))
-            yield x, y
             shown.advance(len(y))
+            yield x, y
 
 
 def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
