@@ -264,6 +264,8 @@ def _mean_cost(costs: list[dict]) -> dict:
 def _pm(s: dict | None, latex: bool = False) -> str:
     if s is None:
         return "-"
+    if s.get("n", 2) < 2:  # one seed: no spread to show (the seeds column says n = 1)
+        return f"{s['mean']:.2f}"
     sep = " $\\pm$ " if latex else " ± "
     return f"{s['mean']:.2f}{sep}{s['std']:.2f}"
 

@@ -222,3 +222,11 @@ def test_head_fitting_shows_progress_on_stderr_and_json_stays_valid(run_copy, mo
     assert res.exit_code == 0 and json.loads(res.stdout)["task"] == 1
     quiet = cli("--quiet", "fit-stats", run_copy, "--task", 1, "--force")
     assert quiet.exit_code == 0 and "fit-stats:" not in quiet.stderr
+
+
+def test_one_seed_shows_no_spread():
+    from clpt.report import _pm
+
+    assert _pm({"mean": 80.45, "std": 0.0, "n": 1}) == "80.45"
+    assert _pm({"mean": 80.45, "std": 0.0, "n": 2}) == "80.45 ± 0.00"
+    assert _pm({"mean": 75.0, "std": 5.0, "n": 2}, latex=True) == "75.00 $\\pm$ 5.00"
