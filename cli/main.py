@@ -135,6 +135,9 @@ def _setup(
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    # zarr's asyncio tasks left pending by an interrupt or an error would print "Task was destroyed but it
+    # is pending!" at exit (one line each, after clpt's own one line): they carry nothing for the user
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     from clpt import progress
 
     progress.configure(enabled=not quiet, console=err)
