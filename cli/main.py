@@ -642,19 +642,14 @@ def export_(
     """Write a self-contained model: backbone and head weights (safetensors), class names, the test
     transform, provenance, and a torch.export program (model.pt2). Load it with `clpt.load_model(OUT)`,
     `torch.export.load(OUT/model.pt2)`, or predict with `clpt predict OUT IMAGE...`."""
-    from clpt.exports import write_export
-    from clpt.run import open_run
-    from clpt.stages.predict import open_classifier
+    from clpt.api import export
 
-    model, record = open_classifier(open_run(run_dir), task, head)
-    doc = write_export(
-        out_dir, model, record["backbone"], record["head"], record["provenance"], program=program, onnx=onnx
-    )
+    doc = export(run_dir, out_dir, task, head, program=program, onnx=onnx)
     if json_:
         _print_json(doc)
     else:
         files = ", ".join(doc["provenance"]["sha256"])
-        err.print(f"exported {record['head']['name']} after task {record['task']} ({len(doc['classes'])} "
+        err.print(f"exported {doc['head']['name']} after task {doc['provenance']['task']} ({len(doc['classes'])} "
                   f"classes) to {out_dir}: model.json, {files}")  # fmt: skip
 
 
@@ -681,13 +676,9 @@ def add_task(
     """Append the classes of FOLDER to the run as its next task (earlier tasks stay as they are);
     `clpt run RUN` then trains it and fits everything after it. Each image is checked and recorded
     with its checksum in manifest.json."""
-    from clpt.lock import run_lock
-    from clpt.run import open_run
-    from clpt.stages.grow import add_task as grow
+    from clpt.api import add_task as grow
 
-    run = open_run(run_dir)
-    with run_lock(run.root, wait):
-        res = grow(open_run(run_dir), folder, test_fraction)
+    res = grow(run_dir, folder, test_fraction, wait)
     if json_:
         _print_json(res)
     else:

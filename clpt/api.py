@@ -45,8 +45,9 @@ def add_task(run_dir: str | Path, folder: str | Path, test_fraction: float = 0.2
     from clpt.run import open_run
     from clpt.stages.grow import add_task as grow
 
-    with run_lock(Path(run_dir), wait):
-        return grow(open_run(Path(run_dir)), Path(folder), test_fraction)
+    run = open_run(Path(run_dir))  # not a run folder: that line, before any lock is taken
+    with run_lock(run.root, wait):
+        return grow(open_run(run.root), Path(folder), test_fraction)  # read again under the lock
 
 
 def export(run_dir: str | Path, out: str | Path, task: int | None = None, head: str | None = None,

@@ -46,6 +46,14 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C)
         return self.head(self.backbone(x))
 
+    @torch.no_grad()
+    def batch_scores(self, x: torch.Tensor, device: torch.device, prec: str) -> torch.Tensor:
+        """(B, C) float32 scores on the CPU: the backbone under `prec` (a resolved precision, as the
+        run's extraction), the head on its float32 features (as the run's evaluation)."""
+        with P.autocast(prec, device):
+            feats = self.backbone(x.to(device))
+        return self.head(feats.float()).float().cpu()
+
 
 def expand_inputs(inputs: Iterable[str], stdin=None) -> list[Path]:
     """Image paths from files, folders (searched recursively, sorted) and `-` (one path per line on stdin).
@@ -105,11 +113,7 @@ def predict_tensor(model: Classifier, x: torch.Tensor, device: torch.device, pre
     """(N, C) float32 scores on the CPU of preprocessed images `x` (N, 3, S, S)."""
     model.to(device).eval()
     prec = P.resolve(precision, device)
-    out = []
-    for s in range(0, len(x), batch_size):
-        with P.autocast(prec, device):
-            feats = model.backbone(x[s : s + batch_size].to(device))
-        out.append(model.head(feats.float()).float().cpu())
+    out = [model.batch_scores(x[s : s + batch_size], device, prec) for s in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, len(model.classes))
 
 

@@ -119,9 +119,7 @@ def predict_split(run, model: Classifier, split: str, task: int, device: torch.d
     for x, y in batches(
         bench, data, rows, batch_size, device, train=False, num_workers=run.cfg.system.num_workers
     ):
-        with P.autocast(prec, device):
-            feats = model.backbone(x)
-        scores = model.head(feats.float()).float().cpu()
+        scores = model.batch_scores(x, device, prec)
         for i, (top, label) in enumerate(zip(top_k(scores, model.classes, k), y.tolist(), strict=True)):
             r = int(rows[done + i])
             path = data.paths[r] if data.paths is not None else f"{split}[{r}]"
