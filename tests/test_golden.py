@@ -28,7 +28,8 @@ GOLDEN = Path(__file__).parent / "golden" / "builtin_demo.json"
 
 
 def build() -> dict:
-    """What the figures depend on: torch build, thread count, CPU."""
+    """What the figures depend on: torch build, thread count, CPU and the instruction set torch's CPU
+    kernels use (two 'AMD EPYC' machines, one with AVX-512 and one without, give other figures)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -37,7 +38,8 @@ def build() -> dict:
                 break
     except OSError:
         pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
 
 
 def matrices(report: dict) -> dict:
