@@ -1,24 +1,32 @@
-"""Scale: what a task costs as the number of tasks grows (issue 20's benchmark; more sections as they land).
+"""Scale: what a task costs as the number of tasks and classes grows (issue 20's benchmark).
 
-    python bench/scale.py                       # tasks 5, 20, 100, 300
-    python bench/scale.py --tasks 5 20 --head-tasks 5 20
+    python bench/scale.py                                   # everything (several minutes on 2 cores)
+    python bench/scale.py --tasks 5 20 --head-tasks 5 20 --classes 100 1000
+    python bench/scale.py --skip machinery classes          # one section
 
 Sections, each measured in one run against its own baseline:
 
   machinery  the run machinery's per-task overhead on a cache-only run: checking every stage of the
              last task (markers, digests, inputs) when all tasks before it are done, with markers
-             written for T tasks of a run (no training, no features). The baseline is the same check at
-             the smallest T; the ratio is the growth (target: flat, within 1.2x from 20 to 300 tasks).
-  heads      fitting each head at the last task from synthetic cached features (d = 768 by default,
-             10 classes and 50 rows per class per task): the cost of task T's fit against T, which
-             grows with T where a head refits from tasks 0..T; `fecam incr.` is FeCAM as a run fits it,
-             updating task T-1's saved state with task T's classes only.
+             written for T tasks of a run (no training, no features). Baseline: the machinery without
+             its memory of markers and states (as before), and the smallest T (target: flat, within
+             1.2x from 20 to 300 tasks).
+  per-task   synthetic features (d = 768, 10 classes x 50 rows a task, lowrank statistics): each head's
+             fit at task T as a run does it (ncm, lda, fecam, ranpac update task T-1's state and read task
+             T's data alone), fit-stats of task T, and CA at task T (it aligns every seen class, so its
+             cost grows with the classes by design); baseline: the same heads fitted from scratch (every
+             task's features again), up to --scratch-max.
+  classes    statistics of 100 / 1,000 / 10,000 classes in each form (full, diagonal, lowrank): fit-stats
+             time, the statistics' size, NCM and LDA from them, one CA epoch, and peak host memory of a
+             fresh process; the full form is not run where its matrices alone would not fit in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -68,64 +76,205 @@ def _forgetful(run, remember: bool):
     return run
 
 
-def heads(n_tasks: int, d: int, classes: int, rows: int) -> dict[str, float]:
-    """Seconds of each head's fit at the last task (from features in memory: InMemoryCache)."""
-    from clpt.heads import HEADS, InMemoryCache
+def warm_up() -> None:
+    """torch's first optimizer imports torch._dynamo (seconds): done before anything is timed."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+def synthetic(n_cls: int, d: int, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of `n_cls` classes (`rows` each, grouped by class): a shared mean, a class mean, a few
+    strong directions per class and a noise floor, as backbone features have."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_cls).repeat_interleave(rows)
+    x = torch.randn(len(y), d, generator=g) + 3 * torch.randn(n_cls, d, generator=g)[y] + 1.0
+    x += torch.randn(len(y), 4, generator=g) @ torch.randn(4, d, generator=g)
+    return x, y
+
+
+class Carried:
+    """An InMemoryCache whose `previous_state` is the state the last fit of each head returned (with its
+    carry), as a run keeps it on disk: heads fitted task after task update instead of refitting."""
+
+    def __init__(self, cache):
+        self.cache, self.saved = cache, {}
+
+    def fit(self, name: str, task: int):
+        from clpt.heads import HEADS
+
+        c, spec = self.cache, HEADS.get(name)
+        c.task = task
+        c.previous_state = lambda head: self.saved.get(head) if task > 0 else None
+        settings = c.cfg.heads.of(name)
+        t0 = time.perf_counter()
+        state = spec.fit(c, settings)
+        sec = time.perf_counter() - t0
+        md = {"settings": dataclasses.asdict(settings), "n_classes": c.n_seen, "meta": state.meta(),
+              "carry": state.carry or None}  # fmt: skip
+        self.saved[name] = (state.tensors(), md)
+        return sec
+
+
+def per_task(n_tasks: list[int], d: int, classes: int, rows: int, scratch_max: int) -> None:
+    """Each head's fit at task T as a run does it (updating task T-1's state: ncm, lda, fecam, ranpac),
+    fit-stats of task T, and CA at task T (it aligns every seen class: its cost grows with the classes);
+    from scratch (every task's features again) up to T = scratch_max, the baseline."""
+    from clpt.align import align_on_stats
+    from clpt.heads import HEADS, ClassStats, InMemoryCache
     from clpt.model import Heads
     from clpt.stages import resolve as R
+    from clpt.stats import compress, fit_class_stats
 
-    g = torch.Generator().manual_seed(0)
-    n_cls = n_tasks * classes
-    y = torch.arange(n_cls).repeat_interleave(rows)
-    x = torch.randn(len(y), d, generator=g) + 3 * torch.randn(n_cls, d, generator=g)[y]
-    tasks = [[t * classes, (t + 1) * classes] for t in range(n_tasks)]
-    cfg = R.resolve(overrides=["align.epochs=1", "align.samples_per_class=16", "heads.ranpac.dim=2000"])
-    cache = InMemoryCache(x, y, tasks, n_tasks - 1, cfg, heads=Heads(d, [classes] * n_tasks))
-    out = {}
-    for name in ("ncm", "lda", "fecam", "ranpac", "ca"):
+    warm_up()
+    big = max(n_tasks)
+    x, y = synthetic(big * classes, d, rows)
+    tasks = [[t * classes, (t + 1) * classes] for t in range(big)]
+    cfg = R.resolve(overrides=["method=seqft", "stats.covariance=lowrank", "heads.ranpac.dim=2000",
+                               "align.epochs=1", "align.samples_per_class=64"])  # fmt: skip
+    cache = InMemoryCache(x, y, tasks, 0, cfg)
+    run = Carried(cache)
+    names = ("ncm", "lda", "fecam", "ranpac")
+    times: dict[str, dict[int, float]] = {k: {} for k in (*names, "fit-stats", "ca", *(f"{n} scratch" for n in names))}
+    stats_parts: list = []
+    for t in range(big):
         t0 = time.perf_counter()
-        HEADS.get(name).fit(cache, cfg.heads.of(name))
-        out[name] = time.perf_counter() - t0
-    # fecam as a run fits it: task T-1's saved state updated with task T's classes
-    settings = cfg.heads.of("fecam")
-    before = InMemoryCache(x, y, tasks, n_tasks - 2, cfg) if n_tasks > 1 else None
-    if before is not None:
-        prev = HEADS.get("fecam").fit(before, settings)
-        md = {"settings": dataclasses.asdict(settings), "n_classes": tasks[-1][0], "meta": prev.meta()}
-        cache.previous_state = lambda head: (prev.tensors(), md)  # type: ignore[method-assign]
+        m = fit_class_stats(cache.train_chunks(t), range(*tasks[t]), d)
+        part = (m.count, m.mean, compress(m.m2, cfg.stats.covariance, cfg.stats.rank), m.m2.sum(0))
+        times["fit-stats"][t + 1] = time.perf_counter() - t0
+        stats_parts.append(part)
+        for name in names:
+            times[name][t + 1] = run.fit(name, t)
+        if t + 1 in n_tasks:
+            st = ClassStats.from_tasks(*(list(p) for p in zip(*stats_parts, strict=True)))
+            heads = Heads(d, [classes] * (t + 1))
+            t0 = time.perf_counter()
+            align_on_stats(heads, st, t, cfg, torch.device("cpu"))
+            times["ca"][t + 1] = time.perf_counter() - t0
+            if t + 1 <= scratch_max:
+                for name in names:
+                    cache.task, cache.previous_state = t, lambda head: None
+                    t0 = time.perf_counter()
+                    HEADS.get(name).fit(cache, cfg.heads.of(name))
+                    times[f"{name} scratch"][t + 1] = time.perf_counter() - t0
+    print(f"per task, d = {d}, {classes} classes x {rows} rows a task, lowrank statistics (r = {cfg.stats.rank}), "
+          f"RanPAC M = 2000; seconds at task T, and the growth from the first T to the last")  # fmt: skip
+    print("  " + f"{'':16}" + "".join(f"{'T = ' + str(n):>11}" for n in n_tasks) + "   growth")
+    for k, v in times.items():
+        row = [v.get(n) for n in n_tasks]
+        known = [r for r in row if r is not None]
+        growth = f"x{known[-1] / known[0]:5.2f}" if len(known) > 1 and known[0] > 0 else ""
+        print(f"  {k:16}" + "".join(f"{r:11.3f}" if r is not None else f"{'-':>11}" for r in row) + f"   {growth}")
+    first20 = [n for n in n_tasks if n >= 20]
+    if len(first20) > 1:
+        for k in (*names, "fit-stats"):
+            a, b = times[k][first20[0]], times[k][first20[-1]]
+            print(f"  {k}: T = {first20[0]} -> {first20[-1]}: x{b / a:.2f} (target: flat, within 1.2x)")
+
+
+def _classes_one(args) -> dict:
+    """In a fresh process: fit-stats in `form` for n_cls classes (tasks of 100 classes), then each head
+    that reads statistics, and CA; seconds, stored bytes and peak host memory (RSS growth)."""
+    n_cls, d, rows, form, with_ca = args
+    from clpt.align import align_on_stats
+    from clpt.heads import HEADS, ClassStats
+    from clpt.model import Heads
+    from clpt.stages import resolve as R
+    from clpt.stats import compress, fit_class_stats
+
+    warm_up()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = R.resolve(overrides=["method=seqft", f"stats.covariance={form}", "align.epochs=1"])
+    x, y = synthetic(n_cls, d, rows)
+    per = 100
+    t0 = time.perf_counter()
+    parts = []
+    for s in range(0, n_cls, per):
+        sel = (y >= s) & (y < s + per)
+        m = fit_class_stats([(x[sel], y[sel])], range(s, min(s + per, n_cls)), d)
+        parts.append((m.count, m.mean, compress(m.m2, form, cfg.stats.rank), m.m2.sum(0)))
+        del m
+    stats_s = time.perf_counter() - t0
+    del x, y
+    st = ClassStats.from_tasks(*(list(p) for p in zip(*parts, strict=True)))
+    del parts
+    nbytes = st.scatter.nbytes() + sum(t.numel() * t.element_size() for t in (st.count, st.mean, st.pooled))
+    out = {"classes": n_cls, "form": form, "fit_stats_s": stats_s, "stats_gb": nbytes / 1e9}
+
+    class Stats:  # the statistics a head reads, nothing else
+        def __init__(self):
+            self.cfg, self.task, self.device, self.label, self.compensated = cfg, 0, torch.device("cpu"), "", False
+            self.tasks, self.shard = [[0, n_cls]], (0, 1)
+
+        n_seen = n_cls
+
+        def class_stats(self):
+            return st
+
+        def previous_state(self, head):
+            return None
+
+    for name in ("ncm", "lda"):
         t0 = time.perf_counter()
-        HEADS.get("fecam").fit(cache, settings)
-        out["fecam incr."] = time.perf_counter() - t0
+        HEADS.get(name).fit(Stats(), cfg.heads.of(name))
+        out[f"{name}_s"] = time.perf_counter() - t0
+    if with_ca:
+        t0 = time.perf_counter()
+        align_on_stats(Heads(d, [n_cls]), st, 0, cfg, torch.device("cpu"))
+        out["ca_epoch_s"] = time.perf_counter() - t0
+    out["peak_gb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
     return out
+
+
+def classes_sweep(n_classes: list[int], d: int, rows: int, ca_max: int, mem_gb: float) -> None:
+    import multiprocessing as mp
+
+    print(f"classes: statistics of C classes (d = {d}, {rows} rows a class, fit in tasks of 100 classes), each "
+          f"form; NCM and LDA from them; one CA epoch (256 samples a class) up to C = {ca_max}")  # fmt: skip
+    print(f"  {'C':>6} {'form':>9} {'fit-stats s':>11} {'stats GB':>9} {'ncm s':>7} {'lda s':>7} {'CA epoch s':>10} "
+          f"{'peak GB':>8}")  # fmt: skip
+    ctx = mp.get_context("spawn")
+    for c in n_classes:
+        for form in ("full", "diagonal", "lowrank"):
+            need = c * d * d * 8 / 1e9 if form == "full" else 0.0
+            if need > mem_gb / 2:
+                print(f"  {c:>6} {form:>9}   not run: full scatter matrices would take {need:.1f} GB (> half of "
+                      f"this machine's {mem_gb:.0f} GB)")  # fmt: skip
+                continue
+            with ctx.Pool(1) as pool:
+                r = pool.apply(_classes_one, ((c, d, rows, form, c <= ca_max),))
+            ca = f"{r['ca_epoch_s']:10.2f}" if "ca_epoch_s" in r else f"{'-':>10}"
+            print(f"  {c:>6} {form:>9} {r['fit_stats_s']:11.2f} {r['stats_gb']:9.3f} {r['ncm_s']:7.2f} "
+                  f"{r['lda_s']:7.2f} {ca} {r['peak_gb']:8.2f}", flush=True)  # fmt: skip
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=[5, 20, 100, 300])
-    ap.add_argument("--head-tasks", type=int, nargs="+", default=[5, 10, 20])
+    ap.add_argument("--head-tasks", type=int, nargs="+", default=[5, 20, 100, 300])
+    ap.add_argument("--scratch-max", type=int, default=20, help="largest T of the from-scratch baseline")
+    ap.add_argument("--classes", type=int, nargs="+", default=[100, 1000, 10000])
+    ap.add_argument("--ca-max", type=int, default=1000, help="largest C for the CA epoch")
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--baseline-max", type=int, default=100, help="largest T for the (quadratic) baseline")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["machinery", "per-task", "classes"])
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(
-        "machinery: a cache-only run whose T tasks are done; a fresh command checks the last task's stages,"
-    )
-    print("  and a resumed `clpt run` checks every task's stages (per task); before = without the memory")
-    base = None
-    for n in args.tasks:
-        last, per = machinery(n)
-        b_last, b_per = machinery(n, remember=False) if n <= args.baseline_max else (float("nan"),) * 2
-        base = base or per
-        print(
-            f"  T = {n:4d}: last task {1000 * last:7.2f} ms (before {1000 * b_last:8.2f});  per task "
-            f"{1000 * per:6.2f} ms, x{per / base:4.2f} of T = {args.tasks[0]} (before {1000 * b_per:8.2f} ms)"
-        )
-    print(f"heads: the fit at the last task, d = {args.dim}, 10 classes x 50 rows per task")
-    first = None
-    for n in args.head_tasks:
-        h = heads(n, args.dim, 10, 50)
-        first = first or h
-        print(f"  T = {n:4d}: " + "  ".join(f"{k} {v:6.2f} s (x{v / first[k]:4.1f})" for k, v in h.items()))
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {mem_gb:.0f} GB of memory")
+    if "machinery" not in args.skip:
+        print("machinery: a cache-only run whose T tasks are done; a fresh command checks the last task's stages,")
+        print("  and a resumed `clpt run` checks every task's stages (per task); before = without the memory")
+        base = None
+        for n in args.tasks:
+            last, per = machinery(n)
+            b_last, b_per = machinery(n, remember=False) if n <= args.baseline_max else (float("nan"),) * 2
+            base = base or per
+            print(
+                f"  T = {n:4d}: last task {1000 * last:7.2f} ms (before {1000 * b_last:8.2f});  per task "
+                f"{1000 * per:6.2f} ms, x{per / base:4.2f} of T = {args.tasks[0]} (before {1000 * b_per:8.2f} ms)"
+            )
+    if "per-task" not in args.skip:
+        per_task(args.head_tasks, args.dim, 10, 50, args.scratch_max)
+    if "classes" not in args.skip:
+        classes_sweep(args.classes, args.dim, 20, args.ca_max, mem_gb)
     return 0
 
 

@@ -29,7 +29,7 @@ from clpt.errors import ClptError
 from clpt.losses import sce_loss
 from clpt.model import Heads
 from clpt.seeding import ALIGN, task_seed
-from clpt.stats import covariance
+from clpt.stats import Scatter, covariance
 
 log = logging.getLogger("clpt")
 
@@ -62,7 +62,20 @@ def head_input_scales(n_heads: int, current_task: int) -> torch.Tensor:
 
 
 class GaussianSampler:
-    """Samples features of C classes from N(mu_c, Sigma_c) via Cholesky factors."""
+    """Samples features of C classes from N(mu_c, Sigma_c), Sigma_c in the statistics' covariance form.
+
+    full: Cholesky factors, x = mu + L z. diagonal: x = mu + sigma * z. lowrank (Sigma = U diag(a) U^T +
+    b (I - U U^T)): x = mu + sqrt(b) z + U diag(sqrt(a) - sqrt(b)) U^T z, whose covariance is exactly that
+    Sigma, at O(d r) per sample. Every form draws the same standard normals z (C, S, d).
+    """
+
+    form: str
+    mean: torch.Tensor  # (C, d)
+    chol: torch.Tensor  # full: (C, d, d), lower
+    std: torch.Tensor  # diagonal: (C, d)
+    s: torch.Tensor  # lowrank: (C,) sqrt(b)
+    t: torch.Tensor  # lowrank: (C, r) sqrt(a)
+    u: torch.Tensor  # lowrank: (C, d, r)
 
     def __init__(self, means: torch.Tensor, covs: torch.Tensor, device: torch.device):
         chol, info = torch.linalg.cholesky_ex(covs.to(torch.float64))
@@ -72,24 +85,50 @@ class GaussianSampler:
                 f"covariance of class(es) {bad[:10]} is not positive definite",
                 hint="raise stats.ridge (published: 1e-4); it is added where the statistics are used",
             )
+        self.form = "full"
         self.mean = means.to(device=device, dtype=torch.float32)  # (C, d)
         self.chol = chol.to(device=device, dtype=torch.float32)  # (C, d, d), lower
         self.device = device
+
+    @classmethod
+    def from_stats(cls, count: torch.Tensor, mean: torch.Tensor, scatter: Scatter, ridge: float,
+                   device: torch.device) -> GaussianSampler:  # fmt: skip
+        """The sampler of covariance M2 / (n - 1) + ridge I (ridge I alone for a class of < 2 rows)."""
+        if scatter.form == "full":
+            return cls(mean, covariance(count, scatter.full(), ridge), device)
+        denom = torch.where(count >= 2, count.to(torch.float64) - 1, torch.full_like(count, math.inf,
+                                                                                      dtype=torch.float64))  # fmt: skip
+        self = cls.__new__(cls)
+        self.form, self.device = scatter.form, device
+        self.mean = mean.to(device=device, dtype=torch.float32)
+        if scatter.form == "diagonal":
+            self.std = (scatter.diagonal() / denom[:, None] + ridge).sqrt().to(device, torch.float32)
+        else:
+            assert scatter.basis is not None and scatter.eigval is not None and scatter.resid is not None
+            self.s = (scatter.resid / denom + ridge).sqrt().to(device, torch.float32)  # (C,)
+            self.t = (scatter.eigval / denom[:, None] + ridge).sqrt().to(device, torch.float32)  # (C, r)
+            self.u = scatter.basis.to(device, torch.float32)  # (C, d, r)
+        return self
 
     def sample(self, per_class: int, generator: torch.Generator, mean_scale: torch.Tensor | None = None):
         """(C * per_class, d) features and (C * per_class,) class indices, grouped by class."""
         c, d = self.mean.shape
         mu = self.mean if mean_scale is None else self.mean * mean_scale.to(self.mean)[:, None]
         z = torch.randn(c, per_class, d, generator=generator, device=self.device)  # (C, S, d)
-        x = mu[:, None, :] + torch.bmm(z, self.chol.transpose(1, 2))  # (C, S, d)
+        if self.form == "full":
+            x = mu[:, None, :] + torch.bmm(z, self.chol.transpose(1, 2))  # (C, S, d)
+        elif self.form == "diagonal":
+            x = mu[:, None, :] + z * self.std[:, None, :]
+        else:
+            coef = torch.bmm(z, self.u) * (self.t - self.s[:, None])[:, None, :]  # (C, S, r)
+            x = mu[:, None, :] + z * self.s[:, None, None] + torch.bmm(coef, self.u.transpose(1, 2))
         labels = torch.arange(c, device=self.device).repeat_interleave(per_class)
         return x.reshape(c * per_class, d), labels
 
 
 def align_heads(
     heads: Heads,
-    means: torch.Tensor,
-    covs: torch.Tensor,
+    sampler: GaussianSampler,
     task_of_class: torch.Tensor,
     current_task: int,
     cfg: RunConfig,
@@ -105,7 +144,7 @@ def align_heads(
     heads.requires_grad_(True)
     heads.input_scale.fill_(1.0)  # trained unscaled; SLCA++ scales old heads' inputs afterwards
     task_of_class = task_of_class.to(device)
-    sampler = GaussianSampler(means, covs, device)
+    n_classes = len(sampler.mean)
     shrink = mean_scale_slca(task_of_class, current_task) if a.mean_shrink else None
     if a.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(
@@ -118,7 +157,7 @@ def align_heads(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs, eta_min=a.lr_min)
     gen = torch.Generator(device=device).manual_seed(seed)
     sizes = heads.sizes
-    batch = a.batch_size if a.batch_per_class is None else max(1, int(a.batch_per_class * len(means)))
+    batch = a.batch_size if a.batch_per_class is None else max(1, int(a.batch_per_class * n_classes))
     losses = []
     drawn = None
     with progress.bar(label, a.epochs, unit="epoch") as shown:
@@ -168,10 +207,10 @@ def align_on_stats(
             f"statistics cover {len(stats.mean)} classes but the heads have {heads.n_classes}",
             hint=f"redo the class statistics of tasks 0..{current_task} with --force",
         )
-    covs = covariance(stats.count, stats.m2, cfg.stats.ridge)
+    sampler = GaussianSampler.from_stats(stats.count, stats.mean, stats.scatter, cfg.stats.ridge, device)
     seed = task_seed(cfg.seed, current_task, ALIGN)
     tasks = class_tasks(stats.task_of_class, current_task, cfg.align.task_of_class)
-    return align_heads(heads, stats.mean, covs, tasks, current_task, cfg, device, seed, label)
+    return align_heads(heads, sampler, tasks, current_task, cfg, device, seed, label)
 
 
 def class_tasks(true_tasks: torch.Tensor, current_task: int, mode: str = "true") -> torch.Tensor:

@@ -21,6 +21,7 @@ whose `Redo` names the stage that rebuilds it (the wiring formats its command).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import zarr
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from clpt import progress
@@ -51,6 +53,7 @@ FORMATS = {
     "clpt-head-eval": 1,
     "clpt-drift-map": 1,  # tasks/003/drift.safetensors
     "clpt-head-state": 1,  # tasks/003/heads/NAME.safetensors: a fitted head, ready to score
+    "clpt-head-carry": 1,  # tasks/003/heads/NAME.carry.safetensors: what the next task's fit continues from
 }
 
 
@@ -83,6 +86,12 @@ def head_eval_path(root: Path, head: str, t: int) -> Path:
 
 def head_state_path(root: Path, head: str, t: int) -> Path:
     return task_dir(root, t) / "heads" / f"{head}.safetensors"
+
+
+def head_carry_path(root: Path, head: str, t: int) -> Path:
+    """What head `head`'s fit at task t + 1 continues from (a Gram, a pooled scatter): kept for the
+    latest task only, not an output of the stage (without it the next fit starts from scratch)."""
+    return task_dir(root, t) / "heads" / f"{head}.carry.safetensors"
 
 
 def features_path(root: Path) -> Path:
@@ -449,16 +458,26 @@ def _finite(x: np.ndarray, what: str, redo: Redo) -> np.ndarray:
     return x
 
 
-def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = ""):
+def shard_rows(n: int, chunk: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of n stored rows, cut at the store's chunk boundaries (so no two
+    ranks read the same chunk); the shares of ranks 0..world-1 cover [0, n) in order."""
+    n_chunks = -(-n // chunk)
+    a, b = n_chunks * rank // world, n_chunks * (rank + 1) // world
+    return range(min(a * chunk, n), min(b * chunk, n))
+
+
+def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = "", shard: tuple[int, int] = (0, 1)):
     """(x float32 (n, d), labels int64 (n,)) tensors of a cached split, `rows` at a time (checksums verified).
 
     `label` names a progress bar over the rows read ("" shows none); it advances as each chunk is read,
-    so a split read in one chunk does not sit at 0 while the chunk is used."""
+    so a split read in one chunk does not sit at 0 while the chunk is used. `shard` (rank, world): only
+    that rank's share of the rows (`shard_rows`)."""
     feats, labels = open_features(root, t, split)
     what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t, True, split)
-    with progress.bar(label, feats.shape[0], unit="row") as shown:
-        for start in range(0, feats.shape[0], rows):
-            sel = slice(start, start + rows)
+    share = shard_rows(feats.shape[0], feats.chunks[0], *shard)
+    with progress.bar(label, len(share), unit="row") as shown:
+        for start in range(share.start, share.stop, rows):
+            sel = slice(start, min(start + rows, share.stop))
             x = torch.from_numpy(_finite(read_checked(feats, sel, what, redo), what, redo))
             y = torch.from_numpy(read_checked(labels, sel, what, redo))
             shown.advance(len(y))
@@ -478,53 +497,74 @@ def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.T
 
 
 def save_stats(
-    root: Path, t: int, classes: range, count, mean, m2, source: str, store: str = "stats"
+    root: Path, t: int, classes: range, count, mean, scatter, source: str, store: str = "stats", pooled=None
 ) -> Path:
-    """Write task t's per-class count (C,), mean (C, d) and scatter M2 (C, d, d), float64, no ridge."""
+    """Write task t's per-class count (C,), mean (C, d) and scatter, float64, no ridge.
+
+    `scatter`: the full M2 (C, d, d) (an array), or a `clpt.stats.Scatter` in any form; a compact form
+    also stores `pooled`, the task's sum_c M2_c (d, d), which the full form gives by summing."""
+    from clpt.stats import Scatter
+
+    if not isinstance(scatter, Scatter):
+        scatter = Scatter("full", m2=torch.as_tensor(np.asarray(scatter, dtype=np.float64)))
     path = stats_path(root) if store == "stats" else drift_path(root)
     g = writable_group(path, stats_group(t))
     d = mean.shape[1]
-    for key, value in (
+    arrays = [
         ("classes", np.arange(classes.start, classes.stop, dtype=np.int64)),
         ("count", np.asarray(count, dtype=np.int64)),
         ("mean", np.asarray(mean, dtype=np.float64)),
-        ("m2", np.asarray(m2, dtype=np.float64)),
-    ):
-        arr = g.create_array(
-            key,
-            shape=value.shape,
-            dtype=value.dtype,
-            overwrite=True,
-            chunks=(1, d, d) if key == "m2" else value.shape,
-            **_codecs(),
-        )
+        *((k, v.cpu().numpy().astype(np.float64)) for k, v in scatter.arrays().items()),
+    ]
+    if scatter.form != "full":
+        arrays.append(("pooled", np.asarray(torch.as_tensor(pooled).cpu(), dtype=np.float64)[None]))
+    for key, value in arrays:
+        if key in ("m2", "pooled"):
+            chunks = (1, d, d)
+        elif key == "basis":
+            chunks = (min(len(value), 256), *value.shape[1:])
+        else:
+            chunks = value.shape
+        arr = g.create_array(key, shape=value.shape, dtype=value.dtype, overwrite=True, chunks=chunks, **_codecs())
         arr.attrs[EVERY_CHUNK] = True
         arr[...] = value
     g.attrs.update(
         {
             "format": "clpt-stats",
-            "format_version": FORMATS["clpt-stats"],
+            "format_version": FORMATS["clpt-stats"] if scatter.form == "full" else 3,
+            "covariance": scatter.form,
             "source": source,
             "m2": "sum over the class's rows of (x - mean)(x - mean)^T, float64, exactly symmetric",
         }
     )
-    if "cov" in g:  # a store written by an older clpt: its covariance is not ours
-        del g["cov"]
+    for stale in ({"cov", "m2", "diag", "basis", "eigval", "resid", "pooled"} - {k for k, _ in arrays}) & set(g):
+        del g[stale]  # another form's arrays, or a store written by an older clpt (its `cov` is not ours)
     return path / stats_group(t)
 
 
-def load_stats(root: Path, t: int, store: str = "stats") -> dict[str, np.ndarray]:
-    """classes, count, mean, m2 of task t (float64 sufficient statistics, no ridge)."""
+def load_stats(root: Path, t: int, store: str = "stats") -> dict:
+    """classes, count, mean and the scatter arrays of task t (float64 sufficient statistics, no ridge):
+    `covariance` names the form; full: m2; diagonal: diag, pooled; lowrank: basis, eigval, resid, pooled
+    (the task's sum_c M2_c)."""
+    from clpt.stats import Scatter
+
     path = stats_path(root) if store == "stats" else drift_path(root)
     what = f"the statistics of task {t}" if store == "stats" else f"the compensated statistics after task {t}"
     redo = Redo(store, t, str(root))
-    keys = ("classes", "count", "mean", "m2")
+    keys: tuple[str, ...] = ("classes", "count", "mean")
     missing = MissingInputError(f"no statistics of task {t} in {path}", redo=redo)
-    g, arrays = open_node(path, stats_group(t), keys, what, redo, missing)
+    g, _ = open_node(path, stats_group(t), (), what, redo, missing)
+    form = g.attrs.get("covariance", "full")
     version = g.attrs.get("format_version", 1)
-    if version != FORMATS["clpt-stats"]:
-        raise DataError(f"statistics of task {t} have format version {version}", redo=redo)
-    return {k: read_checked(a, ..., what, redo) for k, a in zip(keys, arrays, strict=True)}
+    if form not in Scatter.KEYS or version != (FORMATS["clpt-stats"] if form == "full" else 3):
+        raise DataError(f"statistics of task {t} have format version {version} ({form})", redo=redo)
+    keys += Scatter.KEYS[form] + (("pooled",) if form != "full" else ())
+    g, arrays = open_node(path, stats_group(t), keys, what, redo, missing)
+    out: dict = {k: read_checked(a, ..., what, redo) for k, a in zip(keys, arrays, strict=True)}
+    out["covariance"] = form
+    if "pooled" in out:  # the full form's is the sum of its m2 (`ClassStats.from_tasks`)
+        out["pooled"] = out["pooled"][0]
+    return out
 
 
 # --- evaluations ---------------------------------------------------------------------------
@@ -578,12 +618,15 @@ def read_drift_map(path: Path, method: str, redo: Redo) -> dict[str, torch.Tenso
 
 
 def head_state_bytes(head: str, task: int, n_classes: int, tensors: dict[str, torch.Tensor], meta: dict,
-                     settings: dict, info: dict | None = None) -> bytes:  # fmt: skip
+                     settings: dict, info: dict | None = None, carry: str | None = None) -> bytes:  # fmt: skip
     """A fitted head as safetensors: its tensors; its name, task, classes [0, n_classes), the state's
-    meta (what rebuilding needs), its settings and the fit's choices as metadata."""
+    meta (what rebuilding needs), its settings and the fit's choices as metadata; `carry`: the sha256
+    of the carry file written with it (`head_carry_path`), which ties the two together."""
     md = {"format": "clpt-head-state", "format_version": str(FORMATS["clpt-head-state"]), "head": head,
           "task": str(task), "n_classes": str(n_classes), "meta": json.dumps(meta),
           "settings": json.dumps(settings), "info": json.dumps(info or {})}  # fmt: skip
+    if carry is not None:
+        md["carry"] = carry
     return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=md)
 
 
@@ -613,3 +656,23 @@ def read_head_state(path: Path, head: str, redo: Redo | None) -> tuple[dict[str,
     if md.get("head") != head:
         raise DataError(f"{path} holds head {md.get('head')!r}, not {head!r}", redo=redo)
     return tensors, md
+
+
+def head_carry_bytes(head: str, task: int, tensors: dict[str, torch.Tensor]) -> bytes:
+    md = {"format": "clpt-head-carry", "format_version": str(FORMATS["clpt-head-carry"]), "head": head,
+          "task": str(task)}  # fmt: skip
+    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=md)
+
+
+def read_head_carry(path: Path, sha256: str | None) -> dict[str, torch.Tensor] | None:
+    """The carry tensors at `path` if the file is there and its sha256 is `sha256` (the one its head
+    state recorded); else None: the next fit starts from scratch, which gives the same result."""
+    if sha256 is None or not Path(path).is_file():
+        return None
+    try:
+        data = Path(path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        return safetensors_load(data)
+    except (SafetensorError, OSError, ValueError):
+        return None

@@ -196,12 +196,18 @@ class StatsConfig:
     ridge: float = 1e-4  # added to every covariance's diagonal
     chunk_rows: int = 65536  # feature rows per accumulation step (one kernel launch; 200 MB at d = 768)
     kernel_precision: str = "ieee"  # Triton (GPU) products: ieee (exact float32) | tf32 | tf32x3 (faster)
+    # per-class scatter kept: full (d x d) | diagonal | lowrank (top `rank` eigenpairs + the mean of the
+    # rest); each task's pooled scatter is kept exactly in every form
+    covariance: str = "full"
+    rank: int = 16  # r of the lowrank form
 
     def problems(self) -> list[str]:
         return checks(self, [
             ("ridge", lambda v: v >= 0, "must be >= 0"),
             ("chunk_rows", lambda v: v >= 1, "must be >= 1"),
             ("kernel_precision", *one_of("ieee", "tf32", "tf32x3")),
+            ("covariance", *one_of("full", "diagonal", "lowrank")),
+            ("rank", lambda v: v >= 1, "must be >= 1"),
         ])  # fmt: skip
 
 
@@ -402,6 +408,9 @@ class RunConfig:
         out: list[str] = checks(self, [("seed", lambda v: 0 <= v < 2**32, SEED_RANGE)])
         for name in SECTIONS:
             out.extend(f"{name}.{p}" for p in getattr(self, name).problems())
+        if self.drift.enabled and self.stats.covariance not in (None, "full"):
+            out.append(f"drift.method: {self.drift.method} maps full scatter matrices, and stats.covariance is "
+                       f"{self.stats.covariance}: set stats.covariance=full or drift.method=none")  # fmt: skip
         return out
 
     @property

@@ -67,6 +67,39 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` of every rank, in rank order (same shape and dtype on every rank; on the process group's
+    device: CUDA under NCCL, CPU under Gloo); [t] in one process."""
+    g = _group()
+    if g is None or g.get_world_size() == 1:
+        return [t]
+    t = t.contiguous()
+    out = [t.new_empty(t.shape) for _ in range(g.get_world_size())]
+    g.all_gather(out, t)
+    return out
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The rows of `t` of every rank concatenated in rank order (ranks may hold different numbers of
+    rows; the other dimensions and the dtype agree); `t` itself in one process."""
+    import torch
+
+    if world_size() == 1:
+        return t
+    sizes = [int(n) for n in all_gather(torch.tensor([len(t)], device=t.device))]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: len(t)] = t
+    return torch.cat([p[:n] for p, n in zip(all_gather(padded), sizes, strict=True)])
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In place: the sum of `t` over every rank (every rank gets it); `t` itself in one process."""
+    g = _group()
+    if g is not None and g.get_world_size() > 1:
+        g.all_reduce(t, op=g.ReduceOp.SUM)
+    return t
+
+
 def resolve_device(pref: str) -> torch.device:
     """`auto` -> this rank's GPU if CUDA is available, else the CPU."""
     import torch

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from clpt import distributed as dist
 from clpt_kernels.class_moments import class_scatter
 
 log = logging.getLogger("clpt")
@@ -66,6 +67,9 @@ class ClassMoments:
 
     def merge_rows(self, rows: torch.Tensor, other: ClassMoments) -> None:
         """In place: merge `other` (moments of classes `rows`, in that order) into those rows only."""
+        if not bool(self.count[rows].any()):  # nothing there yet: Chan's update would return `other` exactly
+            self.count[rows], self.mean[rows], self.m2[rows] = other.count, other.mean, other.m2
+            return
         mine = ClassMoments(self.count[rows], self.mean[rows], self.m2[rows])
         merged = mine.merge(other)
         self.count[rows], self.mean[rows], self.m2[rows] = merged.count, merged.mean, merged.m2
@@ -104,8 +108,10 @@ def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
     s = total.to(torch.float64)
     mean = torch.where((n > 0)[:, None], shift.to(torch.float64) + s / safe[:, None], torch.zeros_like(s))
     sc = scatter.to(torch.float64)
-    sc = (sc + sc.transpose(1, 2)) * 0.5  # a + b == b + a exactly: symmetric whatever the kernel's order
-    m2 = sc - s[:, :, None] * s[:, None, :] / safe[:, None, None]
+    m2 = sc + sc.transpose(1, 2)  # a + b == b + a exactly: symmetric whatever the kernel's order
+    m2.mul_(0.5)
+    outer = s[:, :, None] * s[:, None, :]
+    m2.sub_(outer.div_(safe[:, None, None]))  # the same operations in place: no further (C, d, d) temporaries
     return ClassMoments(n, mean, m2)
 
 
@@ -164,6 +170,21 @@ def make_accumulator(
     return ScatterAccumulator(n_classes, dim, device, backend, precision)
 
 
+def merge_ranks(m: ClassMoments) -> ClassMoments:
+    """Every rank's moments of its own rows, merged in rank order with Chan's update (exact: sums and
+    the pairwise correction, never an average of means); the same result on every rank. One process:
+    `m` itself."""
+    if dist.world_size() == 1:
+        return m
+    parts = zip(*(dist.all_gather(v) for v in (m.count, m.mean, m.m2)), strict=True)
+    merged = None
+    for count, mean, m2 in parts:
+        part = ClassMoments(count, mean, m2)
+        merged = part if merged is None else merged.merge(part)
+    assert merged is not None
+    return merged
+
+
 def fit_class_stats(
     chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
     classes: range,
@@ -179,3 +200,121 @@ def fit_class_stats(
     for x, y in chunks:
         acc.update(x, y - classes.start)
     return acc.result()
+
+
+# --- compact forms of the per-class scatter (stats.covariance) ----------------------------------
+
+COVARIANCE_FORMS = ("full", "diagonal", "lowrank")
+
+
+@dataclass
+class Scatter:
+    """The scatter M2 of C classes (d features) in one of three forms, float64 (`stats.covariance`):
+
+    - `full`: m2 (C, d, d), exactly as accumulated;
+    - `diagonal`: diag (C, d), its diagonal;
+    - `lowrank`: basis U (C, d, r) with orthonormal columns, eigval (C, r) and resid (C,):
+      M2 ~ U diag(eigval) U^T + resid (I - U U^T), the r largest eigenpairs and, on the rest of the
+      space, the mean of the other d - r eigenvalues (so the trace is kept); at d = 768 and r = 16,
+      0.1 MB per class instead of 4.7 MB.
+
+    What every form keeps exactly besides the means: each task's pooled scatter sum_c M2_c (`pooled`
+    in `ClassStats`), so LDA and any shared-covariance use are exact in every form.
+    """
+
+    form: str
+    m2: torch.Tensor | None = None
+    diag: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
+    eigval: torch.Tensor | None = None
+    resid: torch.Tensor | None = None
+
+    KEYS = {"full": ("m2",), "diagonal": ("diag",), "lowrank": ("basis", "eigval", "resid")}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.KEYS[self.form]}
+
+    @classmethod
+    def of(cls, form: str, arrays: dict) -> Scatter:
+        return cls(form, **{k: torch.as_tensor(arrays[k]).to(torch.float64) for k in cls.KEYS[form]})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays().values())))
+
+    def select(self, rows) -> Scatter:
+        return Scatter(self.form, **{k: v[rows] for k, v in self.arrays().items()})
+
+    @staticmethod
+    def cat(parts: list[Scatter]) -> Scatter:
+        forms = {p.form for p in parts}
+        if len(forms) != 1:
+            raise ValueError(f"statistics in several covariance forms: {sorted(forms)}")
+        form = forms.pop()
+        return Scatter(form, **{k: torch.cat([getattr(p, k) for p in parts]) for k in Scatter.KEYS[form]})
+
+    def diagonal(self) -> torch.Tensor:
+        """(C, d): the diagonal of M2 (of its approximation, for lowrank)."""
+        if self.form == "full":
+            assert self.m2 is not None
+            return torch.diagonal(self.m2, dim1=1, dim2=2)
+        if self.form == "diagonal":
+            assert self.diag is not None
+            return self.diag
+        assert self.basis is not None and self.eigval is not None and self.resid is not None
+        u2 = self.basis**2  # (C, d, r)
+        return self.resid[:, None] + (u2 * (self.eigval - self.resid[:, None])[:, None, :]).sum(2)
+
+    def full(self) -> torch.Tensor:
+        """(C, d, d): M2 in full (its approximation for the compact forms; for tests and small C)."""
+        if self.form == "full":
+            assert self.m2 is not None
+            return self.m2
+        if self.form == "diagonal":
+            return torch.diag_embed(self.diagonal())
+        assert self.basis is not None and self.eigval is not None and self.resid is not None
+        d = self.basis.shape[1]
+        eye = torch.eye(d, dtype=self.basis.dtype, device=self.basis.device)
+        low = self.basis @ torch.diag_embed(self.eigval - self.resid[:, None]) @ self.basis.transpose(1, 2)
+        return low + self.resid[:, None, None] * eye
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.arrays().values())
+
+
+def top_eigen(m2: torch.Tensor, rank: int, iters: int = 4, oversample: int = 10, seed: int = 0):
+    """The `rank` largest eigenpairs (descending) of each symmetric PSD (C, d, d) matrix, float64:
+    randomized subspace iteration (Halko et al. 2011) with a seeded start, then the exact eigenpairs of
+    the projected (k, k) matrix. O(C d^2 k) instead of an O(C d^3) eigendecomposition; exact where
+    rank + oversample >= d."""
+    c, d, _ = m2.shape
+    k = min(d, rank + oversample)
+    if k == d:
+        e, v = torch.linalg.eigh(m2)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        q = torch.linalg.qr(m2 @ torch.randn(d, k, generator=g, dtype=m2.dtype).to(m2.device)).Q
+        for _ in range(iters):
+            q = torch.linalg.qr(m2 @ q).Q
+        e, w = torch.linalg.eigh(q.transpose(1, 2) @ m2 @ q)  # (C, k), (C, k, k)
+        v = q @ w
+    return e.flip(-1)[:, :rank].clamp(min=0), v.flip(-1)[:, :, :rank]
+
+
+def compress(m2: torch.Tensor, form: str, rank: int = 16, classes_per_step: int = 256) -> Scatter:
+    """The scatter (C, d, d) in `form` (a few classes at a time, so the eigen work's temporaries stay small)."""
+    if form == "full":
+        return Scatter("full", m2=m2)
+    if form == "diagonal":
+        return Scatter("diagonal", diag=torch.diagonal(m2, dim1=1, dim2=2).clone())
+    if form != "lowrank":
+        raise ValueError(f"unknown covariance form {form!r}: one of {', '.join(COVARIANCE_FORMS)}")
+    d = m2.shape[-1]
+    r = min(rank, d)
+    parts = []
+    for s in range(0, len(m2), classes_per_step):
+        block = m2[s : s + classes_per_step]
+        e, v = top_eigen(block, r)
+        trace = torch.diagonal(block, dim1=1, dim2=2).sum(1)
+        resid = ((trace - e.sum(1)) / max(d - r, 1)).clamp(min=0) if d > r else torch.zeros_like(trace)
+        parts.append(Scatter("lowrank", basis=v.contiguous(), eigval=e, resid=resid))
+    return Scatter.cat(parts)

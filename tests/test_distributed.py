@@ -73,3 +73,27 @@ def test_distributed_training_then_single_process_continues(tmp_path, tiny, clpt
     assert res.exit_code == 0, res.stderr
     rep = json.loads(res.stdout)
     assert rep["task"] == 4 and rep["last_acc"] > 0.3
+
+
+def test_statistics_and_feature_heads_reduced_on_every_rank_equal_one_process(run_copy, finished_run):
+    """Under torchrun each rank reduces its own share of the cached rows; the ranks' moments merge exactly
+    (Chan), RanPAC's G and Q are summed: statistics and heads equal the single-process run's."""
+    res = torchrun("fit-stats", run_copy, "--task", 3, "--force")
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = open_run(run_copy)
+    per_rank = run.marker("stats", 3)["summary"]["rows_per_rank"]
+    n = zarr.open_group(run_copy / "features.zarr", mode="r")["task_003/train/feats"].shape[0]
+    assert len(per_rank) == 2 and min(per_rank) > 0 and sum(per_rank) == n  # each its own share, no overlap
+    a, b = artifacts.load_stats(run_copy, 3), artifacts.load_stats(finished_run, 3)
+    np.testing.assert_array_equal(a["count"], b["count"])
+    np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a["m2"], b["m2"], rtol=1e-5, atol=1e-4)
+    res = torchrun("heads", run_copy, "--head", "fecam", "--head", "ranpac", "--head", "ncm", "--task", 3, "--force")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for head, keys in (("fecam", ("mu", "prec")), ("ranpac", ("w_o",)), ("ncm", ("protos",))):
+        mine, md = artifacts.read_head_state(artifacts.head_state_path(run_copy, head, 3), head, None)
+        ref, _ = artifacts.read_head_state(artifacts.head_state_path(finished_run, head, 3), head, None)
+        for k in keys:
+            torch.testing.assert_close(mine[k], ref[k], rtol=1e-4, atol=1e-4 * float(ref[k].abs().max()))
+        rows = json.loads(artifacts.head_eval_path(run_copy, head, 3).read_text())
+        assert rows["accuracy"] == json.loads(artifacts.head_eval_path(finished_run, head, 3).read_text())["accuracy"]

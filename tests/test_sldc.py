@@ -117,9 +117,8 @@ def test_sldc_refinement_draws_once_trains_with_sce_and_sizes_its_batch(monkeypa
     monkeypatch.setattr(A, "ca_loss", lambda *a: pytest.fail("SLDC's refinement does not normalise logits"))
     heads = Heads(8, [3, 2])
     means, covs = _stats()
-    losses = A.align_heads(
-        heads, means, covs, torch.tensor([0, 0, 0, 1, 1]), 1, cfg, torch.device("cpu"), seed=0
-    )
+    sampler = A.GaussianSampler(means, covs, torch.device("cpu"))
+    losses = A.align_heads(heads, sampler, torch.tensor([0, 0, 0, 1, 1]), 1, cfg, torch.device("cpu"), seed=0)
     assert len(draws) == (3 if resample else 1) and len(losses) == 3
     assert batches == [(16, 0.5, 0.5)] * (5 * 3)  # 80 samples in batches of floor(3.2 * 5) = 16, 3 epochs
     assert losses[-1] < losses[0]
@@ -135,7 +134,8 @@ def test_slcas_alignment_is_unchanged_by_the_new_options():
         torch.manual_seed(0)
         heads = Heads(8, [3, 2])
         cfg = R.resolve(overrides=[*base, *extra])
-        return A.align_heads(heads, means, covs, tasks, 1, cfg, torch.device("cpu"), seed=0)
+        sampler = A.GaussianSampler(means, covs, torch.device("cpu"))
+        return A.align_heads(heads, sampler, tasks, 1, cfg, torch.device("cpu"), seed=0)
 
     spelled = ["align.optimizer=sgd", "align.loss=ca", "align.lr_min=0.0", "align.resample=true"]
     assert losses() == losses(*spelled)

@@ -26,7 +26,7 @@ from torch import nn
 from clpt.config import RunConfig
 from clpt.model import Heads
 from clpt.registry import Registry
-from clpt.stats import fit_class_stats
+from clpt.stats import Scatter, compress, fit_class_stats
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # (N, d) features -> (N, C) scores, argmax predicts
 
@@ -46,6 +46,9 @@ class HeadState(nn.Module):
     def __init__(self, info: dict | None = None):
         super().__init__()
         self.info = dict(info or {})
+        # what the next task's incremental fit continues from and scoring does not need (RanPAC's Gram,
+        # LDA's pooled scatter): saved beside the state for the latest task only, never exported
+        self.carry: dict[str, torch.Tensor] = {}
 
     def meta(self) -> dict:
         return {}
@@ -97,6 +100,9 @@ class HeadSpec:
     drift_inputs: Callable[[RunConfig, int], list[tuple[str, int]]] | None = None
     drift_config_keys: Callable[[RunConfig], tuple[str, ...]] | None = None
     state_cls: type[HeadState] | None = None  # what `fit` returns; None: TaskHeadScores
+    # the fit reduces what it reads from `train_chunks` across ranks when the cache is sharded (`shard`):
+    # under torchrun every rank fits from its own share of the rows; other heads fit on rank 0 alone
+    sharded: bool = False
 
 
 HEADS: Registry[HeadSpec] = Registry("head")
@@ -122,22 +128,40 @@ def extracts_upto(t: int) -> list[tuple[str, int]]:
 
 @dataclass
 class ClassStats:
-    """Sufficient statistics of every class seen up to task T, float64, in label order."""
+    """Sufficient statistics of every class seen up to task T, float64, in label order.
+
+    `scatter` holds each class's M2 in the run's covariance form (`stats.covariance`, `clpt.stats.Scatter`);
+    `pooled` (T', d, d) each task's sum_c M2_c, exact in every form, in task order (one per task present).
+    """
 
     count: torch.Tensor  # (C,)
     mean: torch.Tensor  # (C, d)
-    m2: torch.Tensor  # (C, d, d)
+    scatter: Scatter
     task_of_class: torch.Tensor  # (C,) int64
+    pooled: torch.Tensor  # (T', d, d)
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """(C, d, d) full scatter matrices (the run's statistics must be `full`)."""
+        if self.scatter.form != "full":
+            raise ValueError(f"full scatter matrices asked of statistics in the {self.scatter.form} form")
+        assert self.scatter.m2 is not None
+        return self.scatter.m2
 
     @classmethod
-    def from_tasks(cls, counts, means, m2s) -> ClassStats:
-        """Concatenate per-task (count, mean, M2), tasks 0..T in order, as float64 CPU tensors."""
+    def from_tasks(cls, counts, means, scatters: list[Scatter], pooled=None, first_task: int = 0) -> ClassStats:
+        """Concatenate per-task (count, mean, scatter[, pooled]), tasks first_task.. in order, as float64 CPU
+        tensors; `pooled` defaults to each task's sum of its full M2."""
 
         def cat(parts):
             return torch.cat([torch.as_tensor(p).cpu() for p in parts]).to(torch.float64)
 
-        task_of_class = torch.cat([torch.full((len(c),), i, dtype=torch.int64) for i, c in enumerate(counts)])
-        return cls(cat(counts), cat(means), cat(m2s), task_of_class)
+        task_of_class = torch.cat([torch.full((len(c),), first_task + i, dtype=torch.int64)
+                                   for i, c in enumerate(counts)])  # fmt: skip
+        if pooled is None:
+            pooled = [s.full().sum(0) for s in scatters]
+        pooled_t = torch.stack([torch.as_tensor(p).cpu().to(torch.float64) for p in pooled])
+        return cls(cat(counts), cat(means), Scatter.cat(scatters), task_of_class, pooled_t)
 
 
 class HeadCache(Protocol):
@@ -153,6 +177,9 @@ class HeadCache(Protocol):
     device: torch.device
     label: str  # what progress bars of the fit are called ("" shows none)
     compensated: bool  # statistics and old features moved by drift compensation (a NAME+drift head)
+    # (rank, world): `train_chunks` yields this rank's share of the rows only; a sharded head's fit
+    # reduces across ranks where world > 1 (`clpt.stats.merge_ranks`, `distributed.all_reduce_sum`)
+    shard: tuple[int, int]
 
     @property
     def n_seen(self) -> int: ...
@@ -175,9 +202,14 @@ class HeadCache(Protocol):
         """The task heads after the align stage of task `task`."""
         ...
 
+    def task_stats(self, i: int) -> ClassStats:
+        """Sufficient statistics of task i's classes only (as `class_stats` gives them for those classes)."""
+        ...
+
     def previous_state(self, head: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """The fitted state of `head` after the previous task (tensors, metadata with `settings`, `meta`,
-        `n_classes`), for a head that updates incrementally; None where there is none to build on."""
+        `n_classes`, and `carry`: the state's carry tensors, or None where they are gone), for a head
+        that updates incrementally; None where there is none to build on."""
         ...
 
 
@@ -201,6 +233,7 @@ class InMemoryCache:
         self.device = torch.device(device)
         self.heads, self.label = heads, label
         self.compensated = False
+        self.shard = (0, 1)  # every row is here
 
     @property
     def n_seen(self) -> int:
@@ -227,10 +260,19 @@ class InMemoryCache:
         for s in range(0, len(y), step):
             yield x[s : s + step].to(self.device), y[s : s + step].to(self.device)
 
+    def _moments(self, i: int):
+        return fit_class_stats(self.train_chunks(i), range(*self.tasks[i]), self.feature_dim(), self.device)
+
+    def _stats(self, tasks: range) -> ClassStats:
+        parts = [self._moments(i) for i in tasks]
+        st = self.cfg.stats
+        return ClassStats.from_tasks([p.count for p in parts], [p.mean for p in parts],
+                                     [compress(p.m2, st.covariance, st.rank) for p in parts],
+                                     [p.m2.sum(0) for p in parts], tasks.start)  # fmt: skip
+
     def class_stats(self) -> ClassStats:
-        """What `fit-stats` would store for tasks 0..task, computed from the features in memory."""
-        parts = [
-            fit_class_stats(self.train_chunks(i), range(*self.tasks[i]), self.feature_dim(), self.device)
-            for i in range(self.task + 1)
-        ]
-        return ClassStats.from_tasks(*([getattr(p, k) for p in parts] for k in ("count", "mean", "m2")))
+        """What `fit-stats` would store for tasks 0..task (in the config's covariance form), from memory."""
+        return self._stats(range(self.task + 1))
+
+    def task_stats(self, i: int) -> ClassStats:
+        return self._stats(range(i, i + 1))

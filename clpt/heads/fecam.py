@@ -9,6 +9,9 @@ Pre-trained ViT variant (their `FeCAM_vit_*` scripts), the default:
   (a1, a2) = (1, 0) by default, (10, 10) in the ImageNet-R preset;
 - correlation normalisation S~_ij = S'_ij / sqrt(S'_ii S'_jj);
 - d_c(x) = (x^ - mu_c)^T pinv(S~_c) (x^ - mu_c), x^ = L2-normalised f(x); predict argmin.
+  S~_c is positive definite whenever shrink1 > 0, so its pinv is its inverse,
+  computed from a batched Cholesky factorisation (the pseudo-inverse only for a
+  class whose matrix is singular).
 
 `tukey: true` applies the power transform x^0.5 (sign-preserving:
 sign(x) |x|^0.5, since ViT features are not non-negative) before normalising.
@@ -30,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from clpt.config import checks
+from clpt.errors import ClptError
 from clpt.heads.base import HeadCache, HeadSpec, HeadState, extracts_upto, register_head
-from clpt.stats import covariance, fit_class_stats
+from clpt.stats import Scatter, compress, covariance, fit_class_stats, merge_ranks
 
 
 @dataclass
@@ -57,12 +61,19 @@ def transform(x: torch.Tensor, settings: FeCAMConfig) -> torch.Tensor:
 def shrink(cov: torch.Tensor, a1: float, a2: float) -> torch.Tensor:
     """(C, d, d): S + a1 mean(diag S) I + a2 mean(non-zero off-diag S) (1 - I), per class."""
     d = cov.shape[-1]
-    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    diag_mean = torch.diagonal(cov, dim1=1, dim2=2).mean(1)  # (C,)
-    off = cov * (1 - eye)
-    nonzero = (off != 0).sum((1, 2)).clamp(min=1)
-    off_mean = off.sum((1, 2)) / nonzero  # (C,)
-    return cov + a1 * diag_mean[:, None, None] * eye + a2 * off_mean[:, None, None] * (1 - eye)
+    diag = torch.diagonal(cov, dim1=1, dim2=2)
+    diag_mean = diag.mean(1)  # (C,)
+    if a2:
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+        off = cov * (1 - eye)
+        nonzero = (off != 0).sum((1, 2)).clamp(min=1)
+        off_mean = off.sum((1, 2)) / nonzero  # (C,)
+        out = cov + a2 * off_mean[:, None, None]
+    else:
+        out = cov.clone()  # a2 = 0 adds exactly 0 off the diagonal
+    # the diagonal gets a1 mean(diag S) and no off-diagonal term (exactly as S + a1 m I + a2 om (1 - I))
+    torch.diagonal(out, dim1=1, dim2=2).copy_(diag + a1 * diag_mean[:, None])
+    return out
 
 
 def correlation(cov: torch.Tensor) -> torch.Tensor:
@@ -70,10 +81,26 @@ def correlation(cov: torch.Tensor) -> torch.Tensor:
     return cov / (sd[:, :, None] * sd[:, None, :])
 
 
+def precisions(s: torch.Tensor) -> torch.Tensor:
+    """pinv of each symmetric (C, d, d) matrix: one batched Cholesky and its inverse (LAPACK's potri,
+    exactly symmetric) for the positive definite ones (all of them once shrink1 > 0; several times
+    cheaper than an eigendecomposition), the pseudo-inverse for the rest (a singular S with shrink1 = 0).
+    Equal to pinv within rounding."""
+    chol, info = torch.linalg.cholesky_ex(s)
+    bad = torch.nonzero(info).flatten()
+    if len(bad):
+        chol[bad] = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)  # placeholders, replaced below
+    prec = torch.cholesky_inverse(chol)
+    if len(bad):
+        p = torch.linalg.pinv(s[bad], hermitian=True)
+        prec[bad] = (p + p.transpose(1, 2)) * 0.5
+    return prec
+
+
 def fecam_parameters(means: torch.Tensor, covs: torch.Tensor, settings: FeCAMConfig):
     """(mu (C, d), P (C, d, d)) float64: P = pinv of the shrunk, correlation-normalised covariances."""
     s = correlation(shrink(covs, settings.shrink1, settings.shrink2))
-    return means, torch.linalg.pinv(s, hermitian=True)
+    return means, precisions(s)
 
 
 def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
@@ -86,54 +113,129 @@ def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.
     return torch.stack(cols, dim=1)
 
 
+def structured_precision(scatter: Scatter, settings: FeCAMConfig):
+    """FeCAM's precision of compact covariances S (a `Scatter` of covariances, diagonal or lowrank), in
+    a form that stays compact: P = A^-1 - A^-1 W K W^T A^-1 (Woodbury), returned as (A^-1 (C, d), W (C, d, k),
+    K (C, k, k)), float64. The shrinkage and the correlation normalisation are applied as for a full S:
+    S' = U diag(e - rho) U^T + c I + a2 om 1 1^T (c = rho + a1 mean(diag S) - a2 om, om the mean
+    off-diagonal entry, taken over all d (d - 1) of them), then D^-1/2 S' D^-1/2 = W L W^T + c D^-1,
+    W = D^-1/2 [U, 1], L = diag(e - rho, a2 om), K = (I + L G)^-1 L, G = W^T A^-1 W. For the diagonal
+    form S~ = I (a diagonal matrix's correlation), so P = I."""
+    a1, a2 = settings.shrink1, settings.shrink2
+    dg = scatter.diagonal()  # (C, d)
+    c_cls, d = dg.shape
+    m = dg.mean(1)  # (C,)
+    if scatter.form == "diagonal":
+        iso = dg + a1 * m[:, None]  # c_j, per feature: S' is diagonal (its off-diagonal mean is 0)
+        w0 = dg.new_zeros(c_cls, d, 0)
+        lam = dg.new_zeros(c_cls, 0)
+    else:
+        assert scatter.basis is not None and scatter.eigval is not None and scatter.resid is not None
+        u, e, rho = scatter.basis, scatter.eigval, scatter.resid
+        ones = torch.ones(c_cls, d, 1, dtype=u.dtype, device=u.device)
+        total = ((e - rho[:, None]) * (u.sum(1) ** 2)).sum(1) + rho * d  # 1^T S 1
+        om = (total - dg.sum(1)) / max(d * (d - 1), 1)
+        iso = (rho + a1 * m - a2 * om)[:, None].expand(c_cls, d)
+        w0 = torch.cat([u, ones], dim=2)  # (C, d, r + 1)
+        lam = torch.cat([e - rho[:, None], (a2 * om)[:, None]], dim=1)  # (C, r + 1)
+    if not bool((iso > 0).all()):
+        raise ClptError(
+            f"fecam in the {scatter.form} covariance form: the shrunk covariance is not positive definite "
+            f"(shrink1 = {a1}, shrink2 = {a2})",
+            hint="raise heads.fecam.shrink1, lower heads.fecam.shrink2, or use stats.covariance=full",
+        )
+    dd = iso + (w0**2 * lam[:, None, :]).sum(2)  # diag(S'), (C, d)
+    w = w0 / dd.sqrt()[:, :, None]
+    ainv = dd / iso  # A = c D^-1
+    g = w.transpose(1, 2) @ (ainv[:, :, None] * w)  # (C, k, k)
+    k = w.shape[2]
+    eye = torch.eye(k, dtype=w.dtype, device=w.device)
+    core = torch.linalg.solve(eye + lam[:, :, None] * g, torch.diag_embed(lam))
+    return ainv, w, (core + core.transpose(1, 2)) * 0.5
+
+
+def structured_mahalanobis(x, mu, ainv, w, core) -> torch.Tensor:
+    """(N, C) (x - mu_c)^T P_c (x - mu_c) for P_c = diag(ainv_c) - diag(ainv_c) W_c K_c W_c^T diag(ainv_c)."""
+    cols = []
+    for c in range(len(mu)):
+        za = (x - mu[c]) * ainv[c]  # (N, d)
+        proj = za @ w[c]  # (N, k)
+        cols.append(((x - mu[c]) * za).sum(1) - ((proj @ core[c]) * proj).sum(1))
+    return torch.stack(cols, dim=1)
+
+
 class FeCAMScores(HeadState):
-    """-(x^ - mu_c)^T P_c (x^ - mu_c): means (C, d) and precisions (C, d, d), float32; the transform's switches."""
+    """-(x^ - mu_c)^T P_c (x^ - mu_c), float32, with P_c in the statistics' covariance form: full, precisions
+    (C, d, d); diagonal or lowrank, its compact Woodbury form (ainv (C, d), w (C, d, k), core (C, k, k))."""
 
     score = "the negative squared Mahalanobis distance"
+    prec: torch.Tensor  # full
+    ainv: torch.Tensor  # compact forms
+    w: torch.Tensor
+    core: torch.Tensor
 
-    def __init__(self, mu: torch.Tensor, prec: torch.Tensor, settings: FeCAMConfig, info: dict | None = None):
+    def __init__(self, mu: torch.Tensor, parts: dict[str, torch.Tensor], settings: FeCAMConfig,
+                 form: str = "full", info: dict | None = None):  # fmt: skip
         super().__init__(info)
-        self.settings = settings
+        self.settings, self.form = settings, form
         self.mu: torch.Tensor
-        self.prec: torch.Tensor
         self.register_buffer("mu", mu.contiguous())
-        self.register_buffer("prec", prec.contiguous())
+        self.keys = ("prec",) if form == "full" else ("ainv", "w", "core")
+        for k in self.keys:
+            self.register_buffer(k, parts[k].contiguous())
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.keys}
 
     def meta(self) -> dict:
-        return {"normalize": self.settings.normalize, "tukey": self.settings.tukey}
+        return {"normalize": self.settings.normalize, "tukey": self.settings.tukey, "form": self.form}
 
     @classmethod
     def from_state(cls, tensors, meta) -> FeCAMScores:
         settings = FeCAMConfig(normalize=bool(meta["normalize"]), tukey=bool(meta["tukey"]))
-        return cls(tensors["mu"], tensors["prec"], settings)
+        return cls(tensors["mu"], tensors, settings, meta.get("form", "full"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -mahalanobis(transform(x, self.settings), self.mu, self.prec)
+        x = transform(x, self.settings)
+        if self.form == "full":
+            return -mahalanobis(x, self.mu, self.prec)
+        return -structured_mahalanobis(x, self.mu, self.ainv, self.w, self.core)
 
 
 def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
     """Incremental: an old class's features never change (each task's were extracted with its own
     backbone), so the previous task's state is kept and only task T's classes are fitted; from scratch
-    at task 0, for a compensated head, or where the previous state was fitted with other settings."""
+    at task 0, for a compensated head, or where the previous state was fitted with other settings or in
+    another covariance form (`stats.covariance`)."""
+    form, rank = ctx.cfg.stats.covariance, ctx.cfg.stats.rank
     prev = ctx.previous_state("fecam")
     first = 0
-    old_mu, old_prec = None, None
+    old = None
     if prev is not None:
         tensors, md = prev
-        if md["settings"] == dataclasses.asdict(settings) and md["n_classes"] == ctx.tasks[ctx.task][0]:
-            old_mu, old_prec, first = tensors["mu"], tensors["prec"], ctx.task
-    means, covs = [], []
+        same = md["settings"] == dataclasses.asdict(settings) and md["meta"].get("form", "full") == form
+        if same and (form != "lowrank" or tensors["w"].shape[2] == min(rank, len(tensors["mu"][0])) + 1):
+            if md["n_classes"] == ctx.tasks[ctx.task][0]:
+                old, first = tensors, ctx.task
+    means, parts = [], []
     for i in range(first, ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
         m = fit_class_stats(chunks, range(*ctx.tasks[i]), ctx.feature_dim(), ctx.device)
+        if ctx.shard[1] > 1:  # every rank read its own rows: merge them exactly
+            m = merge_ranks(m)
         means.append(m.mean)
-        covs.append(covariance(m.count, m.m2))
-    mu, prec = fecam_parameters(torch.cat(means), torch.cat(covs), settings)
-    mu, prec = mu.float(), prec.float()
-    if old_mu is not None and old_prec is not None:
-        mu = torch.cat([old_mu.to(mu.device), mu])
-        prec = torch.cat([old_prec.to(prec.device), prec])
-    return FeCAMScores(mu, prec, settings, info={"incremental": old_mu is not None})
+        cov = covariance(m.count, m.m2)
+        if form == "full":
+            parts.append({"prec": fecam_parameters(m.mean, cov, settings)[1]})
+        else:
+            ainv, w, core = structured_precision(compress(cov, form, rank), settings)
+            parts.append({"ainv": ainv, "w": w, "core": core})
+    mu = torch.cat(means).float()
+    new = {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
+    if old is not None:
+        mu = torch.cat([old["mu"].to(mu.device), mu])
+        new = {k: torch.cat([old[k].to(v.device), v]) for k, v in new.items()}
+    return FeCAMScores(mu, new, settings, form, info={"incremental": old is not None})
 
 
 register_head(
@@ -143,8 +245,10 @@ register_head(
         FeCAMConfig,
         fit,
         # the previous task's fitted state: fecam updates it with task T's classes
-        inputs=lambda cfg, t: [*extracts_upto(t), *([("head:fecam", t - 1)] if t > 0 else [])],
+        inputs=lambda cfg, t: [("extract", t), *([("head:fecam", t - 1)] if t > 0 else [])],
         drift_inputs=lambda cfg, t: extracts_upto(t),  # compensated: old features move, a full refit
+        config_keys=lambda cfg: () if cfg.stats.covariance == "full" else ("stats.covariance", "stats.rank"),
         state_cls=FeCAMScores,
+        sharded=True,
     )
 )

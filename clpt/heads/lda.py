@@ -2,7 +2,10 @@
 
 S = sum_c M2_c / (N - C), shrunk to (1 - e) S + e I; w_c = S^-1 mu_c,
 b_c = -1/2 mu_c^T S^-1 mu_c; predict argmax_c (w_c . x + b_c). It needs only the
-count, mean and M2 of each class, so it is exact over any split into tasks.
+count, mean and M2 of each class, so it is exact over any split into tasks. In a
+run, task T adds its classes' statistics to the pooled scatter, row count and means
+carried from task T-1's fit (bit-identical to the fit from scratch); `lda+drift`
+refits.
 
 Default e = 1e-4, the deep streaming LDA authors' default: with C classes of
 n_c >= d rows S is well conditioned and e barely moves it, and where classes are
@@ -28,10 +31,21 @@ class LDAConfig:
         return [] if e is None or 0 <= e <= 1 else [f"shrinkage: {e} must be in [0, 1]"]
 
 
-def lda_weights(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, shrinkage: float):
-    """(W (C, d), b (C,)) float64 from per-class count, mean and M2."""
-    n, c = float(count.sum()), len(count)
-    cov = m2.sum(0) / max(n - c, 1.0)  # pooled, unbiased
+def pooled_scatter(stats) -> torch.Tensor:
+    """sum_c M2_c (d, d) float64 from each task's pooled scatter (exact in every covariance form), summed
+    task by task in order: the same additions whether the fit starts from scratch or continues the
+    previous task's sum (so both are equal to the bit)."""
+    d = stats.pooled.shape[-1]
+    total = torch.zeros(d, d, dtype=torch.float64, device=stats.pooled.device)
+    for p in stats.pooled:
+        total = total + p.to(torch.float64)
+    return total
+
+
+def lda_weights(n_rows: float, mean: torch.Tensor, scatter: torch.Tensor, shrinkage: float):
+    """(W (C, d), b (C,)) float64 from the row count, the class means and the pooled scatter sum_c M2_c."""
+    c = len(mean)
+    cov = scatter / max(n_rows - c, 1.0)  # pooled, unbiased
     d = cov.shape[0]
     cov = (1 - shrinkage) * cov + shrinkage * torch.eye(d, dtype=cov.dtype, device=cov.device)
     w = torch.linalg.solve(cov, mean.T).T  # (C, d): S^-1 mu_c
@@ -60,9 +74,25 @@ class LinearScores(HeadState):
 
 
 def fit(ctx, settings: LDAConfig) -> LinearScores:
-    s = ctx.class_stats()
-    w, b = lda_weights(s.count, s.mean, s.m2, settings.shrinkage)
-    return LinearScores(w.to(ctx.device, torch.float32), b.to(ctx.device, torch.float32))
+    """Incremental: the pooled scatter, row count and class means of tasks < T are carried from the
+    previous task's fit, and task T's statistics added (the only ones read); every class's w, b is then
+    solved again (the shared covariance moved). From scratch at task 0, for a compensated head, or where
+    the carry is gone."""
+    prev = ctx.previous_state("lda")
+    carry = prev[1]["carry"] if prev is not None and prev[1]["n_classes"] == ctx.tasks[ctx.task][0] else None
+    if carry is not None:
+        s = ctx.task_stats(ctx.task)
+        scatter = carry["scatter"].to(s.pooled.device) + pooled_scatter(s)
+        n_rows = carry["n_rows"].to(s.count.device) + s.count.sum()
+        mean = torch.cat([carry["mean"].to(s.mean.device), s.mean.to(torch.float64)])
+    else:
+        s = ctx.class_stats()
+        scatter, n_rows, mean = pooled_scatter(s), s.count.sum(), s.mean.to(torch.float64)
+    w, b = lda_weights(float(n_rows), mean, scatter, settings.shrinkage)
+    state = LinearScores(w.to(ctx.device, torch.float32), b.to(ctx.device, torch.float32),
+                         info={"incremental": carry is not None})  # fmt: skip
+    state.carry = {"scatter": scatter, "n_rows": n_rows.reshape(1).to(torch.float64), "mean": mean}
+    return state
 
 
 register_head(
@@ -71,7 +101,9 @@ register_head(
         "streaming LDA, shared shrunk covariance",
         LDAConfig,
         fit,
-        inputs=lambda cfg, t: stats_upto(t),
+        # task T's statistics and the previous task's fit (its carry holds the earlier tasks' sums)
+        inputs=lambda cfg, t: [("stats", t), *([("head:lda", t - 1)] if t > 0 else [])],
+        drift_inputs=lambda cfg, t: stats_upto(t),  # compensated: old classes move, a full refit
         state_cls=LinearScores,
     )
 )

@@ -2,7 +2,8 @@
 
 Prototype p_c = mean of the unnormalised features of class c (from the cached
 statistics: of the backbone that followed the class's task, never recomputed);
-predict argmax_c cos(f(x), p_c).
+predict argmax_c cos(f(x), p_c). In a run, task T appends its classes' prototypes
+to task T-1's (bit-identical to the fit from scratch); `ncm+drift` refits.
 """
 
 from __future__ import annotations
@@ -38,9 +39,18 @@ class CosineScores(HeadState):
         return F.normalize(x.to(self.protos.dtype), dim=1) @ self.protos.T
 
 
+def prototypes(mean: torch.Tensor, device) -> torch.Tensor:
+    return F.normalize(mean.to(device, dtype=torch.float32), dim=1)  # (C, d), one row per class
+
+
 def fit(ctx, settings: NCMConfig) -> CosineScores:
-    protos = F.normalize(ctx.class_stats().mean.to(ctx.device, dtype=torch.float32), dim=1)  # (C, d)
-    return CosineScores(protos)
+    """Incremental: an old class's prototype never changes (its statistics are its task's), so the previous
+    task's prototypes are kept and task T's appended; from scratch at task 0 and for a compensated head."""
+    prev = ctx.previous_state("ncm")
+    if prev is not None and prev[1]["n_classes"] == ctx.tasks[ctx.task][0]:
+        new = prototypes(ctx.task_stats(ctx.task).mean, ctx.device)
+        return CosineScores(torch.cat([prev[0]["protos"].to(new.device), new]), info={"incremental": True})
+    return CosineScores(prototypes(ctx.class_stats().mean, ctx.device), info={"incremental": False})
 
 
 register_head(
@@ -49,7 +59,9 @@ register_head(
         "cosine nearest class mean (SimpleCIL)",
         NCMConfig,
         fit,
-        inputs=lambda cfg, t: stats_upto(t),
+        # task T's statistics and the previous task's prototypes (which covered every earlier task's)
+        inputs=lambda cfg, t: [("stats", t), *([("head:ncm", t - 1)] if t > 0 else [])],
+        drift_inputs=lambda cfg, t: stats_upto(t),  # compensated: old classes move, a full refit
         state_cls=CosineScores,
     )
 )

@@ -14,6 +14,9 @@
   has fewer rows than M (W_l = H_a^T (H_a H_a^T + l I)^-1 Y_a, the same
   solution), else of H_a^T H_a.
 - W_o = solve(G + l I, Q); logits = h(x) W_o (argmax over the seen classes).
+- In a run, task T continues G and Q from task T-1's fit (kept beside its state
+  for the latest task only) and reads task T's features alone: bit-identical to
+  the fit from scratch; `ranpac+drift` refits (old features move).
 
 Deviation (named): `dtype: float64` by default, for the Gram accumulation and
 the solves. Their code works in float32, where G depends on the order rows are
@@ -24,10 +27,12 @@ M = 10000 instead of 400 MB.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
+from clpt import distributed as dist
 from clpt.config import checks, one_of
 from clpt.heads.base import HeadSpec, HeadState, extracts_upto, register_head
 
@@ -131,15 +136,28 @@ class RanPACScores(HeadState):
 
 
 def fit(ctx, settings: RanPACConfig) -> RanPACScores:
+    """Incremental: G and Q of tasks < T are carried from the previous task's fit (settings alike) and
+    only task T's features are read; the same additions in the same order as from scratch, so equal to
+    the bit. From scratch at task 0, for a compensated head, or where the carry is gone."""
     dtype = getattr(torch, settings.dtype)
     n_cls = ctx.n_seen
     seed = ctx.cfg.seed if settings.seed is None else settings.seed
     w_rand = random_projection(ctx.feature_dim(), settings.dim, seed, ctx.device)
     m = settings.dim
-    gram = torch.zeros(m, m, dtype=dtype, device=ctx.device)
-    q = torch.zeros(m, n_cls, dtype=dtype, device=ctx.device)
+    prev = ctx.previous_state("ranpac")
+    carry = None
+    if prev is not None and prev[1]["settings"] == dataclasses.asdict(settings):
+        carry = prev[1]["carry"] if prev[1]["n_classes"] == ctx.tasks[ctx.task][0] else None
+    first = 0 if carry is None else ctx.task
+    if carry is not None and ctx.shard[0] == 0:  # sharded: rank 0 alone carries the earlier tasks' sums
+        gram = carry["gram"].to(ctx.device)
+        q = torch.cat([carry["q"].to(ctx.device), torch.zeros(m, n_cls - carry["q"].shape[1], dtype=dtype,
+                                                              device=ctx.device)], dim=1)  # fmt: skip
+    else:
+        gram = torch.zeros(m, m, dtype=dtype, device=ctx.device)
+        q = torch.zeros(m, n_cls, dtype=dtype, device=ctx.device)
     current_x, current_y = [], []
-    for i in range(ctx.task + 1):
+    for i in range(first, ctx.task + 1):
         for x, y in ctx.train_chunks(i, settings.chunk_rows):
             h = project(x, w_rand).to(dtype)  # (n, M): one chunk at a time
             gram.addmm_(h.T, h)
@@ -148,6 +166,9 @@ def fit(ctx, settings: RanPACConfig) -> RanPACScores:
                 current_x.append(x.cpu())
                 current_y.append(y.cpu())
     x_t, y_t = torch.cat(current_x), torch.cat(current_y)
+    if ctx.shard[1] > 1:  # every rank read its own rows: sum G and Q, gather task T's rows in row order
+        dist.all_reduce_sum(gram), dist.all_reduce_sum(q)
+        x_t, y_t = dist.all_gather_rows(x_t.to(ctx.device)).cpu(), dist.all_gather_rows(y_t.to(ctx.device)).cpu()
     g = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(len(y_t), generator=g)
     n_fit = int(round(len(perm) * (1 - settings.val_fraction)))
@@ -161,7 +182,10 @@ def fit(ctx, settings: RanPACConfig) -> RanPACScores:
     )  # fmt: skip
     del h_t
     w_o = ridge_solution(gram, q, lam, dtype).float()  # (M, C)
-    return RanPACScores(w_o, seed, ctx.feature_dim(), w_rand, info={"lambda": lam, "val_mse": losses})
+    state = RanPACScores(w_o, seed, ctx.feature_dim(), w_rand,
+                         info={"lambda": lam, "val_mse": losses, "incremental": carry is not None})  # fmt: skip
+    state.carry = {"gram": gram, "q": q}
+    return state
 
 
 register_head(
@@ -170,8 +194,11 @@ register_head(
         "random projection + ridge on the Gram matrix (RanPAC on the learner's backbone)",
         RanPACConfig,
         fit,
-        inputs=lambda cfg, t: extracts_upto(t),
+        # task T's features and the previous task's fit (its carry holds G and Q of the earlier tasks)
+        inputs=lambda cfg, t: [("extract", t), *([("head:ranpac", t - 1)] if t > 0 else [])],
+        drift_inputs=lambda cfg, t: extracts_upto(t),  # compensated: old features move, a full refit
         config_keys=lambda cfg: ("seed",),
         state_cls=RanPACScores,
+        sharded=True,
     )
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from clpt import distributed as dist
 from clpt.errors import ClptError, MissingInputError, Redo
 from clpt.evaluate import accuracy_row, metrics
 from clpt.heads import HEADS, score_in_chunks
+from clpt.io import write_bytes
 from clpt.stages.base import RunView, StageContext
 from clpt.stages.graph import classifier, head_name, head_names
 from clpt.stages.heads import RunCache
@@ -54,17 +56,21 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
     """Head `name`: fit from the run's cache, score task T's cached test features."""
     t = ctx.task
     out = artifacts.head_eval_path(ctx.root, name, t)
-    if not dist.is_main():
+    base, compensated = head_name(name)
+    spec = HEADS.get(base)
+    # a sharded head fits on every rank, each from its own share of the rows; the others on rank 0
+    shard = (dist.rank(), dist.world_size()) if spec.sharded else (0, 1)
+    if not dist.is_main() and shard[1] == 1:
         return [out], {}
     device = dist.resolve_device(ctx.cfg.system.device)
-    base, compensated = head_name(name)
-    cache = RunCache(
-        ctx.root, ctx.cfg, t, ctx.tasks, device, label=f"task {t} head:{name}", compensated=compensated
-    )
+    label = f"task {t} head:{name}" if dist.is_main() else ""
+    cache = RunCache(ctx.root, ctx.cfg, t, ctx.tasks, device, label=label, compensated=compensated, shard=shard)
     t0 = time.perf_counter()
     settings = ctx.cfg.heads.of(base)
-    state = HEADS.get(base).fit(cache, settings)
+    state = spec.fit(cache, settings)
     fit_s = time.perf_counter() - t0
+    if not dist.is_main():
+        return [out], {}
     x, y = artifacts.read_features(ctx.root, t, "test")
     logits = score_in_chunks(state, x, device)
     if not bool(torch.isfinite(logits).all()):  # a NaN head would score as one class: never recorded
@@ -76,9 +82,16 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
     info = state.info
     row.update(task=t, head=name, fit_seconds=round(fit_s, 4), **({"fit": info} if info else {}))
     state_path = artifacts.head_state_path(ctx.root, name, t)
+    carry = None
+    if state.carry:  # written first: the state's sha256 of it ties the two together
+        data = artifacts.head_carry_bytes(name, t, state.carry)
+        carry = hashlib.sha256(data).hexdigest()
+        write_bytes(artifacts.head_carry_path(ctx.root, name, t), data)
     artifacts.save_head_state(state_path, name, t, cache.n_seen, state.tensors(), state.meta(),
-                              dataclasses.asdict(settings), info)  # fmt: skip
+                              dataclasses.asdict(settings), info, carry)  # fmt: skip
     artifacts.write_eval(out, row, fmt="clpt-head-eval")
+    if t > 0:  # the previous task's carry is superseded (a Gram can be 800 MB): the latest task's alone is kept
+        artifacts.head_carry_path(ctx.root, name, t - 1).unlink(missing_ok=True)
     return [out, state_path], {"accuracy": row["accuracy"], "fit_seconds": round(fit_s, 4)}
 
 

@@ -77,7 +77,10 @@ declare(
         "class statistics",
         "clpt fit-stats {run} --task {task}",
         inputs=lambda cfg, t: [("extract", t)],
-        config_keys=lambda cfg: (),  # sufficient statistics: no setting changes them
+        # sufficient statistics: only the compact covariance forms depend on settings
+        config_keys=lambda cfg: {"full": (), "diagonal": ("stats.covariance",)}.get(
+            cfg.stats.covariance, ("stats.covariance", "stats.rank")
+        ),
         fn=lazy("clpt.stages.fit_stats", "run"),
     )
 )

@@ -15,6 +15,7 @@ from clpt.errors import DataError, Redo
 from clpt.heads.base import ClassStats
 from clpt.model import Heads
 from clpt.stages.drift import concat, load_map, record_moments
+from clpt.stats import Scatter
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RunCache:
     device: torch.device
     label: str = ""  # what progress bars of the fit are called ("" shows none)
     compensated: bool = False  # drift-compensated statistics and old features (a NAME+drift head)
+    shard: tuple[int, int] = (0, 1)  # (rank, world): train_chunks reads this rank's share of the rows
     _maps: dict[int, DriftMap] = field(default_factory=dict, repr=False)  # each task's drift map, read once
 
     @property
@@ -48,20 +50,30 @@ class RunCache:
             )
         return p
 
+    def _stats(self, tasks: range) -> ClassStats:
+        """The statistics of tasks `tasks` as fit-stats stored them (never compensated)."""
+        parts = [self._checked(artifacts.load_stats(self.root, i), range(*self.tasks[i]), "stats", i) for i in tasks]
+        return ClassStats.from_tasks(
+            [p["count"] for p in parts], [p["mean"] for p in parts],
+            [Scatter.of(p["covariance"], p) for p in parts],
+            None if parts[0]["covariance"] == "full" else [p["pooled"] for p in parts], tasks.start,
+        )  # fmt: skip
+
+    def task_stats(self, i: int) -> ClassStats:
+        return self._stats(range(i, i + 1))
+
     def class_stats(self) -> ClassStats:
-        own = self._checked(
-            artifacts.load_stats(self.root, self.task), range(*self.tasks[self.task]), "stats", self.task
-        )
         if self.compensated and self.task > 0:  # the old classes as the drift stage moved them, then task T's
+            own = self._checked(artifacts.load_stats(self.root, self.task), range(*self.tasks[self.task]),
+                                "stats", self.task)  # fmt: skip
             old = self._checked(artifacts.load_stats(self.root, self.task, store="drift"),
                                 range(0, self.tasks[self.task][0]), "drift", self.task)  # fmt: skip
             both = concat([record_moments(old), record_moments(own)])
             task_of_class = torch.cat([torch.full((b - a,), i, dtype=torch.int64) for i, (a, b) in
                                        enumerate(self.tasks[: self.task + 1])])  # fmt: skip
-            return ClassStats(both.count, both.mean, both.m2, task_of_class)
-        parts = [self._checked(artifacts.load_stats(self.root, i), range(*self.tasks[i]), "stats", i)
-                 for i in range(self.task)] + [own]  # fmt: skip
-        return ClassStats.from_tasks(*([p[k] for p in parts] for k in ("count", "mean", "m2")))
+            pooled = torch.stack([both.m2[task_of_class == i].sum(0) for i in range(self.task + 1)])
+            return ClassStats(both.count, both.mean, Scatter("full", m2=both.m2), task_of_class, pooled)
+        return self._stats(range(self.task + 1))
 
     def _map(self, j: int) -> DriftMap:
         if j not in self._maps:
@@ -72,7 +84,7 @@ class RunCache:
         """Cached training features of task i (extracted with task i's backbone), on the device."""
         label = f"{self.label}, features of task {i}" if self.label else ""
         maps = [self._map(j) for j in range(i + 1, self.task + 1)] if self.compensated else []
-        for x, y in artifacts.iter_feature_chunks(self.root, i, "train", rows, label):
+        for x, y in artifacts.iter_feature_chunks(self.root, i, "train", rows, label, self.shard):
             if maps:  # task i's features moved by the maps of tasks i+1..T
                 x = compose_features(x.double(), y, maps).float()
             yield x.to(self.device), y.to(self.device)
@@ -97,4 +109,7 @@ class RunCache:
         if self.task == 0 or self.compensated:
             return None
         path = artifacts.head_state_path(self.root, head, self.task - 1)
-        return artifacts.read_head_state(path, head, Redo(f"head:{head}", self.task - 1, str(self.root)))
+        tensors, md = artifacts.read_head_state(path, head, Redo(f"head:{head}", self.task - 1, str(self.root)))
+        md["carry"] = artifacts.read_head_carry(artifacts.head_carry_path(self.root, head, self.task - 1),
+                                                md.get("carry"))  # fmt: skip
+        return tensors, md
