@@ -79,9 +79,10 @@ def covariance(count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0) -> tor
     """(C, d, d) unbiased covariance M2 / (n - 1) + ridge * I; classes with < 2 rows get ridge * I alone."""
     count = count.to(m2.dtype)
     denom = (count - 1).clamp(min=1)[:, None, None]
-    cov = torch.where((count >= 2)[:, None, None], m2 / denom, torch.zeros_like(m2))
+    cov = m2 / denom
+    cov[count < 2] = 0  # in place: one pass over (C, d, d), not three
     if ridge:
-        cov = cov + ridge * torch.eye(m2.shape[-1], dtype=m2.dtype, device=m2.device)
+        torch.diagonal(cov, dim1=1, dim2=2).add_(ridge)  # + ridge * I, on the diagonal alone
     return cov
 
 
