@@ -64,7 +64,9 @@ INTERRUPTED = "interrupted: finished stages are kept; re-run the same command to
 def _fail(line: str, code: int) -> typer.Exit:
     from rich.markup import escape
 
-    # the line may quote anything (bytes, paths with brackets): never read as rich markup
+    # the line may quote anything (bytes, paths with brackets): never read as rich markup; a control
+    # character in it (a path with a newline) is written escaped, so the error stays one line
+    line = "".join(ch if ch >= " " or ch == "\t" else ascii(ch)[1:-1] for ch in line)
     errors.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False)
     return typer.Exit(code)
 

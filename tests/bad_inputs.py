@@ -534,6 +534,14 @@ def _(ws):
     return Prepared(["run", str(run), *sets(*TINY[1:], "train.epochs=2")], run=run)
 
 
+# paths that would break the one-line error
+
+
+@case("a run path with a newline in it (issue 23, item 11)", "paths", 3, needle="\\n")
+def _(ws):
+    return Prepared(["status", str(ws.fresh("no\nrun"))])
+
+
 # --- running a case ---------------------------------------------------------------------------
 
 

@@ -111,6 +111,9 @@ def test_configs_are_shipped_for_every_benchmark_and_method():
     ):  # docs/methods/heads.md's protocol
         for method in ("simplecil", "simplecil_mist", "ranpac_frozen", "ranpac_mist"):
             assert f"{bench}_{method}" in names
+    for bench in ("imagenet-r", "imagenet-a", "cub200"):  # RanPAC's published rows' backbone there
+        for method in ("simplecil", "ranpac_frozen"):
+            assert f"{bench}_{method}_in21k_ft_in1k" in names
     for bench in (
         "cifar100",
         "imagenet-r",
@@ -133,9 +136,13 @@ def test_shipped_config_is_valid_and_equals_the_presets(path):
             f"method={cfg.method}",
             *MOCOV3.get((path.stem.endswith("_mocov3"), cfg.method), []),
             *(["drift.method=linear"] if path.stem.endswith("_drift") else []),
+            *([f"backbone.name={IN21K_FT_IN1K}"] if path.stem.endswith("_in21k_ft_in1k") else []),
         ]
     )
     assert cfg == preset  # the file spells out exactly the published defaults
+
+
+IN21K_FT_IN1K = "vit_base_patch16_224.augreg_in21k_ft_in1k"  # RanPAC's rows for ImageNet-R, ImageNet-A, CUB
 
 
 # The papers' MoCo v3 setting: 90 epochs, SLCA milestone 80, SLCA++ milestones [60, 80] (multistep).

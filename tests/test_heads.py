@@ -304,3 +304,20 @@ def test_ca_aligns_task_0_when_the_learner_never_trains_its_heads():
         assert (
             (acc > 0.9) if aligned else torch.equal(state.heads.heads[0].weight, cache.heads.heads[0].weight)
         )
+
+
+def test_ranpac_fits_lambda_on_int_of_80_percent_of_the_rows_as_the_authors(monkeypatch):
+    """Issue 23, item 9: the fit part is int(0.8 N) rows (truncated), not round(0.8 N): 57 of 72 rows."""
+    import clpt.heads.ranpac as ranpac
+
+    seen = []
+    real = ranpac.choose_lambda
+
+    def spy(h_a, y_a, h_v, y_v, lambdas, dtype=torch.float64):
+        seen.append((len(h_a), len(h_v)))
+        return real(h_a, y_a, h_v, y_v, lambdas, dtype)
+
+    monkeypatch.setattr(ranpac, "choose_lambda", spy)
+    x, y = blobs(n_per_class=36, n_classes=5)  # task 1: classes 3-4, 72 rows; 0.8 * 72 = 57.6
+    HEADS.get("ranpac").fit(CacheStub(x, y), RanPACConfig(dim=32, seed=3))
+    assert seen == [(57, 15)]

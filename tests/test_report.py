@@ -230,3 +230,26 @@ def test_one_seed_shows_no_spread():
     assert _pm({"mean": 80.45, "std": 0.0, "n": 1}) == "80.45"
     assert _pm({"mean": 80.45, "std": 0.0, "n": 2}) == "80.45 ± 0.00"
     assert _pm({"mean": 75.0, "std": 5.0, "n": 2}, latex=True) == "75.00 $\\pm$ 5.00"
+
+
+def test_ranpac_rows_carry_their_true_backbone_and_cars_split():
+    """Issue 23, items 1-2: RanPAC's ImageNet-R / ImageNet-A / CUB rows used AugReg IN-21K fine-tuned on IN-1K,
+    and its Cars split is 16 + 9 x 20: a run that differs is flagged, one that follows the row is not."""
+    from clpt.published import lookup, protocol_flags
+    from clpt.stages import resolve as R
+
+    for bench in ("imagenet-r", "imagenet-a", "cub200"):
+        (row,) = lookup("ranpac_frozen", bench)
+        assert row.backbone == "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    (cars,) = lookup("ranpac_frozen", "cars196")
+    assert cars.split == (16, 20) and cars.normalization == "none"
+    before = {"backbone": cars.backbone, "normalization": "imagenet", "split": [20, 20], "seeds": 1}
+    assert protocol_flags(cars, before) == ["normalisation imagenet (paper: none)", "split 20+20 (paper: 16+20)"]
+    # the presets of both rows now follow it on Cars (MIST's keep its own code's normalisation)
+    for method in ("ranpac_frozen", "simplecil"):
+        cfg = R.resolve(overrides=[f"method={method}", "benchmark.name=cars196", "benchmark.root=/d"])
+        ours = {"backbone": cars.backbone, "normalization": cfg.benchmark.normalization,
+                "split": [cfg.benchmark.init_classes, cfg.benchmark.increment], "seeds": 1}  # fmt: skip
+        assert protocol_flags(cars, ours) == []
+    cfg = R.resolve(overrides=["method=ranpac_mist", "benchmark.name=cars196", "benchmark.root=/d"])
+    assert cfg.benchmark.normalization == "imagenet"

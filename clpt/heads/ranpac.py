@@ -7,7 +7,7 @@
   the GPU when there is one; the projected features are never all in memory.
   Each task's rows were extracted with that task's backbone, as RanPAC
   accumulates them (G and Q are never recomputed with a later backbone).
-- lambda: on task T's rows only, shuffled, fit on the first 80 %,
+- lambda: on task T's rows only, shuffled, fit on the first int(0.8 N),
   W_l = solve(H_a^T H_a + l I, H_a^T Y_a), validation MSE over all C columns on
   the last 20 %, l in 1e-8 .. 1e8 (17 values), argmin (the first on ties).
   One eigendecomposition serves the whole grid: of H_a H_a^T when the fit part
@@ -171,7 +171,7 @@ def fit(ctx, settings: RanPACConfig) -> RanPACScores:
         x_t, y_t = dist.all_gather_rows(x_t.to(ctx.device)).cpu(), dist.all_gather_rows(y_t.to(ctx.device)).cpu()
     g = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(len(y_t), generator=g)
-    n_fit = int(round(len(perm) * (1 - settings.val_fraction)))
+    n_fit = int(len(perm) * (1 - settings.val_fraction))  # int(0.8 N), as the authors (not round)
     fit_rows, val_rows = perm[:n_fit], perm[n_fit:]
     onehot = torch.nn.functional.one_hot(y_t, n_cls).float()
     h_t = project(x_t.to(ctx.device), w_rand)
