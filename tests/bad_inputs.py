@@ -318,6 +318,17 @@ def _(ws):
     return Prepared(["align", str(run), "--task", "2", "--force"], run=run)
 
 
+@case("a flipped byte in a statistics chunk, then clpt heads --force (issue 23, item 10)", "cache", 4,
+      needle="clpt fit-stats")
+def _(ws):
+    run = ws.run()
+    chunk = run / "stats.zarr" / "task_000" / "m2" / "c" / "3" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    return Prepared(["heads", str(run), "--head", "lda", "--task", "0", "--force"], run=run)
+
+
 @case("a truncated feature chunk", "cache", 4, needle="clpt extract")
 def _(ws):
     run = ws.run()
@@ -675,6 +686,8 @@ _STAGE_OF = {
 
 
 def _stage_of(args: list[str]) -> str:
+    if args[0] == "heads" and "--head" in args:
+        return f"head:{args[args.index('--head') + 1]}"
     return _STAGE_OF.get(args[0], args[0])
 
 

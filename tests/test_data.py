@@ -284,7 +284,11 @@ def test_a_methods_protocol_sets_normalisation_and_the_training_crop(tmp_path):
     assert rrc.scale == (0.05, 1.0) and rrc.interpolation.value == "bilinear"
     slca = load_benchmark(R.resolve(overrides=sets).benchmark)
     assert slca.mean == IMAGENET_MEAN and slca.train_crop_scale is None
+    # Cars: RanPAC's rows (simplecil, ranpac_frozen) without normalisation, MIST's code with ImageNet's;
+    # both with SLCA's Cars transforms (issue 23, item 3)
     cars = R.resolve(overrides=["method=simplecil", "benchmark.name=cars196", "benchmark.root=x"])
+    assert cars.benchmark.normalization == "none" and cars.benchmark.train_crop_scale is None
+    cars = R.resolve(overrides=["method=simplecil_mist", "benchmark.name=cars196", "benchmark.root=x"])
     assert cars.benchmark.normalization == "imagenet" and cars.benchmark.train_crop_scale is None
     assert R.resolve(overrides=["method=simplecil_mist"]).mist.frozen_quantile == 1.0
 

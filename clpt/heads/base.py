@@ -234,6 +234,8 @@ class InMemoryCache:
         self.heads, self.label = heads, label
         self.compensated = False
         self.shard = (0, 1)  # every row is here
+        self._order = torch.empty(0, dtype=torch.int64)  # rows grouped by task, and where each task ends
+        self._by_task: list[int] | None = None
 
     @property
     def n_seen(self) -> int:
@@ -252,9 +254,19 @@ class InMemoryCache:
     def feature_dim(self) -> int:
         return int(self.x.shape[1])
 
+    def _task_rows(self, i: int) -> torch.Tensor:
+        """The rows of task i, in their order: every task's found in one pass over the labels (a scan of
+        all rows per task would make a long run's per-task cost grow with the tasks)."""
+        if self._by_task is None:
+            bounds = torch.tensor([b for _, b in self.tasks])
+            task_of_row = torch.bucketize(self.y, bounds, right=True)
+            self._order = torch.argsort(task_of_row, stable=True)
+            self._by_task = torch.bincount(task_of_row, minlength=len(self.tasks) + 1).cumsum(0).tolist()
+        ends = self._by_task
+        return self._order[(ends[i - 1] if i else 0) : ends[i]]
+
     def train_chunks(self, i: int, rows: int = 8192):
-        start, stop = self.tasks[i]
-        sel = (self.y >= start) & (self.y < stop)
+        sel = self._task_rows(i)
         x, y = self.x[sel], self.y[sel]
         step = min(rows, self.rows)
         for s in range(0, len(y), step):

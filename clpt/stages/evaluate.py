@@ -83,14 +83,15 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
     row.update(task=t, head=name, fit_seconds=round(fit_s, 4), **({"fit": info} if info else {}))
     state_path = artifacts.head_state_path(ctx.root, name, t)
     carry = None
-    if state.carry:  # written first: the state's sha256 of it ties the two together
+    if state.carry and not compensated:  # written first: the state's sha256 of it ties the two together
+        # (a compensated head refits every task: nothing continues from its carry)
         data = artifacts.head_carry_bytes(name, t, state.carry)
         carry = hashlib.sha256(data).hexdigest()
         write_bytes(artifacts.head_carry_path(ctx.root, name, t), data)
     artifacts.save_head_state(state_path, name, t, cache.n_seen, state.tensors(), state.meta(),
                               dataclasses.asdict(settings), info, carry)  # fmt: skip
     artifacts.write_eval(out, row, fmt="clpt-head-eval")
-    if t > 0:  # the previous task's carry is superseded (a Gram can be 800 MB): the latest task's alone is kept
+    if carry is not None and t > 0:  # the previous task's carry is superseded (a Gram can be 800 MB): the latest alone is kept
         artifacts.head_carry_path(ctx.root, name, t - 1).unlink(missing_ok=True)
     return [out, state_path], {"accuracy": row["accuracy"], "fit_seconds": round(fit_s, 4)}
 
