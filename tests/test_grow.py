@@ -50,7 +50,9 @@ def test_a_grown_run_equals_a_run_created_with_all_its_classes(tmp_path, clpt_ca
     res = _cli("run", grown, *_sets(*SMALL, f"benchmark.root={folders[0]}", "benchmark.init_classes=4",
                                     "benchmark.increment=4"))  # fmt: skip
     assert res.exit_code == 0, res.stderr
-    before = {p: p.stat().st_mtime_ns for p in (grown / "tasks").rglob("*") if p.is_file()}
+    # a head's carry (what the next task's fit continues from) is kept for the latest task only: not an artifact
+    before = {p: p.stat().st_mtime_ns for p in (grown / "tasks").rglob("*")
+              if p.is_file() and not p.name.endswith(".carry.safetensors")}  # fmt: skip
     for f in folders[1:]:
         res = _cli("add-task", grown, f, "--json")
         assert res.exit_code == 0, res.stderr

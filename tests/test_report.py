@@ -216,8 +216,10 @@ def test_head_fitting_shows_progress_on_stderr_and_json_stays_valid(run_copy, mo
     assert align.exit_code == 0 and "task 1 align: 2/2 epoch" in align.stderr
     head = cli("heads", run_copy, "--head", "ranpac", "--task", 1, "--force")
     assert head.exit_code == 0, head.stderr
-    assert "task 1 head:ranpac, features of task 0: 1200/1200 row" in head.stderr
+    assert "task 0 head:ranpac, features of task 0: 1200/1200 row" in head.stderr
+    # incremental: task 1 continues task 0's Gram and reads task 1's features alone
     assert "task 1 head:ranpac, features of task 1: 1200/1200 row" in head.stderr
+    assert "task 1 head:ranpac, features of task 0" not in head.stderr
     res = cli("eval", run_copy, "--task", 1, "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["task"] == 1
     quiet = cli("--quiet", "fit-stats", run_copy, "--task", 1, "--force")
