@@ -85,10 +85,12 @@ class BenchmarkConfig:
     )
     train_crop_scale: list[float] | None = None  # RandomResizedCrop scale; None -> (0.08, 1)
     train_interpolation: str = "bicubic"  # RandomResizedCrop interpolation: bicubic | bilinear
+    max_image_pixels: int = 178_956_970  # an image with more pixels is refused at creation (PIL's bomb limit)
 
     def problems(self) -> list[str]:
         out = checks(self, [
             ("init_classes", lambda v: v >= 1, "must be >= 1"),
+            ("max_image_pixels", lambda v: v >= 1, "must be >= 1"),
             ("increment", lambda v: v >= 1, "must be >= 1"),
             ("image_size", lambda v: v >= 8, "must be >= 8"),
             ("normalization", *one_of("dataset", "imagenet", "none")),

@@ -96,6 +96,9 @@ class Run:
             if bench.raw is not None:
                 recorded = artifacts.read_record(self.root, "clpt-manifest")
                 manifest.verify(bench.raw, recorded)
+                st = manifest.stamps(bench.raw, recorded)
+                bench = dataclasses.replace(bench, train=dataclasses.replace(bench.train, stamps=st["train"]),
+                                            test=dataclasses.replace(bench.test, stamps=st["test"]))  # fmt: skip
             self._bench = grow.extend(bench, self.info, recorded)  # tasks added later (clpt add-task)
         return self._bench
 

@@ -202,6 +202,35 @@ def _(ws):
     return Prepared(folder_run_args(ws.fresh("run"), f))
 
 
+@case("a class folder with a link to the folder above it (a loop)", "dataset", 4, needle="reached twice")
+def _(ws):
+    f = ws.folder()
+    (f / "train" / "class_0" / "up").symlink_to("..", target_is_directory=True)
+    return Prepared(folder_run_args(ws.fresh("run"), f))
+
+
+@case("a link from one class folder into another's", "dataset", 4, needle="two classes")
+def _(ws):
+    f = ws.folder()
+    (f / "train" / "class_0" / "more").symlink_to("../class_1", target_is_directory=True)
+    return Prepared(folder_run_args(ws.fresh("run"), f))
+
+
+@case("an image over the pixel limit (a decompression bomb; issue 23, item 7)", "dataset", 4,
+      needle="max_image_pixels")  # fmt: skip
+def _(ws):
+    f = ws.folder()
+    return Prepared(folder_run_args(ws.fresh("run"), f, "benchmark.max_image_pixels=100"))
+
+
+@case("a file name that is not UTF-8 (issue 23, item 7)", "dataset", 4, needle="UTF-8")
+def _(ws):
+    f = ws.folder()
+    src = f / "train" / "class_0" / "1.png"
+    os.rename(os.fsencode(src), os.path.join(os.fsencode(src.parent), b"caf\xe9.png"))
+    return Prepared(folder_run_args(ws.fresh("run"), f))
+
+
 @case("truncated image", "dataset", 4, needle="1.png")
 def _(ws):
     f = ws.folder()

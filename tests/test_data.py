@@ -404,3 +404,83 @@ def test_cifar_test_resize_matches_pil_bicubic_within_one_level():
     ours = T.resize_center_crop(T.to_float(torch.from_numpy(a)), 256, 224)
     ours = (ours * 255).permute(0, 2, 3, 1).numpy()
     assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1.0 + 1e-6
+
+
+def test_a_16_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a white image); clpt scales them to 8 bits, in
+    training batches and in the test transform of prediction alike."""
+    from clpt.data.transforms import EvalTransform, to_rgb
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        assert np.asarray(im.convert("RGB")).mean() > 250  # what PIL alone gives
+        rgb = np.asarray(to_rgb(im))
+    want = np.rint(ramp * (255 / 65535)).astype(np.uint8)
+    assert rgb.shape == (32, 32, 3) and (rgb == want[:, :, None]).all()
+    t = EvalTransform("builtin", 32, (0.0,) * 3, (1.0,) * 3)
+    with Image.open(tmp_path / "g16.png") as im:
+        x = t(im)
+    assert torch.allclose(x, torch.from_numpy(want).float().div(255)[None].expand(3, -1, -1))
+    im8 = Image.fromarray((ramp >> 8).astype(np.uint8))  # an 8-bit greyscale image is unchanged by it
+    assert (np.asarray(to_rgb(im8))[:, :, 0] == (ramp >> 8)).all()
+
+
+def test_a_file_changed_after_the_manifest_check_stops_the_loader(tmp_path):
+    """The run checks the dataset against its manifest once per process; the loader then checks each
+    file it read against the manifest's size and time, so a file replaced mid-run is not used."""
+    import dataclasses
+
+    make_imagefolder(tmp_path)
+    cfg = BenchmarkConfig(name="imagefolder", root=str(tmp_path), image_size=16, init_classes=1, increment=1)
+    bench = load_benchmark(cfg)
+    recorded = M.build_manifest(bench.raw)
+    st = M.stamps(bench.raw, recorded)
+    split = dataclasses.replace(bench.train, stamps=st["train"])
+    assert len(split.stamps) == len(split) == 18
+    idx = np.arange(len(split))
+    n = sum(len(y) for _, y in batches(bench, split, idx, 4, torch.device("cpu"), train=False))
+    assert n == 18
+    victim = split.paths[7]
+    os.utime(victim, ns=(os.stat(victim).st_atime_ns, os.stat(victim).st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match="changed while the run was reading it") as e:
+        for _ in batches(bench, split, idx, 4, torch.device("cpu"), train=False):
+            pass
+    assert os.path.basename(victim) in str(e.value)
+
+
+class _Payload:  # unpickled by a plain pickle.load, this would call print: a stand-in for any code
+    def __reduce__(self):
+        return (print, ("a crafted pickle ran code",))
+
+
+def test_cifar100_pickles_are_read_without_running_code(tmp_path, capsys):
+    """issue 23, item 8: the reader admits only the containers and arrays the format has."""
+    import pickle
+
+    make_cifar100(tmp_path)
+    meta = tmp_path / "cifar-100-python" / "meta"
+    meta.write_bytes(pickle.dumps({"fine_label_names": _Payload()}))
+    with pytest.raises(DataError, match=r"not a CIFAR-100 python pickle \(it names builtins.print") as e:
+        read_cifar100(tmp_path, download=False)
+    assert "ran code" not in capsys.readouterr().out and "cifar-100-python.tar.gz" in e.value.hint
+    meta.write_bytes(pickle.dumps([1, 2]))  # a pickle of another shape
+    with pytest.raises(DataError, match="does not hold the keys fine_label_names"):
+        read_cifar100(tmp_path, download=False)
+    meta.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match="not a CIFAR-100 python pickle"):
+        read_cifar100(tmp_path, download=False)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [("1 ../../elsewhere.png", "outside CUB_200_2011/images"), ("1 /etc/passwd", "outside CUB_200_2011/images"),
+     ("x 001.Bird_1/Bird_1_0.jpg", "line 1")],
+)  # fmt: skip
+def test_cub_index_files_that_leave_the_root_or_do_not_parse(tmp_path, row, message):
+    make_cub(tmp_path, n_classes=2, per_class=2)
+    f = tmp_path / "CUB_200_2011" / "images.txt"
+    f.write_text("\n".join([row, *f.read_text().splitlines()[1:]]) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_cub200(tmp_path)

@@ -55,6 +55,9 @@ class Split:
     labels: np.ndarray  # (N,) int64, remapped to class-order positions
     images: np.ndarray | None = None  # (N, H, W, 3) uint8
     paths: list[str] | None = None
+    # (size, mtime_ns) of each file as the run's manifest records it (`clpt.data.manifest.stamps`):
+    # the loader checks each file it read against it, so a file replaced mid-run is not used
+    stamps: dict[str, tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -101,6 +104,9 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
 
     Memoised per process: the stages of one `clpt run` share the loaded images.
     """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels  # the creation check and the loader's workers
     bench = _load_benchmark(
         cfg.name,
         cfg.root,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clpt.data import manifest as M
 from clpt.data import transforms as T
 from clpt.data.benchmark import Benchmark, Split
 
@@ -112,7 +113,7 @@ class _FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int | None]):
         i, seed = key
         with Image.open(self.paths[i]) as im:
-            rgb = im.convert("RGB")
+            rgb = T.to_rgb(im)
         if seed is None:
             return self.transform(rgb), int(self.labels[i])
         with torch.random.fork_rng(devices=[]):  # the global RNG is restored afterwards
@@ -150,7 +151,12 @@ class FileBatches(_Batches):
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
         )
+        stamps = self.split.stamps
+        done = 0
         for x, y in loader:
+            if stamps:  # the files this batch was read from are the files the run checked
+                M.changed_since([self.split.paths[i] for i, _ in keys[done : done + len(y)]], stamps)
+            done += len(y)
             yield self._finish(x), y.to(self.device, non_blocking=True)
 
 

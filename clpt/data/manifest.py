@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 from clpt.errors import DataError
@@ -46,9 +47,13 @@ def decode_problem(data: bytes) -> str | None:
     if not data:
         return "empty file"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"more pixels than benchmark.max_image_pixels = {Image.MAX_IMAGE_PIXELS} (raise it to read it)"
     except UnidentifiedImageError:
         return "not an image"
     except (OSError, SyntaxError, ValueError) as e:  # PIL: "image file is truncated", broken chunks
@@ -62,8 +67,17 @@ def split_entries(raw_split, root: Path, check: bool = False) -> list[list]:
             [i, int(y), _hash_bytes(img.tobytes())]
             for i, (img, y) in enumerate(zip(raw_split.images, raw_split.labels, strict=True))
         ]
+    if check:
+        _one_label_per_file(raw_split, root)
     out, broken = [], []
     for p, y in zip(raw_split.paths, raw_split.labels, strict=True):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # os.walk's surrogate escapes: JSON records and messages cannot hold it
+            raise DataError(
+                f"the file name {os.path.relpath(p, root)!r} is not valid UTF-8",
+                hint="rename the file (or convert the names with `convmv -f latin1 -t utf8`)",
+            ) from None
         try:
             st = os.stat(p)
         except FileNotFoundError:  # listed by the dataset's index files (CUB, Cars) but not there
@@ -88,6 +102,22 @@ def split_entries(raw_split, root: Path, check: bool = False) -> list[list]:
     return out
 
 
+def _one_label_per_file(raw_split, root: Path) -> None:
+    """A DataError where one file (after links) is listed under two classes: a link from one class's
+    folder into another's would train on the same image under two labels."""
+    first: dict[str, tuple[str, int]] = {}
+    for p, y in zip(raw_split.paths, raw_split.labels, strict=True):
+        real = os.path.realpath(p)
+        if real in first and first[real][1] != int(y):
+            other = first[real][0]
+            raise DataError(
+                f"{os.path.relpath(p, root)!r} and {os.path.relpath(other, root)!r} are the same file under two "
+                "classes (a link leads one class's folder into another's)",
+                hint="remove the link, so each image is read under its own class only",
+            )
+        first.setdefault(real, (str(p), int(y)))
+
+
 def build_manifest(raw) -> dict:
     """The manifest of a RawDataset (see clpt.data.readers); every file is checked to decode."""
     splits = {s: split_entries(getattr(raw, s), raw.root, check=True) for s in ("train", "test")}
@@ -110,6 +140,38 @@ def digest(splits: dict) -> str:
         for e in splits[s]:
             h.update(f"{s}\t{e[0]}\t{e[1]}\t{e[-1]}\n".encode())
     return h.hexdigest()
+
+
+def stamps(raw, manifest: dict) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per split, {path: (size, mtime_ns)} of the files a (verified) manifest records, keyed by the paths
+    the reader gives, for `changed_since` checks while the files are read."""
+    out = {}
+    for s in ("train", "test"):
+        rec = {e[0]: (int(e[2]), int(e[3])) for e in manifest["splits"][s] if len(e) == 5}
+        paths = getattr(raw, s).paths or []
+        out[s] = {p: rec[r] for p in paths if (r := os.path.relpath(p, raw.root)) in rec}
+    return out
+
+
+def changed_since(paths: list[str], recorded: dict[str, tuple[int, int]]) -> None:
+    """DataError naming the first of `paths` whose size or modification time now differ from the record
+    (a file replaced or rewritten after the run's manifest check, while the run reads it)."""
+    for p in paths:
+        want = recorded.get(p)
+        if want is None:
+            continue
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            got = None
+        else:
+            got = (st.st_size, st.st_mtime_ns)
+        if got != want:
+            raise DataError(
+                f"{p!r} changed while the run was reading it ({'removed' if got is None else 'size or time differ'}"
+                " from the run's manifest)",
+                hint="restore the file as it was and run the same command again (what is done is kept)",
+            )
 
 
 def verify(raw, manifest: dict) -> None:

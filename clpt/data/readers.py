@@ -23,6 +23,7 @@ dataset's own class numbering (the run's class order is applied later).
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -63,9 +64,39 @@ def _missing(what: str, root: Path, hint: str) -> DataError:
 # --- CIFAR-100 ------------------------------------------------------------------
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+# what the CIFAR-100 pickles hold: dicts, lists, strings, numbers and NumPy arrays; nothing else is
+# looked up while unpickling (a pickle can name any callable, and calling it runs code)
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which the format never holds")
+
+
+def _unpickle(path: Path, keys: tuple[str, ...]) -> dict:
+    """A CIFAR pickle, read with an unpickler that admits only containers and arrays; DataError naming
+    the file when it is not one (damaged, crafted, or another format)."""
+    try:
+        with open(path, "rb") as f:
+            d = _DataUnpickler(f, encoding="latin1").load()
+        if not isinstance(d, dict) or any(k not in d for k in keys):
+            raise pickle.UnpicklingError(f"it does not hold the keys {', '.join(keys)}")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(
+            f"{str(path)!r} is not a CIFAR-100 python pickle ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})",
+            hint=f"replace cifar-100-python with a fresh extract of {CIFAR_URL}",
+        ) from None
+    return d
 
 
 def read_cifar100(root: Path, download: bool) -> RawDataset:
@@ -79,11 +110,17 @@ def read_cifar100(root: Path, download: bool) -> RawDataset:
                 root,
                 f"extract {CIFAR_URL} into {root}, or set benchmark.download=true",
             )
-    meta = _unpickle(base / "meta")
+    meta = _unpickle(base / "meta", ("fine_label_names",))
     splits = {}
     for split in ("train", "test"):
-        d = _unpickle(base / split)
-        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        d = _unpickle(base / split, ("data", "fine_labels"))
+        try:
+            x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            if len(x) != len(d["fine_labels"]):
+                raise ValueError(f"{len(x)} images but {len(d['fine_labels'])} labels")
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{str(base / split)!r} does not hold CIFAR-100's arrays ({e})",
+                            hint=f"replace cifar-100-python with a fresh extract of {CIFAR_URL}") from None  # fmt: skip
         splits[split] = RawSplit(
             labels=np.asarray(d["fine_labels"], dtype=np.int64), images=np.ascontiguousarray(x)
         )
@@ -115,7 +152,23 @@ def _download_cifar(root: Path) -> Path:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files under `folder`, sorted, following links to folders. A linked folder that is the
+    folder itself or one it lies in (a loop), or a folder reached twice, is a DataError naming the link:
+    followed, it would repeat images or pull in other classes' images under this class's label."""
+    out: list[Path] = []
+    seen: dict[str, str] = {}
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            raise DataError(
+                f"the folder {top!r} is reached twice under {str(folder)!r} (it is the same folder as "
+                f"{seen[real]!r}; a link loops or two links lead to one folder)",
+                hint="remove the link, so each image is read once under its own class",
+            )
+        seen[real] = top
+        dirs.sort()
+        out += [Path(top) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in out if p.is_file())
 
 
 def _class_folders(base: Path) -> list[str]:
@@ -266,8 +319,16 @@ def read_cub200(root: Path) -> RawDataset:
         )
 
     def table(name: str) -> dict[int, str]:
-        rows = [line.split(maxsplit=1) for line in (base / name).read_text().splitlines() if line.strip()]
-        return {int(k): v.strip() for k, v in rows}
+        out = {}
+        for i, line in enumerate((base / name).read_text(errors="replace").splitlines(), 1):
+            row = line.split(maxsplit=1)
+            if not row:
+                continue
+            if len(row) != 2 or not row[0].isdigit():
+                raise DataError(f"{name}, line {i}: {line[:80]!r} is not '<id> <value>'",
+                                hint="restore the file from CUB_200_2011.tgz")  # fmt: skip
+            out[int(row[0])] = row[1].strip()
+        return out
 
     images, labels, is_train = (
         table("images.txt"),
@@ -282,9 +343,16 @@ def read_cub200(root: Path) -> RawDataset:
     index = {cid: i for i, cid in enumerate(ids)}
     out: dict[bool, tuple[list[str], list[int]]] = {True: ([], []), False: ([], [])}
     for img_id, rel in sorted(images.items()):
+        if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
+            raise DataError(f"images.txt: image {img_id} is {rel!r}, a path outside CUB_200_2011/images",
+                            hint="restore images.txt from CUB_200_2011.tgz")  # fmt: skip
+        label = labels.get(img_id, "")
+        if img_id not in is_train or not label.isdigit() or int(label) not in index:
+            raise DataError(f"image {img_id} of images.txt has no valid row in image_class_labels.txt, "
+                            "train_test_split.txt or classes.txt", hint="restore the files from CUB_200_2011.tgz")  # fmt: skip
         paths, ys = out[is_train[img_id] == "1"]
         paths.append(str(base / "images" / rel))
-        ys.append(index[int(labels[img_id])])
+        ys.append(index[int(label)])
     split = {k: RawSplit(np.asarray(v[1], dtype=np.int64), paths=v[0]) for k, v in out.items()}
     return RawDataset(
         "cub200",

@@ -164,6 +164,27 @@ def file_transform(family: str, train: bool, size: int, crop_scale=None, interpo
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.uint8)])
 
 
+# --- decoding ---------------------------------------------------------------------------------
+
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image):
+    """An 8-bit RGB PIL image of any PIL image. Greyscale of 16 bits (a 16-bit PNG or TIFF opens as
+    "I;16" or "I") is scaled to 8 bits, value * 255 / 65535 rounded: PIL's own `convert("RGB")` clips
+    such values at 255, which turns nearly every pixel white. A 32-bit "I" image whose values all lie in
+    [0, 255] is taken as 8-bit. Every other mode goes through `convert`."""
+    if image.mode not in _WIDE_GREY:
+        return image.convert("RGB")
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(image, dtype=np.float64)
+    top = 255.0 if image.mode == "I" and a.size and a.min() >= 0 and a.max() <= 255 else 65535.0
+    grey = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
 # --- the test transform, one image at a time (prediction and exports) ----------------------------
 
 
@@ -204,7 +225,7 @@ class EvalTransform:
     def __call__(self, image) -> torch.Tensor:
         import numpy as np
 
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
         if self.kind == "files":
             x = _file_test_transform(self.size)(rgb)[None].float().div_(255.0)  # (1, 3, S, S)
         else:

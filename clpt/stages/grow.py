@@ -42,6 +42,7 @@ def extend(bench: Benchmark, info, recorded: dict | None) -> Benchmark:
     train, test = bench.train, bench.test
     paths = {"train": list(train.paths or []), "test": list(test.paths or [])}
     labels = {"train": [train.labels], "test": [test.labels]}
+    stamps = {"train": dict(train.stamps or {}), "test": dict(test.stamps or {})}
     for i, a in enumerate(additions):
         raw = _read(a)
         if i >= len(entries):
@@ -51,6 +52,8 @@ def extend(bench: Benchmark, info, recorded: dict | None) -> Benchmark:
             raise DataError(f"the classes under {a['root']} changed since task {a['task']} was added",
                             hint="restore the folder as it was when it was added")  # fmt: skip
         M.verify(raw, entries[i])
+        for s, st in M.stamps(raw, entries[i]).items():
+            stamps[s].update(st)
         for s in ("train", "test"):
             split = getattr(raw, s)
             paths[s] += list(split.paths)
@@ -60,8 +63,8 @@ def extend(bench: Benchmark, info, recorded: dict | None) -> Benchmark:
         class_names=list(info.class_names),
         order=np.asarray(info.class_order),
         tasks=[range(a, b) for a, b in info.tasks],
-        train=Split(labels=np.concatenate(labels["train"]), paths=paths["train"]),
-        test=Split(labels=np.concatenate(labels["test"]), paths=paths["test"]),
+        train=Split(labels=np.concatenate(labels["train"]), paths=paths["train"], stamps=stamps["train"]),
+        test=Split(labels=np.concatenate(labels["test"]), paths=paths["test"], stamps=stamps["test"]),
     )
 
 
