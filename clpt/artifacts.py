@@ -381,9 +381,12 @@ class FeatureWriter:
 
 
 def prepare_features(
-    root: Path, t: int, split: str, n: int, d: int, chunk_rows: int, source: str, resume: bool
-) -> tuple[zarr.Array, zarr.Array, int]:
-    """(feats, labels, rows already committed) for writing; committed rows kept only from the same source."""
+    root: Path, t: int, split: str, n: int, d: int, chunk_rows: int, source: str, resume: bool,
+    expected_labels: np.ndarray | None = None,
+) -> tuple[zarr.Array, zarr.Array, int]:  # fmt: skip
+    """(feats, labels, rows already committed) for writing; committed rows kept only from the same source.
+    `expected_labels` (grouped by class, as extraction writes them) are recorded as their class range and
+    per-class counts, which `open_features` checks the stored labels against."""
     store, name = features_path(root), feature_group(t, split)
     g = writable_group(store, name)
     if resume:
@@ -418,7 +421,30 @@ def prepare_features(
         }
     )
     labels.attrs[EVERY_CHUNK] = True
+    if expected_labels is not None and len(expected_labels):
+        lo, hi = int(expected_labels.min()), int(expected_labels.max()) + 1
+        counts = np.bincount(expected_labels - lo, minlength=hi - lo)
+        labels.attrs.update({"classes": [lo, hi], "class_counts": counts.tolist()})
     return feats, labels, 0
+
+
+def _check_labels(labels: zarr.Array, what: str, redo: Redo) -> None:
+    """The stored labels are the classes and counts extraction recorded, grouped by class: a label
+    rewritten to another class (checksummed anew) is found when the store is opened, before any work."""
+    want = labels.attrs.get("class_counts")
+    if want is None:  # stores written before the record
+        return
+    lo, hi = labels.attrs["classes"]
+    y = read_checked(labels, ..., what, redo)
+    bad = ""
+    if len(y) and (int(y.min()) < lo or int(y.max()) >= hi):
+        bad = f"labels outside the task's classes [{lo}, {hi})"
+    elif np.bincount(y - lo, minlength=hi - lo).tolist() != want:
+        bad = "per-class counts differ from those extracted"
+    elif len(y) > 1 and bool((y[1:] < y[:-1]).any()):
+        bad = "rows not grouped by class"
+    if bad:
+        raise DataError(f"{what} are damaged ({bad})", redo=redo)
 
 
 def _extract_redo(root: Path, t: int, force: bool = True, split: str = "train") -> Redo:
@@ -449,6 +475,7 @@ def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Arra
             f"{split} features of task {t} have format version {version}",
             redo=_extract_redo(root, t, True, split),
         )
+    _check_labels(labels, f"the cached {split} labels of task {t}", _extract_redo(root, t, True, split))
     return feats, labels
 
 

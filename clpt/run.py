@@ -363,7 +363,37 @@ def open_run(root: Path) -> Run:
             hint="restore the run's config.yaml from a backup or a copy of the run, or start a new run folder",
         ) from None
     cfg = R.load_resolved(cfg_path)
-    return Run(root, cfg, _read_info(root))
+    info = _read_info(root)
+    _check_records(root, cfg, info)
+    return Run(root, cfg, info)
+
+
+def _check_records(root: Path, cfg: RunConfig, info: RunInfo) -> None:
+    """config.yaml and benchmark.json agree: the benchmark, its classes and the task ranges the config's
+    init_classes and increment give (plus tasks added by `clpt add-task`). A hand edit of either would
+    otherwise evaluate other classes silently, or retrain a task under a record that says otherwise."""
+    from clpt.data.benchmark import task_ranges
+
+    b, rec = cfg.benchmark, artifacts.run_record_path(root, "clpt-benchmark").name
+    problems = []
+    if info.benchmark != b.name:
+        problems.append(f"benchmark.name is {b.name!r} in config.yaml, {info.benchmark!r} in {rec}")
+    n = info.n_classes
+    if sorted(info.class_order) != list(range(n)) or len(info.class_names) != n:
+        problems.append(f"{rec}'s class order or class names do not cover its {n} classes")
+    base = n - sum(len(a.get("classes", [])) for a in info.additions)
+    want = [[a["start"], a["start"] + len(a.get("classes", []))] for a in info.additions if "start" in a]
+    if base > 0 and b.init_classes <= base:
+        want = [[r.start, r.stop] for r in task_ranges(base, b.init_classes, b.increment)] + want
+    if not problems and info.tasks != want:
+        edited = [f"{k}: {getattr(b, k)}" for k in ("init_classes", "increment")]
+        problems.append(f"its task ranges {info.tasks[:3]}... are not those of config.yaml's {', '.join(edited)}")
+    if problems:
+        raise DataError(
+            f"the run's records disagree ({'; '.join(problems)}): config.yaml or {rec} was edited by hand",
+            hint="restore the edited file from a backup or a copy of the run (the benchmark is fixed when a run "
+                 "is created: change it in a new run folder)",
+        )  # fmt: skip
 
 
 def open_for_work(root: Path) -> Run:

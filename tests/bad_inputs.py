@@ -551,6 +551,26 @@ def _(ws):
     return Prepared(folder_run_args(ws.fresh("run"), f, "benchmark.image_size=30"))
 
 
+@case("benchmark.json's task ranges edited by hand (they disagree with config.yaml)", "cache", 4,
+      needle="edited by hand")  # fmt: skip
+def _(ws):
+    run = ws.run()
+    p = run / "benchmark.json"
+    rec = json.loads(p.read_text())
+    rec["tasks"][0][1] += 2
+    rec["tasks"][1][0] += 2
+    p.write_text(json.dumps(rec))
+    return Prepared(["eval", str(run), "--task", "1", "--force"], run=run)
+
+
+@case("config.yaml's benchmark.init_classes edited by hand", "cache", 4, needle="edited by hand")
+def _(ws):
+    run = ws.run()
+    p = run / "config.yaml"
+    p.write_text(p.read_text().replace("  init_classes: 10\n", "  init_classes: 20\n", 1))
+    return Prepared(["run", str(run)], run=run)
+
+
 @case("the run's config.yaml hand-edited to a wrong type", "cache", 2, needle="heads.enabled")
 def _(ws):
     run = ws.run()

@@ -117,3 +117,23 @@ def test_a_diverging_alignment_stops_and_json_never_prints_nan(run_copy):
     from clpt_cli.main import _finite_or_null
 
     assert _finite_or_null({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
+
+
+def test_cached_labels_rewritten_with_valid_checksums_are_found_when_the_store_opens(run_copy):
+    """issue 23, item 3: a label chunk rewritten through zarr (its checksum valid) with a class outside the
+    task's range, or another class inside it, is the damaged-features line naming `clpt extract`, before
+    any work, not a kernel's ValueError."""
+    import zarr
+
+    labels = zarr.open_array(run_copy / "features.zarr" / "task_001" / "train" / "labels", mode="r+")
+    y = labels[:]
+    labels[:4] = 99  # far outside task 1's classes
+    res = cli("fit-stats", run_copy, "--task", 1, "--force")
+    one_line_error(res, 4, "train labels of task 1 are damaged (labels outside", f"clpt extract {run_copy} --task 1 --force")
+    y2 = y.copy()
+    y2[0] = y[-1]  # a class of the task, but not this row's
+    labels[:] = y2
+    res = cli("fit-stats", run_copy, "--task", 1, "--force")
+    one_line_error(res, 4, "per-class counts differ")
+    labels[:] = y
+    assert cli("fit-stats", run_copy, "--task", 1, "--force").exit_code == 0

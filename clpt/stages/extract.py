@@ -37,14 +37,15 @@ from clpt.stages.base import StageContext
 log = logging.getLogger("clpt")
 
 
-def _writer(ctx: StageContext, split: str, n: int, d: int, source: str) -> artifacts.FeatureWriter:
+def _writer(ctx: StageContext, split: str, n: int, d: int, source: str, labels_of_rows: np.ndarray
+            ) -> artifacts.FeatureWriter:  # fmt: skip
     """The store group of `split` for writing, resumed where an interrupted attempt with `source` stopped."""
     feats: zarr.Array | None = None
     labels: zarr.Array | None = None
     done = 0
     if dist.is_main():
         feats, labels, done = artifacts.prepare_features(
-            ctx.root, ctx.task, split, n, d, ctx.cfg.system.feature_chunk_rows, source, ctx.resume
+            ctx.root, ctx.task, split, n, d, ctx.cfg.system.feature_chunk_rows, source, ctx.resume, labels_of_rows
         )
     done = dist.broadcast_object(done)
     dist.barrier()
@@ -66,7 +67,7 @@ def extract_rows(
 ) -> int:  # fmt: skip
     """Features of `split[rows]` under `model` (the backbone after task `backbone_task`) into `store_split`."""
     cfg, t = ctx.cfg, ctx.task
-    sink = _writer(ctx, store_split, len(rows), model.dim, source)
+    sink = _writer(ctx, store_split, len(rows), model.dim, source, split.labels[rows])
     if sink.rows_done:
         log.info("task %d %s features: resuming at row %d of %d", t, store_split, sink.rows_done, len(rows))
     try:

@@ -41,11 +41,14 @@ class RunCache:
 
     def _checked(self, p: dict, classes: range, stage: str, t: int) -> dict:
         """A statistics store's arrays, checked to cover exactly `classes` (else the damaged line of `stage`)."""
-        expected = list(classes)
-        if p["classes"].tolist() != expected:
+        expected, got = list(classes), p["classes"].tolist()
+        if got != expected:
+            at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
+            which = f"class {got[at]} at position {at}, where the task has {expected[at]}" if at < min(
+                len(got), len(expected)) else f"{len(got)} classes, where the task has {len(expected)}"  # fmt: skip
             raise DataError(
-                f"the statistics of task {t} cover classes {p['classes'].tolist()[:3]}..., "
-                f"not the task's {expected[:3]}...",
+                f"the statistics of task {t} are damaged: they list {which} "
+                f"(the task's classes are {classes.start}..{classes.stop - 1})",
                 redo=self._redo(stage, t),
             )
         return p
