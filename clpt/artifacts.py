@@ -434,7 +434,7 @@ def _check_labels(labels: zarr.Array, what: str, redo: Redo) -> None:
     want = labels.attrs.get("class_counts")
     if want is None:  # stores written before the record
         return
-    lo, hi = labels.attrs["classes"]
+    lo, hi = (int(v) for v in labels.attrs["classes"])  # type: ignore[union-attr, arg-type]
     y = read_checked(labels, ..., what, redo)
     bad = ""
     if len(y) and (int(y.min()) < lo or int(y.max()) >= hi):
