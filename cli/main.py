@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -59,6 +60,7 @@ _DEBUG = os.environ.get("CLPT_DEBUG", "") not in ("", "0")
 
 
 INTERRUPTED = "interrupted: finished stages are kept; re-run the same command to continue"
+TERMINATED = "terminated (SIGTERM): finished stages are kept; re-run the same command to continue"
 
 
 def _fail(line: str, code: int) -> typer.Exit:
@@ -90,6 +92,9 @@ def guarded(fn):
                 return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except interrupt.Terminated:
+            errors.print(TERMINATED)
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             errors.print(INTERRUPTED)
             raise typer.Exit(130) from None
@@ -98,9 +103,10 @@ def guarded(fn):
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(141) from None
         except Exception as e:
-            if interrupt.received():  # a DataLoader worker or a collective died of the same Ctrl-C
-                errors.print(INTERRUPTED)
-                raise typer.Exit(130) from None
+            if interrupt.received():  # a DataLoader worker or a collective died of the same signal
+                term = interrupt.received() == signal.SIGTERM
+                errors.print(TERMINATED if term else INTERRUPTED)
+                raise typer.Exit(143 if term else 130) from None
             if isinstance(e, ClptError):
                 from clpt.stages import explain  # the fix of a library error: its stage's command
 

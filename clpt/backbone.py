@@ -224,6 +224,7 @@ def create_backbone(
                 f"the built-in backbone has no pre-trained weights at {path}",
                 hint="run `clpt pretrain-builtin` (or `clpt run`, which pre-trains it first)",
             )
+        _check_cached(path)
         try:
             model = _vit(
                 timm.create_model(
@@ -250,6 +251,25 @@ def create_backbone(
     if cfg.reset_final_norm:
         model.norm = nn.LayerNorm(model.embed_dim, eps=1e-5)
     return model
+
+
+def _check_cached(path: Path) -> None:
+    """The cached built-in weights are the bytes pre-training wrote (their SHA-256 beside them); a cache
+    from before the digest gets one now."""
+    from clpt.io import digest_path, file_sha256, write_text
+
+    want_at, got = digest_path(path), file_sha256(path)
+    try:
+        want = want_at.read_text().strip()
+    except FileNotFoundError:
+        write_text(want_at, got + "\n")
+        return
+    if got != want:
+        raise DataError(
+            f"the built-in backbone's cached weights {str(path)!r} are damaged (their SHA-256 is not the one "
+            "pre-training recorded)",
+            hint="redo them with `clpt pretrain-builtin --force`",
+        )
 
 
 def weights_record(cfg: BackboneConfig, model: nn.Module) -> dict:

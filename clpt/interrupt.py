@@ -1,4 +1,4 @@
-"""Ctrl-C, remembered: so that its side effects are reported as the interruption they are.
+"""Ctrl-C and SIGTERM, remembered: so that their side effects are reported as the interruption they are.
 
 A Ctrl-C reaches every process of the terminal's process group. The main
 process gets `KeyboardInterrupt`, but it may first see a consequence of the same
@@ -15,30 +15,36 @@ import signal
 import threading
 from collections.abc import Iterator
 
-_received = False
+_received: int = 0  # the signal that arrived (0: none)
 
 
-def _on_sigint(signum, frame) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, Slurm's time limit, a scheduler's preemption): handled as Ctrl-C is, so the
+    same cleanup runs, and reported with its own exit code (143)."""
+
+
+def _on_signal(signum, frame) -> None:
     global _received
-    _received = True
-    raise KeyboardInterrupt
+    _received = signum
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
-def received() -> bool:
-    """Whether SIGINT arrived during the innermost `watch()`."""
+def received() -> int:
+    """The signal (SIGINT or SIGTERM) that arrived during the innermost `watch()`, or 0."""
     return _received
 
 
 @contextlib.contextmanager
 def watch() -> Iterator[None]:
-    """Raise KeyboardInterrupt on SIGINT (as Python does) and remember that it came."""
+    """Raise KeyboardInterrupt on SIGINT (as Python does), `Terminated` on SIGTERM, and remember which came."""
     global _received
-    _received = False
+    _received = 0
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

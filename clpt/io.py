@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,44 @@ def _atomic(path: Path, write) -> None:
         if isinstance(e, OSError) and not isinstance(e, ClptError) and e.errno is not None:
             raise from_os_error(e, f"cannot write {path}") from None  # nothing half-written is left
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_path(path: Path) -> Path:
+    """Where the SHA-256 of a cached file is kept beside it (`NAME.sha256`)."""
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def is_temporary(name: str) -> bool:
+    """A name `_atomic` gives its temporary files (`.NAME.XXXXXXXX.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def sweep_temporary(folders) -> list[Path]:
+    """Remove the temporary files a killed writer left in `folders` (call it only while no other writer
+    can be writing there: under the run's lock); the paths removed."""
+    removed = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if is_temporary(e.name) and e.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+                except OSError:
+                    pass
+    return removed
 
 
 def write_json(path: Path, obj: Any) -> None:

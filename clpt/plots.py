@@ -14,11 +14,14 @@ chunk (JSON), so a script can check a figure without looking at it.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+
+from clpt.io import write_bytes
 
 
 def _plt():
@@ -35,8 +38,11 @@ def _slug(text: str) -> str:
 
 
 def _save(fig, path: Path, what: dict) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Description": json.dumps(what)})
+    """Rendered in memory, then written atomically: a kill or a full disk leaves no 0-byte PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Description": json.dumps(what)})
     _plt().close(fig)
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -26,6 +26,7 @@ from clpt import distributed as dist
 from clpt.data import builtin
 from clpt.data.benchmark import HALF, Benchmark, Split, task_ranges
 from clpt.data.loader import ArrayBatches
+from clpt.io import digest_path, file_sha256, write_text
 from clpt.vit_micro import BUILTIN_NAME, builtin_weights_path
 
 PRETRAIN_EPOCHS = 12
@@ -90,6 +91,7 @@ def pretrain_builtin(out: Path, epochs: int = PRETRAIN_EPOCHS, seed: int = PRETR
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)  # atomic: a half-written file is never taken for the weights
+    write_text(digest_path(out), file_sha256(out) + "\n")  # checked at every load (clpt.backbone)
     info = {"path": str(out), "pretrain_test_acc": acc, "seconds": time.perf_counter() - t0, "epochs": epochs}
     _log(f"pre-training classes test accuracy {acc:.3f}; saved {out}")
     return info

@@ -89,7 +89,10 @@ def test_a_full_disk_leaves_no_half_written_file(tmp_path, monkeypatch):
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
-def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path, finished_run, clpt_cache):
+@pytest.mark.parametrize("sig, code, says", [(signal.SIGINT, 130, "interrupted: finished stages are kept"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM): finished stages are kept")])  # fmt: skip
+def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path, finished_run, clpt_cache, sig, code, says):
+    """Ctrl-C (130) and SIGTERM (143: `kill`, Slurm's time limit) alike: one line, and a resume."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "clpt_cli", "run", str(run), *sets(*TINY)]
     env = {**os.environ, "COLUMNS": "200"}
@@ -99,11 +102,11 @@ def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path, finished_run,
         seen.append(line)
         if "] train" in line:
             time.sleep(0.5)
-            p.send_signal(signal.SIGINT)
+            p.send_signal(sig)
             break
     rest = p.stderr.read()
-    assert p.wait(timeout=120) == 130, "".join(seen) + rest
-    assert rest.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
+    assert p.wait(timeout=120) == code, "".join(seen) + rest
+    assert rest.strip().splitlines()[-1].startswith(says), rest
     assert "Traceback" not in rest
     doc = json.loads(cli("status", run, "--json").stdout)
     assert doc["tasks"][0]["stages"]["train"]["state"] == "done"

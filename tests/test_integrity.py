@@ -137,3 +137,30 @@ def test_cached_labels_rewritten_with_valid_checksums_are_found_when_the_store_o
     one_line_error(res, 4, "per-class counts differ")
     labels[:] = y
     assert cli("fit-stats", run_copy, "--task", 1, "--force").exit_code == 0
+
+
+def test_a_damaged_cached_builtin_backbone_is_refused_and_other_weights_are_not_taken_for_the_runs(
+    run_copy, clpt_cache, tmp_path, monkeypatch
+):
+    """The built-in backbone's cache carries the SHA-256 pre-training wrote; a flipped byte in it is one
+    line naming `clpt pretrain-builtin --force`. Task 0 redone from other weights than backbone.json's
+    is refused too."""
+    import shutil
+
+    from clpt.backbone import builtin_weights_path
+    from clpt.io import digest_path, file_sha256
+
+    cache = tmp_path / "cache"
+    shutil.copytree(clpt_cache, cache)
+    monkeypatch.setenv("CLPT_CACHE_DIR", str(cache))
+    weights = builtin_weights_path()
+    assert weights.parent == cache
+    if not digest_path(weights).is_file():  # a cache from before the digest gets one at its first load
+        assert cli("train-task", run_copy, "--task", 0, "--force").exit_code == 0
+    assert digest_path(weights).read_text().strip() == file_sha256(weights)
+    flip_a_byte(weights, at=weights.stat().st_size // 2)
+    res = cli("train-task", run_copy, "--task", 0, "--force")
+    one_line_error(res, 4, "cached weights", "are damaged", "clpt pretrain-builtin --force")
+    digest_path(weights).write_text(file_sha256(weights) + "\n")  # other weights, their digest in order
+    res = cli("train-task", run_copy, "--task", 0, "--force")
+    one_line_error(res, 4, "not those the run started from")

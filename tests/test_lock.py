@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,3 +115,74 @@ def test_two_queued_config_edits_both_survive(tmp_path):
     assert a.wait(60) == 0 and b.wait(60) == 0
     cfg = open_run(run).cfg
     assert cfg.align.tau == 0.05 and cfg.align.epochs == 3
+
+
+HOLD_AND_FORK = """
+import os, sys, time
+from pathlib import Path
+from clpt.lock import run_lock
+with run_lock(Path(sys.argv[1])):
+    child = os.fork()  # as a DataLoader worker is forked: it inherits the lock's descriptors
+    if child == 0:
+        time.sleep(30)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(30)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_holder(tmp_path):
+    """issue 23: DataLoader workers inherited the lock and kept the run locked ~5 s after `kill -9` of
+    their parent. A forked child closes its copies at once."""
+    from clpt.lock import holder, run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(run)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        assert holder(run) is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert holder(run) is None  # the child lives on, the lock is gone with its holder
+        with run_lock(run):
+            pass
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_deleting_the_lock_file_under_a_writer_lets_no_second_writer_in(tmp_path):
+    from clpt.lock import LOCK_NAME, RunBusyError, run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = hold(run, 30)
+    try:
+        (run / LOCK_NAME).unlink()
+        try:
+            with run_lock(run):
+                raise AssertionError("a second writer got in")
+        except RunBusyError:
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with run_lock(run):  # free once the holder is gone
+        pass
+
+
+def test_the_next_writer_removes_temporary_files_a_killed_writer_left(tmp_path):
+    from clpt.lock import run_lock
+
+    run = tmp_path / "run"
+    (run / "tasks" / "003" / "heads").mkdir(parents=True)
+    left = [run / ".config.yaml.k2j4.tmp", run / "tasks" / "003" / ".model.pt.x8.tmp",
+            run / "tasks" / "003" / "heads" / ".fecam.safetensors.q1.tmp"]  # fmt: skip
+    kept = [run / "config.yaml", run / "tasks" / "003" / "model.pt", run / ".clpt.keep"]
+    for p in left + kept:
+        p.write_bytes(b"x")
+    with run_lock(run):
+        assert not any(p.exists() for p in left) and all(p.exists() for p in kept)

@@ -6,11 +6,26 @@ from pathlib import Path
 
 from clpt import artifacts, checkpoint
 from clpt import distributed as dist
+from clpt.errors import DataError
 from clpt.learners import LEARNERS
 from clpt.methods import METHODS
 from clpt.seeding import seed_everything, task_seed
 from clpt.stages.base import StageContext
 from clpt.train import initial_model
+
+
+def _same_weights(ctx: StageContext, record: dict) -> None:
+    """Task 0 redone: the pre-trained weights are those the run started from (`backbone.json`), whatever
+    their source (the hub's cache, a checkpoint file, the built-in cache), or a DataError."""
+    if not artifacts.run_record_path(ctx.root, "clpt-backbone-record").is_file():
+        return
+    before = artifacts.read_record(ctx.root, "clpt-backbone-record")
+    if before.get("sha256") not in (None, record["sha256"]):
+        raise DataError(
+            f"the pre-trained weights ({record['source']}) are not those the run started from: their digest "
+            f"{record['sha256'][:12]}... differs from backbone.json's {str(before['sha256'])[:12]}...",
+            hint="restore the weights the run was created with, or start a new run folder for these",
+        )
 
 
 def run(ctx: StageContext) -> tuple[list[Path], dict]:
@@ -22,6 +37,7 @@ def run(ctx: StageContext) -> tuple[list[Path], dict]:
     extra: dict = {}
     if t == 0:
         model, record = initial_model(cfg, device)
+        _same_weights(ctx, record)
         extra["pretrained"] = record  # which weights the run started from
         if dist.is_main():
             artifacts.write_record(ctx.root, "clpt-backbone-record", record)
