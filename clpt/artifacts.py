@@ -163,6 +163,39 @@ def check_chunks(arr: zarr.Array, sel, what: str, redo: Redo) -> None:
         raise DataError(f"{what} is damaged (chunk file {missing} is missing)", redo=redo)
 
 
+def store_arrays(path: Path) -> list[str]:
+    """The arrays of a zarr store folder (their paths below it, sorted); [] for a folder without any."""
+    path = Path(path)
+    return sorted(str(m.parent.relative_to(path)) for m in path.rglob("zarr.json")
+                  if m.parent != path and _node_type(m) == "array")  # fmt: skip
+
+
+def _node_type(meta: Path) -> str | None:
+    try:
+        return json.loads(meta.read_text()).get("node_type")
+    except (OSError, ValueError, AttributeError):
+        return "array"  # damaged metadata of an array that is there: found when the store is opened
+
+
+def store_problem(path: Path, root: Path) -> str | None:
+    """What is wrong with the zarr arrays under `path` of a finished stage, paths relative to `root`: a
+    feature array with fewer committed rows than its shape (an extraction cut short, yet marked done), or
+    a missing chunk file (arrays written with every chunk); None when neither."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for meta_path in sorted(path.rglob("feats/zarr.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            n, done = int(meta["shape"][0]), int((meta.get("attributes") or {}).get("rows_done", meta["shape"][0]))
+        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            continue  # damaged metadata is found when the store is opened
+        if done != n:
+            return f"its store {meta_path.parent.relative_to(root)} holds {done} of its {n} rows"
+    gone = missing_chunk(path)
+    return None if gone is None else f"its store's chunk file {Path(gone).relative_to(root)} is missing"
+
+
 def missing_chunk(path: Path) -> str | None:
     """The first missing chunk file of the zarr arrays under `path` (written with every chunk), or None.
 
@@ -459,7 +492,7 @@ def open_features_for_append(root: Path, t: int, split: str) -> tuple[zarr.Array
 
 def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Array]:
     """The cached (feats, labels) arrays of a task and split, checked complete and of this format."""
-    missing = MissingInputError(
+    missing = MissingInputError(  # an extraction cut short: its stage is not done, so it resumes
         f"no complete {split} features for task {t} in {features_path(root)}",
         redo=_extract_redo(root, t, False, split),
     )

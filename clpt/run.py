@@ -166,8 +166,11 @@ class Run:
                 continue  # a large file as it was written: not read again
             if _digest(self.root / rel) != digest:
                 return "damaged"  # a result file changed after its stage wrote it
-        if any(artifacts.missing_chunk(self.root / o) for o in m.get("outputs", [])):
-            return "damaged"  # a chunk file of a result store is gone (it would read as fill values)
+        arrays = m.get("arrays") or {}
+        if any(artifacts.store_arrays(self.root / r) != sorted(a) for r, a in arrays.items() if isinstance(a, list)):
+            return "missing"  # arrays of a result store are gone: the stage's outputs are not all there
+        if any(artifacts.store_problem(self.root / o, self.root) for o in m.get("outputs", [])):
+            return "damaged"  # a chunk file of a result store is gone (it would read as fill values), or rows
         recorded, current = m.get("config"), self.config_values(stage)
         if not isinstance(recorded, dict) or set(recorded) != set(current):
             return "stale"
@@ -225,10 +228,10 @@ class Run:
         else:
             changed = [r for r, d in (m.get("digests") or {}).items() if _digest(self.root / r) != d]
             gone = next(
-                (c for o in m.get("outputs", []) if (c := artifacts.missing_chunk(self.root / o))), None
+                (c for o in m.get("outputs", []) if (c := artifacts.store_problem(self.root / o, self.root))), None
             )
             what = (f"{changed[0]} was changed after it was written" if changed else
-                    f"its store's chunk file {Path(gone).relative_to(self.root)} is missing" if gone else "a result file was changed after it was written")  # fmt: skip
+                    gone if gone else "a result file was changed after it was written")  # fmt: skip
         return DataError(f"{stage} of task {t} is damaged: {what}", hint=f"re-run `{cmd} --force`")
 
     def invalidate(self, stage: str, t: int) -> None:
@@ -251,6 +254,8 @@ class Run:
             "digests": {r: _digest(self.root / r) for r in files},  # result files tied to this marker
             # a large file is re-hashed only when its size or modification time differ from these
             "stat": large,
+            # the arrays of each result store, so a store emptied or cut down is missing, not done
+            "arrays": {r: artifacts.store_arrays(self.root / r) for r in rel if (self.root / r).is_dir()},
             "config": self.config_values(stage),
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -358,6 +358,17 @@ def _(ws):
     return Prepared(["heads", str(run), "--head", "lda", "--task", "0", "--force"], run=run)
 
 
+@case("features cut short yet marked done: the fix is a command that fixes it (item 5)", "cache", 4,
+      needle="--task 1 --force")  # fmt: skip
+def _(ws):
+    import zarr
+
+    run = ws.run()
+    feats = zarr.open_array(run / "features.zarr" / "task_001" / "test" / "feats", mode="r+")
+    feats.attrs["rows_done"] = feats.shape[0] - 10
+    return Prepared(["eval", str(run), "--task", "1", "--force"], run=run)
+
+
 @case("a truncated feature chunk", "cache", 4, needle="clpt extract")
 def _(ws):
     run = ws.run()

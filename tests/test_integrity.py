@@ -164,3 +164,18 @@ def test_a_damaged_cached_builtin_backbone_is_refused_and_other_weights_are_not_
     digest_path(weights).write_text(file_sha256(weights) + "\n")  # other weights, their digest in order
     res = cli("train-task", run_copy, "--task", 0, "--force")
     one_line_error(res, 4, "not those the run started from")
+
+
+def test_a_store_whose_arrays_are_gone_is_missing_and_redone_not_done(run_copy):
+    """issue 23, item 9: an emptied statistics group left `clpt run` answering "done already"."""
+    import shutil
+
+    group = run_copy / "stats.zarr" / "task_002"
+    for child in group.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    doc = json.loads(cli("status", run_copy, "--json").stdout)
+    assert doc["tasks"][2]["stages"]["stats"]["state"] == "missing"
+    res = cli("run", run_copy)
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(cli("status", run_copy, "--json").stdout)["tasks"][2]["stages"]["stats"]["state"] == "done"
+    assert (group / "m2" / "zarr.json").is_file()
