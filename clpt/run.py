@@ -47,8 +47,8 @@ from clpt.data import manifest
 from clpt.data.benchmark import Benchmark, load_benchmark
 from clpt.errors import ClptError, ConfigError, DataError, FileSystemError, MissingInputError
 from clpt.heads import HEADS
-from clpt.io import read_json, write_json, write_text
-from clpt.lock import run_lock
+from clpt.io import is_temporary, read_json, write_json, write_text
+from clpt.lock import LOCK_NAME, run_lock
 from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
 from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, grow, run_order
 from clpt.stages import resolve as R
@@ -308,7 +308,9 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
         raise FileSystemError(
             f"{root} is not a folder (a file is there)", hint="choose another path for the run"
         )
-    if root.exists() and any(root.iterdir()):
+    # what a creation cut short (a full disk, a kill) leaves before config.yaml: it is written again
+    leftovers = {"manifest.json", "benchmark.json", LOCK_NAME}
+    if root.exists() and any(p.name not in leftovers and not is_temporary(p.name) for p in root.iterdir()):
         raise ClptError(f"{root} exists and is not empty", hint="choose a new or empty folder for the run")
     bench = load_benchmark(cfg.benchmark)
     info = _info_from_benchmark(bench)

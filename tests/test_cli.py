@@ -325,3 +325,21 @@ def test_config_defaults_lists_every_key_with_its_default_and_meaning():
     assert any(line.startswith("train.kd_feat ") and "# weight of" in line for line in lines)
     res = CliRunner().invoke(app, ["init", "x", "--set", "train.lr=-1"])
     assert res.exit_code == 2 and "clpt config --defaults" in res.stderr
+
+
+def test_a_creation_cut_short_is_continued_by_the_same_command(tmp_path):
+    """issue 23, item 6: a creation that failed on a full disk (or was killed) before config.yaml left
+    manifest.json / benchmark.json / temporary files; the same command then creates the run, as its
+    message promised, while a folder holding anything else is still refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("manifest.json", "benchmark.json", ".benchmark.json.x1y2.tmp", ".clpt.lock"):
+        (run / name).write_text("{")  # half-written, as a full disk leaves them
+    res = CliRunner().invoke(app, ["init", str(run)])
+    assert res.exit_code == 0, res.stderr
+    assert (run / "config.yaml").is_file() and json.loads((run / "benchmark.json").read_text())["n_classes"] == 50
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(app, ["init", str(other)])
+    assert res.exit_code == 1 and "exists and is not empty" in res.stderr
