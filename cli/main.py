@@ -30,6 +30,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _flag_takes_no_value(display_type_rich):
+    """Typer's rich help gives every option a type column; a flag (`--force`) takes no value, so it shows
+    none there (Typer 0.29 printed `<bool>`, as if `--force <bool>` were the syntax)."""
+
+    def shown(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else display_type_rich(self, ctx)
+
+    return shown
+
+
+typer.core.TyperOption.display_type_rich = _flag_takes_no_value(typer.core.TyperOption.display_type_rich)  # type: ignore[method-assign]
+
 # Under torchrun only rank 0 speaks; the other ranks work silently (errors still show).
 _QUIET_RANK = not dist.is_main()
 # Piped or redirected, tables keep their natural width (up to 200 columns) instead of rich's 80.

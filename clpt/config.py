@@ -293,7 +293,7 @@ class MistConfig:
 @dataclass
 class SystemConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 4  # data-loading worker processes (file datasets)
+    num_workers: int = 4  # data-loading worker processes (file datasets); at most the CPUs available
     extract_batch_size: int = 256
     feature_chunk_rows: int = 2048  # zarr chunk height of feature stores
     deterministic: bool = True  # torch deterministic algorithms (CPU runs repeat bit for bit)

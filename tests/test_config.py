@@ -229,3 +229,18 @@ def test_files_are_written_with_the_mode_a_plain_open_gives(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+def test_epochs_alone_scale_milestones_that_would_not_fit(caplog):
+    """issue 23, item 17: `--set train.epochs=2` alone failed on the preset's milestone at epoch 5."""
+    import logging
+
+    from clpt.stages import resolve as R
+
+    base = R.resolve(overrides=[])
+    assert base.train.epochs == 6 and base.train.milestones == [5]
+    with caplog.at_level(logging.WARNING, logger="clpt"):
+        cfg = R.resolve(overrides=["train.epochs=2"])
+    assert cfg.train.milestones == [2] and "scaled to [2]" in caplog.text
+    assert R.resolve(overrides=["train.epochs=12"]).train.milestones == [5]  # still fits: kept as given
+    assert R.resolve(overrides=["train.epochs=2", "train.milestones=[1]"]).train.milestones == [1]

@@ -20,6 +20,7 @@ iterating a loader leaves the global RNG as it was.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -126,7 +127,10 @@ class FileBatches(_Batches):
 
     def __init__(self, *args, num_workers: int = 0):
         super().__init__(*args)
-        self.num_workers = num_workers
+        # no more workers than CPUs this process may use (PyTorch warns above that, and they only contend);
+        # each image's transform is seeded by its position, so the batches do not depend on the count
+        self.num_workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                               else (os.cpu_count() or 1))  # fmt: skip
         tf = T.file_transform(
             self.bench.family,
             self.train,

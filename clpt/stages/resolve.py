@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import typing
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,9 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
     return cfg
 
 
+log = logging.getLogger("clpt")
+
+
 def presets(benchmark: Any, method: Any) -> dict:
     """The raw config sections the benchmark's reader and the method preset, merged (lowest first)."""
     base: dict = {}
@@ -140,7 +144,30 @@ def resolve(file: str | Path | None = None, overrides: list[str] | None = None) 
     section = user.get("benchmark")
     bench = section.get("name", BenchmarkConfig.name) if isinstance(section, dict) else BenchmarkConfig.name
     method = user.get("method", RunConfig.method)
-    return build_config(C.deep_merge(presets(bench, method), user), source=source)
+    preset = presets(bench, method)
+    merged = C.deep_merge(preset, user)
+    _scale_milestones(merged, user, preset)
+    return build_config(merged, source=source)
+
+
+def _scale_milestones(merged: dict, user: dict, preset: dict) -> None:
+    """`train.epochs` set without `train.milestones`, where the preset's milestones do not fit the new
+    epochs (`--set train.epochs=2` on a preset with a milestone at epoch 5): the milestones are scaled
+    by new / preset epochs (rounded, at least 1, duplicates dropped), with a warning naming both."""
+    train, mine = merged.get("train"), user.get("train")
+    if not isinstance(train, dict) or not isinstance(mine, dict) or "epochs" not in mine or "milestones" in mine:
+        return
+    epochs, ms = train.get("epochs"), train.get("milestones")
+    preset_epochs = (preset.get("train") or {}).get("epochs", C.TrainConfig.epochs)
+    if not (isinstance(epochs, int) and isinstance(preset_epochs, int) and preset_epochs > 0 and isinstance(ms, list)
+            and all(isinstance(m, int) for m in ms)):  # fmt: skip
+        return
+    if all(1 <= m <= epochs for m in ms):
+        return
+    scaled = sorted({min(epochs, max(1, round(m * epochs / preset_epochs))) for m in ms})
+    log.warning("train.milestones %s scaled to %s for train.epochs=%d (the preset's are for %d epochs; "
+                "set train.milestones to choose them)", ms, scaled, epochs, preset_epochs)  # fmt: skip
+    train["milestones"] = scaled
 
 
 def load_resolved(path: str | Path) -> RunConfig:
