@@ -343,3 +343,13 @@ def test_a_creation_cut_short_is_continued_by_the_same_command(tmp_path):
     (other / "notes.txt").write_text("mine")
     res = CliRunner().invoke(app, ["init", str(other)])
     assert res.exit_code == 1 and "exists and is not empty" in res.stderr
+
+
+def test_flags_show_no_value_placeholder_in_help():
+    """issue 23, item 17: `--force <bool>` read as if the flag took a value."""
+    res = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "160"})
+    assert res.exit_code == 0
+    force = next(line for line in res.stdout.splitlines() if "--force" in line)
+    assert "<bool>" not in res.stdout and "Redo the stage" in force
+    task = next(line for line in res.stdout.splitlines() if "--task" in line)
+    assert "<int>" in task  # options that take a value keep theirs
