@@ -828,20 +828,12 @@ def pretrain_builtin(force: ForceOpt = False) -> None:
     _print_json(pretrain(path))
 
 
-def _finite_or_null(obj):
-    """JSON has no NaN or infinity: such a number is printed as null."""
-    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_null(v) for v in obj]
-    return obj
-
-
 def _print_json(doc: dict) -> None:
+    """Machine output: accuracies are fractions, every number at 6 significant digits, NaN as null."""
+    from clpt.units import machine
+
     if not _QUIET_RANK:
-        print(json.dumps(_finite_or_null(doc), allow_nan=False), flush=True)
+        print(json.dumps(machine(doc), allow_nan=False), flush=True)
 
 
 def _print_report(rep: dict, as_json: bool) -> None:

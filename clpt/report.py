@@ -26,6 +26,7 @@ from clpt.errors import ClptError, MissingInputError
 from clpt.io import read_json
 from clpt.run import open_run, report
 from clpt.stages import run_order
+from clpt.units import machine, machine_number
 
 METRICS = ("last_acc", "inc_acc", "forgetting", "last_acc_task_balanced", "inc_acc_task_balanced",
            "top5", "old_acc", "old_task_acc", "new_acc",
@@ -291,10 +292,30 @@ def cells(row: dict, latex: bool = False) -> list[str]:
             *(_pm(row[m], latex) for m in SHOWN), f"{row['cost']['total_seconds']:.0f}", _published_cell(row)]  # fmt: skip
 
 
+def as_fractions(rows: list[dict]) -> list[dict]:
+    """The summary rows with accuracies as fractions in [0, 1], the unit of all machine output (`--json`,
+    `report --format json|csv`); the tables for people show percent."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        for m in METRICS:
+            if r.get(m):
+                r[m] = {**r[m], "mean": r[m]["mean"] / 100, "std": r[m]["std"] / 100}
+        for key in ("accuracies", "final_per_task"):
+            if r.get(key):
+                r[key] = {k: [v / 100 for v in vals] for k, vals in r[key].items()}
+        r["published"] = [{**p, **{k: None if p[k] is None else p[k] / 100 for k in ("value", "ours", "gap")}}
+                          for p in r.get("published", [])]  # fmt: skip
+        out.append(r)
+    return out
+
+
 def render(rows: list[dict], skipped: list[tuple[str, str]], fmt: str) -> str:
-    """The report as text in `fmt` (table is rendered by the CLI with rich)."""
+    """The report as text in `fmt` (table is rendered by the CLI with rich). json and csv are machine
+    output: accuracies as fractions, 6 significant digits; markdown and latex are tables in percent."""
     if fmt == "json":
-        return json.dumps({"rows": rows, "skipped": [{"run": r, "why": w} for r, w in skipped]})
+        doc = {"rows": as_fractions(rows), "skipped": [{"run": r, "why": w} for r, w in skipped]}
+        return json.dumps(machine(doc), allow_nan=False)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -308,7 +329,7 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], fmt: str) -> str:
             vals = [r["group"], r["method"], r["benchmark"], r["classifier"], len(r["seeds"]),
                     " ".join(map(str, r["seeds"]))]  # fmt: skip
             for m in METRICS:
-                vals += [f"{r[m]['mean']:.4f}", f"{r[m]['std']:.4f}"] if r[m] else ["", ""]
+                vals += [machine_number(r[m]["mean"] / 100), machine_number(r[m]["std"] / 100)] if r[m] else ["", ""]
             c = r["cost"]
             vals += [c[k] if c[k] is not None else "" for k in ("total_seconds", "peak_host_mib", "peak_gpu_mib",
                      "gpu_hours", "train_images_per_second", "extract_images_per_second")]  # fmt: skip

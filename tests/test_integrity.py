@@ -114,9 +114,10 @@ def test_a_diverging_alignment_stops_and_json_never_prints_nan(run_copy):
     assert res.exit_code == 0
     res = CliRunner().invoke(app, ["run", str(run_copy)])
     assert res.exit_code == 1 and "diverged" in res.stderr and "align.lr" in res.stderr
-    from clpt_cli.main import _finite_or_null
+    from clpt.units import machine
 
-    assert _finite_or_null({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
+    assert machine({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
+    assert machine({"acc": 0.8314999938011169, "pct": 83.49999785423279}) == {"acc": 0.8315, "pct": 83.5}
 
 
 def test_cached_labels_rewritten_with_valid_checksums_are_found_when_the_store_opens(run_copy):

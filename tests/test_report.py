@@ -77,21 +77,21 @@ def test_groups_mean_std_and_the_unfinished_run(runs):
     three = next(r for g, r in by.items() if "align.tau=0.1" in g)
     one = next(r for g, r in by.items() if "align.tau=0.2" in g)
     # Last-Acc of each run: mean of [a - 0.2, a - 0.15, a - 0.1, a - 0.05, a] = a - 0.1
-    lasts = np.array([70.0, 80.0, 75.0])
+    lasts = np.array([0.70, 0.80, 0.75])  # machine output: fractions
     assert three["last_acc"]["n"] == 3 and three["seeds"] == [1993, 1996, 1997]
     assert three["last_acc"]["mean"] == pytest.approx(lasts.mean())
     assert three["last_acc"]["std"] == pytest.approx(lasts.std(ddof=1))  # 5.0
     # forgetting: max earlier accuracy (a, on the diagonal) minus the last row, averaged over tasks 0..3
-    assert three["forgetting"]["mean"] == pytest.approx(100 * np.mean([0.2, 0.15, 0.1, 0.05]))
+    assert three["forgetting"]["mean"] == pytest.approx(np.mean([0.2, 0.15, 0.1, 0.05]))
     assert three["forgetting"]["std"] == pytest.approx(0.0, abs=1e-9)
-    assert one["last_acc"] == {"mean": pytest.approx(60.0), "std": 0.0, "n": 1}
-    assert three["cost"]["peak_host_mib"] == pytest.approx(100 + np.mean([1993, 1996, 1997]))
+    assert one["last_acc"] == {"mean": pytest.approx(0.60), "std": 0.0, "n": 1}
+    assert three["cost"]["peak_host_mib"] == pytest.approx(100 + np.mean([1993, 1996, 1997]), rel=1e-5)  # 6 digits
 
 
 def test_every_format_parses_back(runs):
     rows = list(csv.DictReader(io.StringIO(cli("report", runs, "-f", "csv").stdout)))
     assert len(rows) == 2 and {r["n_seeds"] for r in rows} == {"3", "1"}
-    assert float(next(r for r in rows if r["n_seeds"] == "3")["last_acc_mean"]) == pytest.approx(75.0)
+    assert float(next(r for r in rows if r["n_seeds"] == "3")["last_acc_mean"]) == pytest.approx(0.75)
     md = cli("report", runs, "-f", "markdown").stdout.strip().splitlines()
     table = [line for line in md if line.startswith("|")]
     assert len(table) == 2 + 2 and len({line.count("|") for line in table}) == 1
