@@ -83,6 +83,57 @@ def test_lda_matches_scikit_learn_with_the_same_shrinkage(shrinkage):
     assert (scores(q).argmax(1).numpy() == ref.predict(q.double().numpy())).all()
 
 
+class StreamingLDAReference:
+    """Hayes & Kanan's StreamingLDA (deep SLDA; Avalanche's StreamingLDA), its fit and predict transcribed
+    one sample at a time: Sigma starts at ones and is scaled away by the first update, class means at 0."""
+
+    def __init__(self, d, n_classes, shrinkage):
+        self.mu = torch.zeros(n_classes, d, dtype=torch.float64)
+        self.c = torch.zeros(n_classes, dtype=torch.float64)
+        self.sigma = torch.ones(d, d, dtype=torch.float64)
+        self.n, self.e = 0, shrinkage
+
+    def fit(self, x, y):
+        x = x.double()
+        for i in range(len(y)):
+            xm = x[i : i + 1] - self.mu[y[i]]
+            delta = (xm.T @ xm) * self.n / (self.n + 1)
+            self.sigma = (self.n * self.sigma + delta) / (self.n + 1)
+            self.mu[y[i]] += xm[0] / (self.c[y[i]] + 1)
+            self.c[y[i]] += 1
+            self.n += 1
+
+    def scores(self, q):
+        d = self.sigma.shape[0]
+        lam = torch.linalg.pinv((1 - self.e) * self.sigma + self.e * torch.eye(d, dtype=torch.float64))
+        w = lam @ self.mu.T
+        return q.double() @ w - 0.5 * (self.mu * w.T).sum(1)
+
+
+def test_lda_streaming_estimator_is_their_per_sample_update_and_differs_from_the_exact_one():
+    """issue 23, item 7: `estimator: streaming` against a transcription of Hayes & Kanan's update, over
+    two tasks (the second continuing the first's carried update), the rows in stored order."""
+    x, y = blobs(n_per_class=25, d=8)
+    q = blobs(n_per_class=6, d=8, seed=5)[0]
+    ref = StreamingLDAReference(8, 5, 1e-4)
+    ref.fit(x, y)
+    ctx = CacheStub(x, y, rows=7)  # chunks that cut through classes
+    stream = HEADS.get("lda").fit(ctx, LDAConfig(estimator="streaming"))
+    np.testing.assert_allclose(stream(q).double().numpy(), ref.scores(q).numpy(), rtol=1e-4, atol=1e-3)
+    assert (stream(q).argmax(1) == ref.scores(q).argmax(1)).all()
+    # task 1 continuing task 0's carried update equals the update over both tasks at once
+    ctx0 = CacheStub(x, y, task=0, rows=7)
+    first = HEADS.get("lda").fit(ctx0, LDAConfig(estimator="streaming"))
+    ctx.previous_state = lambda head: ({}, {"n_classes": 3, "carry": first.carry})
+    cont = HEADS.get("lda").fit(ctx, LDAConfig(estimator="streaming"))
+    assert cont.info["incremental"]
+    torch.testing.assert_close(cont.carry["u"], stream.carry["u"], rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(cont(q), stream(q))
+    exact = HEADS.get("lda").fit(CacheStub(x, y), LDAConfig())
+    rel = (stream.carry["u"] / 125 - exact.carry["scatter"] / (125 - 5)).norm() / (exact.carry["scatter"] / 120).norm()
+    assert rel > 1e-2  # the two estimators are not the same covariance
+
+
 def fecam_numpy(x_train, y_train, queries, a1, a2):
     """docs/methods/heads.md, fecam, transcribed directly with NumPy: -d_c(x) for every query and class."""
     xn = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)

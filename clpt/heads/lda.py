@@ -1,11 +1,21 @@
-"""`lda`: streaming LDA with a shared, shrunk covariance (docs/methods/heads.md, lda; Hayes & Kanan 2020).
+"""`lda`: linear discriminant with a shared, shrunk covariance (docs/methods/heads.md, lda).
 
+`estimator: exact` (the default): the exact pooled within-class covariance
 S = sum_c M2_c / (N - C), shrunk to (1 - e) S + e I; w_c = S^-1 mu_c,
 b_c = -1/2 mu_c^T S^-1 mu_c; predict argmax_c (w_c . x + b_c). It needs only the
 count, mean and M2 of each class, so it is exact over any split into tasks. In a
 run, task T adds its classes' statistics to the pooled scatter, row count and means
 carried from task T-1's fit (bit-identical to the fit from scratch); `lda+drift`
-refits.
+refits. This is not Hayes & Kanan's streaming estimate (deep SLDA, Avalanche's
+StreamingLDA), which this head names `estimator: streaming`:
+
+`estimator: streaming`: their per-sample update, over the training rows in the
+order the cache stores them (grouped by class): with k the number of rows seen
+before, d = x - mu_y (the running mean of x's class, which starts at 0),
+Sigma <- (k Sigma + k/(k+1) d d^T) / (k+1), then mu_y <- mu_y + d / (n_y + 1).
+Unrolled, Sigma_N = (1/N) sum_k k/(k+1) d_k d_k^T: one weighted GEMM per run of
+rows of one class (`streaming_scatter`), carried across tasks as the update is.
+It reads features, not statistics (its stage inputs say so).
 
 Default e = 1e-4, the deep streaming LDA authors' default: with C classes of
 n_c >= d rows S is well conditioned and e barely moves it, and where classes are
@@ -25,10 +35,45 @@ from clpt.heads.base import HeadSpec, HeadState, register_head, stats_upto
 @dataclass
 class LDAConfig:
     shrinkage: float = 1e-4  # e in (1 - e) S + e I
+    estimator: str = "exact"  # exact: sum_c M2_c / (N - C) | streaming: Hayes & Kanan's per-sample update
 
     def problems(self) -> list[str]:
         e = self.shrinkage  # None: its type was wrong, reported by the parser
-        return [] if e is None or 0 <= e <= 1 else [f"shrinkage: {e} must be in [0, 1]"]
+        out = [] if e is None or 0 <= e <= 1 else [f"shrinkage: {e} must be in [0, 1]"]
+        if self.estimator not in (None, "exact", "streaming"):
+            out.append(f"estimator: {self.estimator!r} must be exact or streaming")
+        return out
+
+
+def streaming_scatter(chunks, state: dict) -> dict:
+    """Hayes & Kanan's streaming covariance over `chunks` of (x, y) in stream order, continuing `state`:
+    u (d, d) = sum_k k/(k+1) d_k d_k^T (so Sigma = u / k), k the rows seen, and per class its row count and
+    sum (the running mean). Float64. One weighted GEMM per run of consecutive rows of one class: within
+    it, row j's mean before it is (sum before the run + the run's prefix sum) / (count + j)."""
+    u, k = state["u"], int(state["k"])
+    sums, counts = state["sums"], state["counts"]  # {class: (d,) float64}, {class: int}
+    for x, y in chunks:
+        x = x.to(torch.float64)
+        y = y.tolist()
+        start = 0
+        while start < len(y):
+            c = y[start]
+            stop = start
+            while stop < len(y) and y[stop] == c:
+                stop += 1
+            seg = x[start:stop]
+            n0 = counts.get(c, 0)
+            s0 = sums.get(c, torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
+            before = s0 + torch.cumsum(seg, 0) - seg  # sum of the class's rows before each row
+            n_before = n0 + torch.arange(len(seg), dtype=torch.float64, device=x.device)
+            mean_before = before / n_before.clamp(min=1)[:, None]  # 0 before the class's first row
+            d = seg - mean_before
+            kk = k + torch.arange(len(seg), dtype=torch.float64, device=x.device)
+            u = u + (d * (kk / (kk + 1))[:, None]).T @ d
+            sums[c], counts[c] = s0 + seg.sum(0), n0 + len(seg)
+            k += len(seg)
+            start = stop
+    return {"u": u, "k": k, "sums": sums, "counts": counts}
 
 
 def pooled_scatter(stats) -> torch.Tensor:
@@ -42,10 +87,11 @@ def pooled_scatter(stats) -> torch.Tensor:
     return total
 
 
-def lda_weights(n_rows: float, mean: torch.Tensor, scatter: torch.Tensor, shrinkage: float):
-    """(W (C, d), b (C,)) float64 from the row count, the class means and the pooled scatter sum_c M2_c."""
+def lda_weights(n_rows: float, mean: torch.Tensor, scatter: torch.Tensor, shrinkage: float, unbiased: bool = True):
+    """(W (C, d), b (C,)) float64 from the row count, the class means and the pooled scatter sum_c M2_c
+    (unbiased: divided by N - C; else `scatter` is the covariance itself)."""
     c = len(mean)
-    cov = scatter / max(n_rows - c, 1.0)  # pooled, unbiased
+    cov = scatter / max(n_rows - c, 1.0) if unbiased else scatter  # pooled, unbiased
     d = cov.shape[0]
     cov = (1 - shrinkage) * cov + shrinkage * torch.eye(d, dtype=cov.dtype, device=cov.device)
     w = torch.linalg.solve(cov, mean.T).T  # (C, d): S^-1 mu_c
@@ -73,14 +119,42 @@ class LinearScores(HeadState):
         return torch.addmm(self.b, x.float(), self.w.T)
 
 
+def _fit_streaming(ctx, settings: LDAConfig) -> LinearScores:
+    """The streaming estimate (Hayes & Kanan): task T's rows continue the update carried from task T-1
+    (u, k and the class means); from scratch over tasks 0..T where there is no carry."""
+    prev = ctx.previous_state("lda")
+    carry = prev[1]["carry"] if prev is not None and prev[1]["n_classes"] == ctx.tasks[ctx.task][0] else None
+    d = ctx.feature_dim()
+    if carry is not None and "u" in carry:
+        first = ctx.task
+        mean_old = carry["mean"].to(ctx.device)
+        state = {"u": carry["u"].to(ctx.device), "k": int(carry["k"].item()), "sums": {}, "counts": {}}
+    else:
+        first, mean_old = 0, None
+        state = {"u": torch.zeros(d, d, dtype=torch.float64, device=ctx.device), "k": 0, "sums": {}, "counts": {}}
+    for i in range(first, ctx.task + 1):
+        state = streaming_scatter(ctx.train_chunks(i), state)
+    lo, hi = ctx.tasks[first][0], ctx.tasks[ctx.task][1]
+    new_means = torch.stack([state["sums"][c] / state["counts"][c] for c in range(lo, hi)])
+    mean = new_means if mean_old is None else torch.cat([mean_old, new_means])
+    sigma = state["u"] / max(state["k"], 1)
+    w, b = lda_weights(1.0, mean, sigma, settings.shrinkage, unbiased=False)
+    out = LinearScores(w.to(ctx.device, torch.float32), b.to(ctx.device, torch.float32),
+                       info={"incremental": mean_old is not None, "estimator": "streaming"})  # fmt: skip
+    out.carry = {"u": state["u"], "k": torch.tensor([float(state["k"])], dtype=torch.float64), "mean": mean}
+    return out
+
+
 def fit(ctx, settings: LDAConfig) -> LinearScores:
     """Incremental: the pooled scatter, row count and class means of tasks < T are carried from the
     previous task's fit, and task T's statistics added (the only ones read); every class's w, b is then
     solved again (the shared covariance moved). From scratch at task 0, for a compensated head, or where
     the carry is gone."""
+    if settings.estimator == "streaming":
+        return _fit_streaming(ctx, settings)
     prev = ctx.previous_state("lda")
     carry = prev[1]["carry"] if prev is not None and prev[1]["n_classes"] == ctx.tasks[ctx.task][0] else None
-    if carry is not None:
+    if carry is not None and "scatter" in carry:
         s = ctx.task_stats(ctx.task)
         scatter = carry["scatter"].to(s.pooled.device) + pooled_scatter(s)
         n_rows = carry["n_rows"].to(s.count.device) + s.count.sum()
@@ -98,11 +172,13 @@ def fit(ctx, settings: LDAConfig) -> LinearScores:
 register_head(
     HeadSpec(
         "lda",
-        "streaming LDA, shared shrunk covariance",
+        "LDA, shared shrunk covariance (exact pooled, or the streaming estimate)",
         LDAConfig,
         fit,
-        # task T's statistics and the previous task's fit (its carry holds the earlier tasks' sums)
-        inputs=lambda cfg, t: [("stats", t), *([("head:lda", t - 1)] if t > 0 else [])],
+        # task T's statistics (streaming: its features) and the previous task's fit (its carry holds the
+        # earlier tasks' sums)
+        inputs=lambda cfg, t: [("extract" if cfg.heads.of("lda").estimator == "streaming" else "stats", t),
+                               *([("head:lda", t - 1)] if t > 0 else [])],  # fmt: skip
         drift_inputs=lambda cfg, t: stats_upto(t),  # compensated: old classes move, a full refit
         state_cls=LinearScores,
     )
