@@ -86,6 +86,7 @@ class BenchmarkConfig:
     train_crop_scale: list[float] | None = None  # RandomResizedCrop scale; None -> (0.08, 1)
     train_interpolation: str = "bicubic"  # RandomResizedCrop interpolation: bicubic | bilinear
     max_image_pixels: int = 178_956_970  # an image with more pixels is refused at creation (PIL's bomb limit)
+    test_resize: str = "crop"  # test transform: crop: Resize(size * 256/224) + CenterCrop(size) | full: Resize(size) + CenterCrop(size) (RanPAC's CIFAR)
 
     def problems(self) -> list[str]:
         out = checks(self, [
@@ -95,6 +96,7 @@ class BenchmarkConfig:
             ("image_size", lambda v: v >= 8, "must be >= 8"),
             ("normalization", *one_of("dataset", "imagenet", "none")),
             ("train_interpolation", *one_of("bicubic", "bilinear")),
+            ("test_resize", *one_of("crop", "full")),
             ("seed", lambda v: 0 <= v < 2**32, SEED_RANGE),
             ("split_seed", lambda v: 0 <= v < 2**32, SEED_RANGE),
         ])  # fmt: skip

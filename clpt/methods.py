@@ -129,8 +129,10 @@ def _merge(*dicts: dict) -> dict:
     return out
 
 
-_RANPAC_ROWS: dict[str, dict[str, Any]] = {  # RanPAC's Cars: no normalisation, 16 classes first (cars_publish.csv)
-    **_NO_NORM, "cars196": _merge(_CARS, {"benchmark": {"normalization": "none", "init_classes": 16}})
+_RANPAC_ROWS: dict[str, dict[str, Any]] = {  # RanPAC's Cars: no normalisation, 16 classes first (cars_publish.csv);
+    # its CIFAR test transform is Resize(224) + CenterCrop(224): the whole upsampled image
+    **_NO_NORM, "cars196": _merge(_CARS, {"benchmark": {"normalization": "none", "init_classes": 16}}),
+    "cifar100": _merge(_NO_NORM.get("cifar100", {}), {"benchmark": {"test_resize": "full"}}),
 }
 
 

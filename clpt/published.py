@@ -23,6 +23,7 @@ class Published:
     split: tuple[int, int]  # (init_classes, increment)
     convention: str  # sample-weighted | task-balanced
     seeds: int
+    test_resize: str = "crop"  # benchmark.test_resize of the paper's test transform
 
 
 _SLCA = "SLCA (ICCV 2023) Table 1 / SLCA++ (arXiv 2408.08295), via docs/methods/slca.md 'Published results'"
@@ -80,6 +81,7 @@ def _entries() -> list[Published]:
                     split=_RANPAC_SPLIT[bench],
                     convention="task-balanced",
                     seeds=1,
+                    test_resize="full" if bench == "cifar100" else "crop",  # RanPAC: Resize(224) on CIFAR
                 )  # fmt: skip
             )
     return out
@@ -102,6 +104,8 @@ def protocol_flags(p: Published, ours: dict) -> list[str]:
         flags.append(f"normalisation {ours['normalization']} (paper: {p.normalization})")
     if ours.get("split") and tuple(ours["split"]) != p.split:
         flags.append(f"split {ours['split'][0]}+{ours['split'][1]} (paper: {p.split[0]}+{p.split[1]})")
+    if ours.get("test_resize") and ours["test_resize"] != p.test_resize:
+        flags.append(f"test resize {ours['test_resize']} (paper: {p.test_resize})")
     if ours.get("seeds") is not None and ours["seeds"] != p.seeds:
         flags.append(f"{ours['seeds']} seed(s) (paper: {p.seeds})")
     return flags

@@ -119,7 +119,7 @@ def _protocol(run) -> dict:
         resolved = None
     b = run.cfg.benchmark
     return {"backbone": resolved or run.cfg.backbone.name, "normalization": b.normalization,
-            "split": [b.init_classes, b.increment]}  # fmt: skip
+            "split": [b.init_classes, b.increment], "test_resize": b.test_resize}  # fmt: skip
 
 
 def load(paths: list[Path]) -> tuple[list[RunResult], list[tuple[str, str]]]:

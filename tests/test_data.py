@@ -484,3 +484,32 @@ def test_cub_index_files_that_leave_the_root_or_do_not_parse(tmp_path, row, mess
     f.write_text("\n".join([row, *f.read_text().splitlines()[1:]]) + "\n")
     with pytest.raises(DataError, match=message):
         read_cub200(tmp_path)
+
+
+def test_the_full_test_resize_keeps_the_whole_image_in_batches_and_prediction_alike(tmp_path):
+    """issue 23, item 4: `benchmark.test_resize: full` is Resize(size) + CenterCrop(size) (RanPAC's CIFAR
+    test transform); the default crops Resize(size * 256/224). Batches and the one-image transform of
+    prediction agree in both modes."""
+    import dataclasses
+
+    from PIL import Image as PILImage
+
+    from clpt.data import transforms as T
+
+    make_cifar100(tmp_path)
+    for mode in ("crop", "full"):
+        cfg = BenchmarkConfig(name="cifar100", root=str(tmp_path), image_size=48, download=False, test_resize=mode)
+        bench = load_benchmark(cfg)
+        assert bench.test_resize == mode
+        x, _ = next(iter(batches(bench, bench.test, np.arange(2), 2, torch.device("cpu"), train=False)))
+        tf = T.EvalTransform.for_family(bench.family, 48, bench.mean, bench.std, mode)
+        one = tf(PILImage.fromarray(bench.test.images[0]))
+        assert torch.allclose(one, x[0], atol=1e-5)
+        assert T.EvalTransform.from_dict(tf.to_dict()) == tf
+        if mode == "full":  # the whole image: a 32 px image upsampled to 48, nothing cut away
+            img = T.to_float(torch.from_numpy(bench.test.images[:1]))  # (1, 3, 32, 32)
+            whole = T.normalize(T.resize_center_crop(img, 48, 48), bench.mean, bench.std)
+            assert torch.allclose(whole[0], x[0], atol=1e-5)
+    full = dataclasses.replace(bench, test_resize="crop")
+    y, _ = next(iter(batches(full, full.test, np.arange(2), 2, torch.device("cpu"), train=False)))
+    assert not torch.allclose(x, y)  # the two modes differ

@@ -255,3 +255,22 @@ def test_ranpac_rows_carry_their_true_backbone_and_cars_split():
         assert protocol_flags(cars, ours) == []
     cfg = R.resolve(overrides=["method=ranpac_mist", "benchmark.name=cars196", "benchmark.root=/d"])
     assert cfg.benchmark.normalization == "imagenet"
+
+
+def test_ranpac_cifar_rows_use_the_whole_image_at_test_and_a_run_that_crops_is_flagged():
+    """issue 23, item 4: RanPAC tests CIFAR with Resize(224) + CenterCrop(224) (the whole upsampled image);
+    its presets follow the row, SLCA's keep Resize(256) + CenterCrop(224), and a crop is flagged."""
+    from clpt.published import lookup, protocol_flags
+    from clpt.stages import resolve as R
+
+    (row,) = lookup("ranpac_frozen", "cifar100")
+    assert row.test_resize == "full"
+    ours = {"backbone": row.backbone, "normalization": "none", "split": [10, 10], "seeds": 1}
+    assert protocol_flags(row, {**ours, "test_resize": "crop"}) == ["test resize crop (paper: full)"]
+    assert protocol_flags(row, {**ours, "test_resize": "full"}) == []
+    for method, want in (("ranpac_frozen", "full"), ("simplecil", "full"), ("slca", "crop")):
+        cfg = R.resolve(overrides=[f"method={method}", "benchmark.name=cifar100", "benchmark.root=/d"])
+        assert cfg.benchmark.test_resize == want, method
+    (slca,) = [p for p in lookup("slca", "cifar100") if p.metric == "last_acc"]
+    assert protocol_flags(slca, {**ours, "normalization": "dataset", "backbone": slca.backbone,
+                                 "seeds": 3, "test_resize": "crop"}) == []  # fmt: skip

@@ -81,6 +81,7 @@ class Benchmark:
     family: str = "builtin"  # transform family (clpt.data.registry)
     train_crop_scale: tuple[float, float] | None = None  # a method's protocol: RRC scale for training
     train_interpolation: str = "bicubic"
+    test_resize: str = "crop"  # crop: Resize(size * 256/224) + CenterCrop | full: Resize(size) + CenterCrop
     info: dict = field(default_factory=dict)  # recorded in the run (split, sources)
     raw: RawDataset | None = None  # the dataset read from disk (None for a generated benchmark)
 
@@ -123,7 +124,8 @@ def load_benchmark(cfg: BenchmarkConfig) -> Benchmark:
     crop = cfg.train_crop_scale
     scale = (float(crop[0]), float(crop[1])) if crop is not None else None
     return dataclasses.replace(
-        bench, mean=mean, std=std, train_crop_scale=scale, train_interpolation=cfg.train_interpolation
+        bench, mean=mean, std=std, train_crop_scale=scale, train_interpolation=cfg.train_interpolation,
+        test_resize=cfg.test_resize,
     )
 
 

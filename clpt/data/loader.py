@@ -95,7 +95,7 @@ class ArrayBatches(_Batches):
                 x = T.random_resized_crop_flip(x, size, self.generator)
                 x = T.brightness_jitter(x, CIFAR_BRIGHTNESS, self.generator)
             else:
-                x = T.resize_center_crop(x, round(size * 256 / 224), size)
+                x = T.resize_center_crop(x, T.test_resize(size, self.bench.test_resize), size)
             yield (
                 T.normalize(x, self.bench.mean, self.bench.std),
                 labels[rows].to(self.device, non_blocking=True),
@@ -137,6 +137,7 @@ class FileBatches(_Batches):
             self.bench.image_size,
             self.bench.train_crop_scale,
             self.bench.train_interpolation,
+            self.bench.test_resize,
         )
         self.dataset = _FileDataset(self.split.paths, self.split.labels, tf)
 

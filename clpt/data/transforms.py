@@ -119,6 +119,12 @@ def pil_bicubic_resize(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
     return x
 
 
+def test_resize(size: int, mode: str = "crop") -> int:
+    """The shorter side the test transform resizes to before CenterCrop(size): size * 256/224 (`crop`,
+    SLCA's and most codes'), or size itself (`full`: the whole image, RanPAC's CIFAR test transform)."""
+    return size if mode == "full" else round(size * 256 / 224)
+
+
 def resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
     """Resize(resize, bicubic) of the shorter side, then CenterCrop(size): torchvision's test transform
     on a PIL image (sizes as torchvision computes them), within 1/255."""
@@ -134,7 +140,8 @@ def resize_center_crop(x: torch.Tensor, resize: int, size: int) -> torch.Tensor:
 # --- files: per-image torchvision pipelines in DataLoader workers (uint8 out) -----
 
 
-def file_transform(family: str, train: bool, size: int, crop_scale=None, interpolation: str = "bicubic"):
+def file_transform(family: str, train: bool, size: int, crop_scale=None, interpolation: str = "bicubic",
+                   test_mode: str = "crop"):  # fmt: skip
     """docs/methods/slca.md's table. Outputs uint8 CHW; normalisation happens on the device.
 
     `crop_scale` set (a method's protocol, e.g. MIST's (0.05, 1) bilinear): training
@@ -143,7 +150,7 @@ def file_transform(family: str, train: bool, size: int, crop_scale=None, interpo
     from torchvision.transforms import InterpolationMode, v2
 
     bicubic = InterpolationMode.BICUBIC
-    resize = round(size * 256 / 224)
+    resize = test_resize(size, test_mode)
     if train and crop_scale is not None:
         mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else bicubic
         steps = [
@@ -203,40 +210,42 @@ class EvalTransform:
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize_mode: str = "crop"  # benchmark.test_resize
 
     KINDS = ("files", "arrays", "builtin")
 
     @classmethod
-    def for_family(cls, family: str, size: int, mean, std) -> EvalTransform:
+    def for_family(cls, family: str, size: int, mean, std, resize_mode: str = "crop") -> EvalTransform:
         kind = {"builtin": "builtin", "cifar": "arrays"}.get(family, "files")
-        return cls(kind, int(size), tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        return cls(kind, int(size), tuple(float(v) for v in mean), tuple(float(v) for v in std), resize_mode)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "resize": round(self.size * 256 / 224) if self.kind != "builtin" else self.size,
+                "resize": test_resize(self.size, self.resize_mode) if self.kind != "builtin" else self.size,
+                "resize_mode": self.resize_mode,
                 "interpolation": "bicubic", "crop": "center"}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> EvalTransform:
         if d.get("kind") not in cls.KINDS:
             raise ValueError(f"unknown test transform kind {d.get('kind')!r}")
-        return cls(d["kind"], int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(d["kind"], int(d["size"]), tuple(d["mean"]), tuple(d["std"]), d.get("resize_mode", "crop"))
 
     def __call__(self, image) -> torch.Tensor:
         import numpy as np
 
         rgb = to_rgb(image)
         if self.kind == "files":
-            x = _file_test_transform(self.size)(rgb)[None].float().div_(255.0)  # (1, 3, S, S)
+            x = _file_test_transform(self.size, self.resize_mode)(rgb)[None].float().div_(255.0)  # (1, 3, S, S)
         else:
             x = to_float(torch.from_numpy(np.asarray(rgb).copy())[None])  # (1, 3, H, W)
             if self.kind == "arrays":
-                x = resize_center_crop(x, round(self.size * 256 / 224), self.size)
+                x = resize_center_crop(x, test_resize(self.size, self.resize_mode), self.size)
             elif x.shape[-1] != self.size or x.shape[-2] != self.size:
                 x = resize_center_crop(x, self.size, self.size)
         return normalize(x, self.mean, self.std)[0]
 
 
 @functools.lru_cache(maxsize=4)
-def _file_test_transform(size: int):
-    return file_transform("files", train=False, size=size)
+def _file_test_transform(size: int, mode: str = "crop"):
+    return file_transform("files", train=False, size=size, test_mode=mode)

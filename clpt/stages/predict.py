@@ -31,7 +31,7 @@ def test_transform(cfg) -> EvalTransform:
     spec = READERS.get(cfg.benchmark.name)
     mean, std = {"dataset": (spec.mean, spec.std), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
                  "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}[cfg.benchmark.normalization]  # fmt: skip
-    return EvalTransform.for_family(spec.family, cfg.benchmark.image_size, mean, std)
+    return EvalTransform.for_family(spec.family, cfg.benchmark.image_size, mean, std, cfg.benchmark.test_resize)
 
 
 def resolve_head(run, head: str | None) -> tuple[str, str]:
