@@ -79,6 +79,17 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def all_gather_with_grad(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` of every rank, in rank order, differentiable: the gradient a rank's loss sends to another
+    rank's piece reaches that rank (summed over ranks in the backward pass); [t] in one process."""
+    g = _group()
+    if g is None or g.get_world_size() == 1:
+        return [t]
+    from torch.distributed.nn.functional import all_gather as gather_with_grad
+
+    return list(gather_with_grad(t.contiguous()))
+
+
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """The rows of `t` of every rank concatenated in rank order (ranks may hold different numbers of
     rows; the other dimensions and the dtype agree); `t` itself in one process."""

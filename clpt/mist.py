@@ -76,6 +76,21 @@ def mi_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.T
     return pair + sup
 
 
+def global_mi_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    """`mi_loss` over the global batch: under torchrun every rank's projections (with their gradient)
+    and labels are gathered first, as [views 1 of ranks 0..k-1, second views of ranks 0..k-1], so each
+    anchor sees the whole batch's negatives, as in one process. Every rank then holds the same loss; the
+    gather's backward sums each piece's gradient over the ranks (k times the global one) and DDP's mean
+    divides by k, so the ranks step on exactly the one-process gradient. One process: `mi_loss(z)`."""
+    if dist.world_size() == 1:
+        return mi_loss(z, labels, tau)
+    b = z.shape[0] // 2
+    first = dist.all_gather_with_grad(z[:b])
+    second = dist.all_gather_with_grad(z[b:])
+    y = torch.cat(dist.all_gather(labels))
+    return mi_loss(torch.cat([*first, *second]), y, tau)
+
+
 # --- the second view, on the device ------------------------------------------------------------
 
 
@@ -178,7 +193,7 @@ def sensitivity(
         x2 = torch.cat([x, second_view(x, generator)])
         with amp():
             z, _ = net(x2)
-        loss = mi_loss(z.float(), y, tau)
+        loss = global_mi_loss(z.float(), y, tau)
         net.zero_grad(set_to_none=True)
         loss.backward()
         for n in state.names:
@@ -302,7 +317,7 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
                     if teacher is not None:
                         with torch.no_grad():
                             prev = teacher(x2)
-                loss = mi_loss(z.float(), y, mc.tau)
+                loss = global_mi_loss(z.float(), y, mc.tau)
                 if teacher is not None:
                     loss = loss + distillation_loss(feats, prev, tc.kd_feat, tc.kd_norm)
                 opt.zero_grad(set_to_none=True)

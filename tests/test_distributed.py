@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
@@ -97,3 +98,54 @@ def test_statistics_and_feature_heads_reduced_on_every_rank_equal_one_process(ru
             torch.testing.assert_close(mine[k], ref[k], rtol=1e-4, atol=1e-4 * float(ref[k].abs().max()))
         rows = json.loads(artifacts.head_eval_path(run_copy, head, 3).read_text())
         assert rows["accuracy"] == json.loads(artifacts.head_eval_path(finished_run, head, 3).read_text())["accuracy"]
+
+
+MIST_GATHER = """
+import json, os, sys
+import torch, torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from clpt.mist import global_mi_loss, mi_loss
+
+tdist.init_process_group("gloo")
+r, k = tdist.get_rank(), tdist.get_world_size()
+g = torch.Generator().manual_seed(0)
+x, x2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)  # a global batch and its views
+y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+torch.manual_seed(1)
+net = DDP(torch.nn.Linear(6, 4))
+b = 8 // k
+own = slice(r * b, (r + 1) * b)  # this rank's share of the global batch
+z = net(torch.cat([x[own], x2[own]]))
+loss = (global_mi_loss if sys.argv[2] == "gather" else mi_loss)(z, y[own], 0.07)
+loss.backward()
+if r == 0:
+    json.dump({"loss": loss.item(), "grad": net.module.weight.grad.tolist()}, open(sys.argv[1], "w"))
+tdist.destroy_process_group()
+"""
+
+
+def test_mist_loss_under_two_ranks_is_the_one_process_loss_and_gradient(tmp_path):
+    """issue 23, item 6: with the projections gathered (with their gradient) before the loss, 2 Gloo
+    ranks holding halves of a global batch get the loss and the DDP gradient of one process on the
+    whole batch; the per-rank loss (each anchor seeing half the negatives) does not."""
+    from clpt.mist import mi_loss
+
+    script = tmp_path / "gather.py"
+    script.write_text(MIST_GATHER)
+    out = {}
+    for mode in ("gather", "local"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               str(script), str(tmp_path / f"{mode}.json"), mode]  # fmt: skip
+        res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.manual_seed(1)
+    net = torch.nn.Linear(6, 4)
+    loss = mi_loss(net(torch.cat([x, x2])), y, 0.07)
+    loss.backward()
+    assert out["gather"]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    np.testing.assert_allclose(out["gather"]["grad"], net.weight.grad.numpy(), rtol=1e-5, atol=1e-7)
+    assert abs(out["local"]["loss"] - loss.item()) > 1e-3  # what each rank optimised before
