@@ -280,6 +280,7 @@ class MistConfig:
     frozen_quantile: float = 0.9995  # after a task: frozen |= S >= quantile(S, q); 1.0 = each tensor's max
     mask_update: bool = False  # true: unselected entries stay bit-identical (the paper's words)
     first_task_only: bool = False  # MIST on task 0 only (the paper's "before freeze-based methods")
+    view_crop: str = "authors"  # second view's crop: authors (whole pixels, first valid of 10 draws) | continuous
 
     def problems(self) -> list[str]:
         return checks(self, [
@@ -289,6 +290,7 @@ class MistConfig:
             ("select", lambda v: 0 < v <= 1, "must be in (0, 1]"),
             ("keep", lambda v: 0 < v <= 1, "must be in (0, 1]"),
             ("frozen_quantile", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+            ("view_crop", *one_of("authors", "continuous")),
         ])  # fmt: skip
 
 

@@ -94,8 +94,47 @@ def global_mi_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> 
 # --- the second view, on the device ------------------------------------------------------------
 
 
-def second_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """h-flip p 0.5, grayscale p 0.25, random resized crop by an affine grid (docs/methods/mist.md)."""
+def crop_boxes(b: int, h: int, w: int, generator: torch.Generator, device, mode: str = "authors"):
+    """Per image (sw, sh, tx, ty): the crop's width and height as shares of the image and its centre's
+    offset, in affine-grid units (align_corners=False).
+
+    `authors` (MIST's code): 10 candidates per image, area U(0.3, 1) x h w and log-aspect
+    U(log 3/4, log 4/3), sides rounded to whole pixels; the first candidate that fits the image
+    (0 < side <= image side) is taken (the centre crop of the whole image when none does); its top-left
+    corner uniform over the whole pixels that keep it inside, so its centre moves in half-pixel steps.
+    `continuous` (clpt before): one draw, sides clamped at the image's, whole-pixel centre offsets."""
+
+    def u(*shape):
+        return torch.rand(*shape, generator=generator, device=device)
+
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    if mode == "continuous":
+        area = 0.3 + 0.7 * u(b)  # U(0.3, 1)
+        ar = torch.exp(lo + (hi - lo) * u(b))
+        sw = torch.sqrt(area * ar).clamp(max=1.0)  # crop width / image width
+        sh = torch.sqrt(area / ar).clamp(max=1.0)
+        # integer translation (in pixels) that keeps the crop inside the image, as a grid offset
+        max_tx, max_ty = ((1 - sw) * w / 2).floor(), ((1 - sh) * h / 2).floor()
+        tx = torch.round((2 * u(b) - 1) * max_tx) * 2 / w
+        ty = torch.round((2 * u(b) - 1) * max_ty) * 2 / h
+        return sw, sh, tx, ty
+    area = (0.3 + 0.7 * u(b, 10)) * (h * w)
+    ar = torch.exp(lo + (hi - lo) * u(b, 10))
+    cw, ch = torch.sqrt(area * ar).round(), torch.sqrt(area / ar).round()
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.int().argmax(1)  # the first candidate that fits (0 when none does)
+    rows = torch.arange(b, device=device)
+    any_fits = fits.any(1)
+    cw = torch.where(any_fits, cw[rows, first], torch.full_like(cw[:, 0], w))
+    ch = torch.where(any_fits, ch[rows, first], torch.full_like(ch[:, 0], h))
+    x0 = torch.floor(u(b) * (w - cw + 1)).clamp(max=w - cw)  # top-left corner, whole pixels
+    y0 = torch.floor(u(b) * (h - ch + 1)).clamp(max=h - ch)
+    return cw / w, ch / h, (2 * x0 + cw) / w - 1, (2 * y0 + ch) / h - 1
+
+
+def second_view(x: torch.Tensor, generator: torch.Generator, crop: str = "authors") -> torch.Tensor:
+    """h-flip p 0.5, grayscale p 0.25, random resized crop by an affine grid (docs/methods/mist.md;
+    `crop_boxes` for the crop)."""
     b, _, h, w = x.shape
     dev = x.device
 
@@ -107,16 +146,7 @@ def second_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     gray = u(b) < 0.25
     lum = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None].expand_as(x)
     x = torch.where(gray[:, None, None, None], lum, x)
-    area = 0.3 + 0.7 * u(b)  # U(0.3, 1)
-    log_ar = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u(b)
-    ar = torch.exp(log_ar)
-    sw = torch.sqrt(area * ar).clamp(max=1.0)  # crop width / image width
-    sh = torch.sqrt(area / ar).clamp(max=1.0)
-    # integer translation (in pixels) that keeps the crop inside the image, as a grid offset
-    max_tx = ((1 - sw) * w / 2).floor()
-    max_ty = ((1 - sh) * h / 2).floor()
-    tx = torch.round((2 * u(b) - 1) * max_tx) * 2 / w
-    ty = torch.round((2 * u(b) - 1) * max_ty) * 2 / h
+    sw, sh, tx, ty = crop_boxes(b, h, w, generator, dev, crop)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = sw, sh, tx, ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -179,7 +209,8 @@ def make_projection(dim: int, out: int = 128, seed: int = 0) -> nn.Linear:
 
 
 def sensitivity(
-    net, loader, state: MistState, tau: float, generator, frozen_prev: dict, amp=contextlib.nullcontext
+    net, loader, state: MistState, tau: float, generator, frozen_prev: dict, amp=contextlib.nullcontext,
+    crop: str = "authors",
 ) -> dict:
     """Epoch 1: S = sum over mini-batches of g^2 / N_batches per eligible tensor; no parameter changes."""
     params = (
@@ -190,7 +221,7 @@ def sensitivity(
     scores = {n: torch.zeros_like(params[n]) for n in state.names}
     n_batches = 0
     for x, y in loader:
-        x2 = torch.cat([x, second_view(x, generator)])
+        x2 = torch.cat([x, second_view(x, generator, crop)])
         with amp():
             z, _ = net(x2)
         loss = global_mi_loss(z.float(), y, tau)
@@ -293,7 +324,7 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
     def amp():
         return P.autocast(prec, device)
 
-    scores = sensitivity(net, loader, state, mc.tau, gen, frozen_prev, amp)
+    scores = sensitivity(net, loader, state, mc.tau, gen, frozen_prev, amp, mc.view_crop)
     masks = build_masks(scores, mc.select)
     opt = torch.optim.SGD(
         [{"params": list(backbone.parameters()), "lr": mc.backbone_lr},
@@ -311,7 +342,7 @@ def train_task_mist(model, bench, cfg, t: int, device: torch.device, learner_sta
         ) as shown:
             for step, (x, y) in enumerate(loader):
                 shown.advance(len(y))
-                x2 = torch.cat([x, second_view(x, gen)])
+                x2 = torch.cat([x, second_view(x, gen, mc.view_crop)])
                 with amp():
                     z, feats = net(x2)
                     if teacher is not None:

@@ -242,3 +242,28 @@ def test_feature_distillation_keeps_mists_backbone_near_its_previous_self():
     kd, s1 = drift_after("train.kd_feat=10.0", "train.kd_norm=1.0")
     assert "distillation" not in s0 and s1["distillation"] == {"kd_feat": 10.0, "kd_norm": 1.0}
     assert kd < 0.8 * plain, (kd, plain)  # measured: 0.50 against 0.71
+
+
+def test_second_view_crops_follow_the_authors_distribution_and_stay_in_whole_pixels():
+    """issue 23, item 5: the authors' crop (sides rounded to whole pixels, the first of 10 draws that fits,
+    its corner on whole pixels) against the figures the audit measured on 200k draws of their code: mean
+    crop area 0.591, full-width crops 0.7 %; the continuous option keeps clpt's earlier 0.642 / 9.4 %."""
+    from clpt.mist import crop_boxes
+
+    g = torch.Generator().manual_seed(0)
+    sw, sh, tx, ty = crop_boxes(200_000, 224, 224, g, "cpu", "authors")
+    assert float((sw * sh).mean()) == pytest.approx(0.591, abs=0.002)
+    assert float((sw == 1).float().mean()) == pytest.approx(0.007, abs=0.001)
+    cw, ch = sw * 224, sh * 224
+    assert torch.allclose(cw, cw.round(), atol=1e-3) and torch.allclose(ch, ch.round(), atol=1e-3)
+    assert bool((cw <= 224 + 1e-3).all())
+    x0 = (tx + 1) * 224 / 2 - cw / 2  # the crop's left edge in pixels: whole, and inside the image
+    assert torch.allclose(x0, x0.round(), atol=1e-3) and bool((x0 > -1e-3).all() & (x0 + cw < 224 + 1e-3).all())
+    sw, sh, _, _ = crop_boxes(200_000, 224, 224, g, "cpu", "continuous")
+    assert float((sw * sh).mean()) == pytest.approx(0.642, abs=0.002)
+    assert float((sw == 1).float().mean()) == pytest.approx(0.094, abs=0.003)
+    x = torch.rand(4, 3, 32, 32, generator=g)  # the view itself: the image's shape, for either crop
+    from clpt.mist import second_view
+
+    for crop in ("authors", "continuous"):
+        assert second_view(x, torch.Generator().manual_seed(1), crop).shape == x.shape
