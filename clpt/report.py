@@ -179,6 +179,22 @@ def group(runs: list[RunResult]) -> list[Group]:
     return out
 
 
+def non_defaults(r: RunResult) -> list[str]:
+    """The run's settings that differ from its method's and benchmark's presets ("key=value", sorted),
+    seeds, system settings and the dataset's folder left out: what a figure of one run names."""
+    from clpt.stages import resolve as R
+
+    b = r.config.get("benchmark", {})
+    try:
+        base = R.resolve(overrides=[f"method={r.method}", f"benchmark.name={b.get('name')}",
+                                    f"benchmark.root={b.get('root') or '.'}"])  # fmt: skip
+    except ClptError:
+        return []
+    mine, preset = flatten(r.config), flatten(C.to_dict(base))
+    skip = ("seed", "benchmark.seed", "benchmark.root", "benchmark.image_size", "system.")
+    return sorted(f"{k}={mine[k]}" for k in mine if not k.startswith(skip) and mine[k] != preset.get(k, mine[k]))
+
+
 def _differing(cfg: dict, others: list[dict]) -> list[str]:
     mine = flatten(cfg)
     diff = set()

@@ -117,16 +117,22 @@ def test_plots_are_valid_pngs_with_their_panels(runs, tmp_path):
         "1996.png",
         "1997.png",
     ]
+    tau = 0
     for p in (tmp_path / "fig").iterdir():
         with Image.open(p) as im:
             im.verify()
         with Image.open(p) as im:
             what = json.loads(im.text["Description"])
         assert what["panels"] == 1
-        if what["kind"] == "curves":
-            assert what["lines"] == 2
-        if what["kind"] == "heatmap":
-            assert what["tasks"] == 5
+        if what["kind"] == "curves":  # issue 23, item 19: tasks from 0, n = 1 named
+            assert what["lines"] == 2 and what["x"] == "after task, from 0"
+            assert sum("(n=1)" in label for label in what["labels"]) == 1
+        if what["kind"] == "heatmap":  # each names its run's own settings
+            assert what["tasks"] == 5 and "heads.enabled=[]" in what["settings"]
+            tau += "align.tau=0.2" in what["settings"]
+        if what["kind"] == "final_per_task":  # the axis starts near the bars (lowest 50 %), not at 0
+            assert what["y_from"] == 40
+    assert tau == 1  # the one run with align.tau=0.2 says so on its heatmap
 
 
 def test_published_entries_carry_sources_and_flag_protocol_differences():
@@ -274,3 +280,17 @@ def test_ranpac_cifar_rows_use_the_whole_image_at_test_and_a_run_that_crops_is_f
     (slca,) = [p for p in lookup("slca", "cifar100") if p.metric == "last_acc"]
     assert protocol_flags(slca, {**ours, "normalization": "dataset", "backbone": slca.backbone,
                                  "seeds": 3, "test_resize": "crop"}) == []  # fmt: skip
+
+
+def test_an_identical_curve_is_named_in_the_legend_not_hidden(tmp_path):
+    """issue 23, item 19: a method's own line (SLCA's = its ca head) hid an identical head line."""
+    from clpt.plots import write_plots
+
+    curve = {"mean": [90.0, 85.0, 80.0], "std": [0.0, 0.0, 0.0]}
+    rows = [{"group": "slca on builtin", "classifier": c, "seeds": [1993], "accuracies": curve,
+             "final_per_task": {"mean": [80.0, 82.0, 78.0], "std": [0.0] * 3}} for c in ("slca", "head:ca")]  # fmt: skip
+    rows.append({**rows[0], "classifier": "head:ncm", "accuracies": {"mean": [91.0, 84.0, 79.0], "std": [0.0] * 3}})
+    write_plots(tmp_path, [], rows)
+    with Image.open(tmp_path / "accuracy_curves.png") as im:
+        labels = json.loads(im.text["Description"])["labels"]
+    assert labels[1].endswith("identical to slca") and "identical" not in labels[0] + labels[2]
