@@ -163,65 +163,55 @@ def check_chunks(arr: zarr.Array, sel, what: str, redo: Redo) -> None:
         raise DataError(f"{what} is damaged (chunk file {missing} is missing)", redo=redo)
 
 
-def store_arrays(path: Path) -> list[str]:
-    """The arrays of a zarr store folder (their paths below it, sorted); [] for a folder without any."""
-    path = Path(path)
-    return sorted(str(m.parent.relative_to(path)) for m in path.rglob("zarr.json")
-                  if m.parent != path and _node_type(m) == "array")  # fmt: skip
-
-
-def _node_type(meta: Path) -> str | None:
-    try:
-        return json.loads(meta.read_text()).get("node_type")
-    except (OSError, ValueError, AttributeError):
-        return "array"  # damaged metadata of an array that is there: found when the store is opened
-
-
-def store_problem(path: Path, root: Path) -> str | None:
-    """What is wrong with the zarr arrays under `path` of a finished stage, paths relative to `root`: a
-    feature array with fewer committed rows than its shape (an extraction cut short, yet marked done), or
-    a missing chunk file (arrays written with every chunk); None when neither."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    for meta_path in sorted(path.rglob("feats/zarr.json")):
+def _array_metas(path: Path) -> dict[Path, dict | None]:
+    """Every array's zarr.json under a store folder, each read once: {array folder: metadata}, None where
+    it cannot be read (damaged metadata of an array that is there: found when the store is opened)."""
+    out: dict[Path, dict | None] = {}
+    for m in sorted(Path(path).rglob("zarr.json")):
         try:
-            meta = json.loads(meta_path.read_text())
-            n, done = int(meta["shape"][0]), int((meta.get("attributes") or {}).get("rows_done", meta["shape"][0]))
-        except (OSError, ValueError, TypeError, KeyError, IndexError):
-            continue  # damaged metadata is found when the store is opened
-        if done != n:
-            return f"its store {meta_path.parent.relative_to(root)} holds {done} of its {n} rows"
-    gone = missing_chunk(path)
-    return None if gone is None else f"its store's chunk file {Path(gone).relative_to(root)} is missing"
-
-
-def missing_chunk(path: Path) -> str | None:
-    """The first missing chunk file of the zarr arrays under `path` (written with every chunk), or None.
-
-    A feature array counts only its committed rows (`rows_done`, shared by its labels)."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    for meta_path in sorted(path.rglob("zarr.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(m.read_text())
         except (OSError, ValueError):
-            continue  # damaged metadata is found when the store is opened
-        attrs = meta.get("attributes") or {}
-        if meta.get("node_type") != "array" or not attrs.get(EVERY_CHUNK) or not meta.get("shape"):
+            out[m.parent] = None
+            continue
+        if isinstance(meta, dict) and meta.get("node_type") == "array":
+            out[m.parent] = meta
+    return out
+
+
+def _rows_done(meta: dict | None) -> int | None:
+    """A feature array's committed rows (`rows_done`, shared by its labels), None where not recorded."""
+    try:
+        return int((meta.get("attributes") or {})["rows_done"])  # type: ignore[union-attr]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def inspect_store(path: Path, root: Path) -> tuple[list[str], str | None]:
+    """(its arrays, paths below `path`, sorted; what is wrong with them, paths relative to `root`, or None)
+    of a finished stage's zarr store folder, from one read of its metadata. Wrong: a feature array with
+    fewer committed rows than its shape (an extraction cut short, yet marked done), or a missing chunk
+    file (arrays written with every chunk; a feature array and its labels count their committed rows)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [], None
+    metas = _array_metas(path)
+    arrays = sorted(str(a.relative_to(path)) for a in metas if a != path)
+    for folder, meta in metas.items():
+        done = _rows_done(meta) if folder.name == "feats" else None
+        if meta is not None and done is not None and meta.get("shape") and done != int(meta["shape"][0]):
+            return arrays, f"its store {folder.relative_to(root)} holds {done} of its {meta['shape'][0]} rows"
+    for folder, meta in metas.items():
+        attrs = (meta or {}).get("attributes") or {}
+        if meta is None or not attrs.get(EVERY_CHUNK) or not meta.get("shape"):
             continue
         n = meta["shape"][0]
-        if meta_path.parent.name in ("feats", "labels"):
-            try:
-                feats = json.loads((meta_path.parent.parent / "feats" / "zarr.json").read_text())
-                n = int((feats.get("attributes") or {}).get("rows_done", n))
-            except (OSError, ValueError, TypeError):
-                pass
-        key = _missing_in(meta_path.parent, meta, 0, n)
+        if folder.name in ("feats", "labels"):
+            done = _rows_done(metas.get(folder.parent / "feats"))
+            n = n if done is None else done
+        key = _missing_in(folder, meta, 0, n)
         if key is not None:
-            return str(meta_path.parent / key)
-    return None
+            return arrays, f"its store's chunk file {(folder / key).relative_to(root)} is missing"
+    return arrays, None
 
 
 # What zarr raises for metadata it cannot parse: JSON errors are ValueErrors, a valid JSON

@@ -166,10 +166,12 @@ class Run:
                 continue  # a large file as it was written: not read again
             if _digest(self.root / rel) != digest:
                 return "damaged"  # a result file changed after its stage wrote it
-        arrays = m.get("arrays") or {}
-        if any(artifacts.store_arrays(self.root / r) != sorted(a) for r, a in arrays.items() if isinstance(a, list)):
+        stores = {o: artifacts.inspect_store(self.root / o, self.root) for o in m.get("outputs", [])
+                  if (self.root / o).is_dir()}  # fmt: skip
+        recorded_arrays = m.get("arrays") or {}
+        if any(isinstance(a, list) and r in stores and stores[r][0] != sorted(a) for r, a in recorded_arrays.items()):
             return "missing"  # arrays of a result store are gone: the stage's outputs are not all there
-        if any(artifacts.store_problem(self.root / o, self.root) for o in m.get("outputs", [])):
+        if any(problem for _, problem in stores.values()):
             return "damaged"  # a chunk file of a result store is gone (it would read as fill values), or rows
         recorded, current = m.get("config"), self.config_values(stage)
         if not isinstance(recorded, dict) or set(recorded) != set(current):
@@ -228,7 +230,7 @@ class Run:
         else:
             changed = [r for r, d in (m.get("digests") or {}).items() if _digest(self.root / r) != d]
             gone = next(
-                (c for o in m.get("outputs", []) if (c := artifacts.store_problem(self.root / o, self.root))), None
+                (c for o in m.get("outputs", []) if (c := artifacts.inspect_store(self.root / o, self.root)[1])), None
             )
             what = (f"{changed[0]} was changed after it was written" if changed else
                     gone if gone else "a result file was changed after it was written")  # fmt: skip
@@ -255,7 +257,7 @@ class Run:
             # a large file is re-hashed only when its size or modification time differ from these
             "stat": large,
             # the arrays of each result store, so a store emptied or cut down is missing, not done
-            "arrays": {r: artifacts.store_arrays(self.root / r) for r in rel if (self.root / r).is_dir()},
+            "arrays": {r: artifacts.inspect_store(self.root / r, self.root)[0] for r in rel if (self.root / r).is_dir()},
             "config": self.config_values(stage),
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
