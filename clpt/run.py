@@ -29,7 +29,6 @@ something a later stage would take for finished work.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import resource
 import time
 import uuid
@@ -44,10 +43,10 @@ from clpt import distributed as dist
 from clpt.backbone import input_size
 from clpt.config import RunConfig
 from clpt.data import manifest
-from clpt.data.benchmark import Benchmark, load_benchmark
+from clpt.data.benchmark import Benchmark, load_benchmark, task_ranges
 from clpt.errors import ClptError, ConfigError, DataError, FileSystemError, MissingInputError
 from clpt.heads import HEADS
-from clpt.io import is_temporary, read_json, write_json, write_text
+from clpt.io import file_sha256, is_temporary, read_json, write_json, write_text
 from clpt.lock import LOCK_NAME, run_lock
 from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
 from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, grow, run_order
@@ -381,8 +380,6 @@ def _check_records(root: Path, cfg: RunConfig, info: RunInfo) -> None:
     """config.yaml and benchmark.json agree: the benchmark, its classes and the task ranges the config's
     init_classes and increment give (plus tasks added by `clpt add-task`). A hand edit of either would
     otherwise evaluate other classes silently, or retrain a task under a record that says otherwise."""
-    from clpt.data.benchmark import task_ranges
-
     b, rec = cfg.benchmark, artifacts.run_record_path(root, "clpt-benchmark").name
     problems = []
     if info.benchmark != b.name:
@@ -562,11 +559,7 @@ def _digest(path: Path) -> str | None:
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         if key not in _DIGESTS:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _DIGESTS[key] = h.hexdigest()
+            _DIGESTS[key] = file_sha256(path)
         return _DIGESTS[key]
     except OSError:
         return None
