@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clpt.drift import DRIFT_METHODS
+from clpt.drift_methods import DRIFT_METHODS
 from clpt.run import edit_config, open_for_work, open_run, report, run_all, run_one
 from clpt.stages.oracle import oracle
 

@@ -253,12 +253,12 @@ def eval_(
 ) -> None:
     """Accuracy of the aligned classifier on all seen classes: row TASK of the accuracy matrix."""
     from clpt.lock import run_lock
-    from clpt.run import open_for_work, report, run_stage
+    from clpt.run import join_group, open_run, report, run_stage
 
-    run = open_for_work(run_dir)
+    run = open_run(run_dir)
     run.check_task(task)
-    if force or run.state("eval", task) != "done":  # a finished evaluation is only read: no lock
-        with run_lock(run.root, wait):
+    if force or run.state("eval", task) != "done":  # a finished evaluation is only read: no lock, no torch
+        with run_lock(join_group(run).root, wait):
             run_stage(run, "eval", task, force=force)
     _print_report(report(run, task), json_)
 
@@ -367,7 +367,7 @@ def status(run_dir: RunArg, json_: JsonOpt = False) -> None:
     from clpt.run import open_run
     from clpt.run import status as run_status
 
-    doc = run_status(open_run(run_dir))
+    doc = run_status(open_run(run_dir, trust_times=True))  # sizes and times as recorded: not re-hashed
     if json_:
         _print_json(doc)
         return

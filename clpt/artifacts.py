@@ -12,7 +12,9 @@
     RUN/tasks/003/heads/<name>.json      row 3 of head <name>'s accuracy matrix    format clpt-head-eval
     RUN/tasks/003/<stage>.done.json      stage markers                              (clpt.run)
 
-This module only stores: it builds no model and computes nothing. The stages
+This module only stores: it builds no model and computes nothing. It imports
+numpy, torch, zarr and safetensors inside the functions that use them, so that checking a
+run's state (`clpt status`) loads none of them. The stages
 (`clpt.stages`) read and write files only through it; models are rebuilt from
 what it reads by `clpt.checkpoint`. Every artifact records its format and
 `format_version`; a file of another format or version is a one-line `DataError`
@@ -25,17 +27,16 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-
-import numpy as np
-import torch
-import zarr
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_bytes
+from typing import TYPE_CHECKING
 
 from clpt import progress
 from clpt.errors import DataError, MissingInputError, Redo, from_os_error
 from clpt.io import read_json, torch_save, write_bytes, write_json
+
+if TYPE_CHECKING:  # imported where used: reading a run's state needs none of them
+    import numpy as np
+    import torch
+    import zarr
 
 # format name -> current version. A reader accepts exactly this version.
 # versions a reader still accepts besides the current one (features 1: without checksums)
@@ -220,12 +221,16 @@ _BAD_METADATA = (ValueError, TypeError, AttributeError, KeyError)
 
 
 def _group(node: zarr.Group | zarr.Array) -> zarr.Group:
+    import zarr
+
     if not isinstance(node, zarr.Group):
         raise TypeError(f"{node} is an array where a group belongs")  # read as damaged metadata
     return node
 
 
 def _array(node: zarr.Group | zarr.Array) -> zarr.Array:
+    import zarr
+
     if not isinstance(node, zarr.Array):
         raise TypeError(f"{node} is a group where an array belongs")  # read as damaged metadata
     return node
@@ -246,6 +251,8 @@ def open_node(
     (a garbled or truncated `zarr.json` anywhere on the way) is a one-line
     DataError whose Redo names the stage that rebuilds it.
     """
+    import zarr
+
     if not (Path(store) / path).is_dir():
         raise missing
     try:
@@ -292,6 +299,8 @@ def writable_group(store: Path, path: str) -> zarr.Group:
     store's root or of a task's group: they hold no data) is written afresh, so a
     `--force` re-run repairs what a reader reported as damaged.
     """
+    import zarr
+
     store = Path(store)
     try:
         return zarr.open_group(store, mode="a").require_group(path)
@@ -305,6 +314,8 @@ def writable_group(store: Path, path: str) -> zarr.Group:
 
 def read_checked(arr: zarr.Array, sel, what: str, redo: Redo) -> np.ndarray:
     """arr[sel], with a failed checksum or undecodable chunk as a one-line DataError naming the stage to redo."""
+    import numpy as np
+
     check_chunks(arr, sel, what, redo)
     try:
         return np.asarray(arr[sel])
@@ -355,6 +366,8 @@ def write_torch(path: Path, fmt: str, payload: dict) -> None:
 
 def read_torch(path: Path, fmt: str, redo: Redo) -> dict:
     """A clpt torch file of format `fmt` at its current version, or a one-line error naming `redo`."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(
@@ -410,6 +423,8 @@ def prepare_features(
     """(feats, labels, rows already committed) for writing; committed rows kept only from the same source.
     `expected_labels` (grouped by class, as extraction writes them) are recorded as their class range and
     per-class counts, which `open_features` checks the stored labels against."""
+    import numpy as np
+
     store, name = features_path(root), feature_group(t, split)
     g = writable_group(store, name)
     if resume:
@@ -454,6 +469,8 @@ def prepare_features(
 def _check_labels(labels: zarr.Array, what: str, redo: Redo) -> None:
     """The stored labels are the classes and counts extraction recorded, grouped by class: a label
     rewritten to another class (checksummed anew) is found when the store is opened, before any work."""
+    import numpy as np
+
     want = labels.attrs.get("class_counts")
     if want is None:  # stores written before the record
         return
@@ -476,6 +493,8 @@ def _extract_redo(root: Path, t: int, force: bool = True, split: str = "train") 
 
 
 def open_features_for_append(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Array]:
+    import zarr
+
     g = _group(zarr.open_group(features_path(root), mode="r+")[feature_group(t, split)])
     return _array(g["feats"]), _array(g["labels"])
 
@@ -503,6 +522,8 @@ def open_features(root: Path, t: int, split: str) -> tuple[zarr.Array, zarr.Arra
 
 
 def _finite(x: np.ndarray, what: str, redo: Redo) -> np.ndarray:
+    import numpy as np
+
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise DataError(f"{what} contain non-finite values", redo=redo)
     return x
@@ -522,6 +543,8 @@ def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = 
     `label` names a progress bar over the rows read ("" shows none); it advances as each chunk is read,
     so a split read in one chunk does not sit at 0 while the chunk is used. `shard` (rank, world): only
     that rank's share of the rows (`shard_rows`)."""
+    import torch
+
     feats, labels = open_features(root, t, split)
     what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t, True, split)
     share = shard_rows(feats.shape[0], feats.chunks[0], *shard)
@@ -535,6 +558,8 @@ def iter_feature_chunks(root: Path, t: int, split: str, rows: int, label: str = 
 
 
 def read_features(root: Path, t: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     feats, labels = open_features(root, t, split)
     what, redo = f"the cached {split} features of task {t}", _extract_redo(root, t, True, split)
     return (
@@ -553,6 +578,9 @@ def save_stats(
 
     `scatter`: the full M2 (C, d, d) (an array), or a `clpt.stats.Scatter` in any form; a compact form
     also stores `pooled`, the task's sum_c M2_c (d, d), which the full form gives by summing."""
+    import numpy as np
+    import torch
+
     from clpt.stats import Scatter
 
     if not isinstance(scatter, Scatter):
@@ -639,6 +667,8 @@ def read_eval(path: Path, fmt: str, redo: Redo) -> dict:
 
 def save_drift_map(path: Path, method: str, task: int, state: dict[str, torch.Tensor], info: dict) -> None:
     """One task's fitted drift map: its tensors, and its method, task and fit summary as metadata (atomic)."""
+    from safetensors.torch import save as safetensors_bytes
+
     meta = {"format": "clpt-drift-map", "format_version": str(FORMATS["clpt-drift-map"]), "method": method,
             "task": str(task), "info": json.dumps(info)}  # fmt: skip
     data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
@@ -647,6 +677,8 @@ def save_drift_map(path: Path, method: str, task: int, state: dict[str, torch.Te
 
 def read_drift_map(path: Path, method: str, redo: Redo) -> dict[str, torch.Tensor]:
     """The tensors of a drift map of `method`, or a one-line error naming `redo`."""
+    from safetensors import SafetensorError, safe_open
+
     if not Path(path).is_file():
         raise MissingInputError(
             f"{path} does not exist", redo=Redo(redo.stage, redo.task, redo.root, force=False)
@@ -672,6 +704,8 @@ def head_state_bytes(head: str, task: int, n_classes: int, tensors: dict[str, to
     """A fitted head as safetensors: its tensors; its name, task, classes [0, n_classes), the state's
     meta (what rebuilding needs), its settings and the fit's choices as metadata; `carry`: the sha256
     of the carry file written with it (`head_carry_path`), which ties the two together."""
+    from safetensors.torch import save as safetensors_bytes
+
     md = {"format": "clpt-head-state", "format_version": str(FORMATS["clpt-head-state"]), "head": head,
           "task": str(task), "n_classes": str(n_classes), "meta": json.dumps(meta),
           "settings": json.dumps(settings), "info": json.dumps(info or {})}  # fmt: skip
@@ -686,6 +720,8 @@ def save_head_state(path: Path, *args, **kwargs) -> None:
 
 def read_head_state(path: Path, head: str, redo: Redo | None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata with `meta`, `settings`, `info` decoded) of a saved head, or a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
     if not Path(path).is_file():
         raise MissingInputError(
             f"{path} does not exist", redo=None if redo is None else Redo(redo.stage, redo.task, redo.root)
@@ -709,6 +745,8 @@ def read_head_state(path: Path, head: str, redo: Redo | None) -> tuple[dict[str,
 
 
 def head_carry_bytes(head: str, task: int, tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save as safetensors_bytes
+
     md = {"format": "clpt-head-carry", "format_version": str(FORMATS["clpt-head-carry"]), "head": head,
           "task": str(task)}  # fmt: skip
     return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=md)
@@ -717,6 +755,9 @@ def head_carry_bytes(head: str, task: int, tensors: dict[str, torch.Tensor]) -> 
 def read_head_carry(path: Path, sha256: str | None) -> dict[str, torch.Tensor] | None:
     """The carry tensors at `path` if the file is there and its sha256 is `sha256` (the one its head
     state recorded); else None: the next fit starts from scratch, which gives the same result."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as safetensors_load
+
     if sha256 is None or not Path(path).is_file():
         return None
     try:

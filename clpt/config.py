@@ -363,7 +363,7 @@ class HeadsConfig:
         return settings_problems(self.settings)
 
 
-DRIFT_METHODS = ("linear", "weak_nonlinear", "sdc", "dpcr", "ldc")  # clpt.drift registers exactly these
+DRIFT_METHODS = ("linear", "weak_nonlinear", "sdc", "dpcr", "ldc")  # clpt.drift_methods registers exactly these
 
 
 @dataclass
@@ -372,7 +372,7 @@ class DriftConfig:
 
     With a method, every run also fits each statistics classifier on the compensated
     statistics (`NAME+drift` beside `NAME`). `settings` holds one dataclass per method
-    (`clpt.drift`); the resolver fills it.
+    (`clpt.drift_methods`); the resolver fills it.
     """
 
     method: str = "none"  # none | linear (SLDC alpha-1) | weak_nonlinear (SLDC alpha-2) | sdc | dpcr | ldc
@@ -474,6 +474,11 @@ def overrides_to_dict(overrides: list[str]) -> dict:
     return out
 
 
+# libyaml's safe loader where PyYAML was built with it (the same safe constructor, a C parser: reading a
+# run's config.yaml is then a small part of `clpt status`); PyYAML's pure-Python one otherwise
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_file(path: str | Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dictionary."""
     p = Path(path)
@@ -487,13 +492,16 @@ def load_file(path: str | Path) -> dict:
         if p.suffix == ".toml":
             data = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_SAFE_LOADER) or {}
         else:
             raise ConfigError(
                 [f"unknown config format {p.suffix!r}: use .yaml, .yml or .toml"], source=str(p)
             )
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+        if problem and mark is not None:  # YAML: what is wrong, and where
+            first = f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
         raise ConfigError([f"cannot parse: {first}"], source=str(p)) from None
     if not isinstance(data, dict):
         raise ConfigError(["top level must be a mapping of sections"], source=str(p))

@@ -17,22 +17,31 @@ compose over tasks: a class of task s is moved by the maps of tasks s+1..t in
 order (`compose`). Nothing here writes a ridge or an epsilon into statistics.
 All solves are float64.
 
-Adding a method: a settings dataclass, a `fit(x_old, x_new, stats, classes, settings, generator) -> DriftMap`,
-and one `register_drift(DriftSpec(...))` call in this module.
+Adding a method: a `fit(x_old, x_new, stats, classes, settings, generator) -> DriftMap` and a
+`restore` here (or in a module of your own), and its settings dataclass and `register_drift(DriftSpec(...))`
+in `clpt.drift_methods`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from clpt.config import checks, one_of
-from clpt.registry import Registry
+from clpt.drift_methods import (  # noqa: F401  (the settings and the registry, re-exported)
+    DRIFT_METHODS,
+    DPCRConfig,
+    DriftSpec,
+    LDCConfig,
+    LinearConfig,
+    SDCConfig,
+    WeakNonlinearConfig,
+    register_drift,
+)
 
 
 @dataclass
@@ -98,18 +107,6 @@ def symmetric(m: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class LinearConfig:
-    gamma1: float = 1e-4  # ridge of the least-squares fit
-    alpha_t: float = 1.0  # shrinkage toward I: w = exp(-N / (alpha_t d))
-    normalize: bool = True  # fit on L2-normalised rows (SLDC); false: on raw rows
-
-    def problems(self) -> list[str]:
-        return checks(
-            self, [("alpha_t", lambda v: v > 0, "must be > 0"), ("gamma1", lambda v: v >= 0, "must be >= 0")]
-        )
-
-
-@dataclass
 class LinearMap:
     """y = x W for every class: mu W, W^T M2 W (exact), features x W."""
 
@@ -154,17 +151,6 @@ def fit_linear(x_old, x_new, stats, classes, settings: LinearConfig, generator=N
 
 
 @dataclass
-class SDCConfig:
-    sigma: float = 4.0  # kernel width on raw features (SSIAT, RSIAT)
-    floor: float = 1e-5  # added to every weight (SSIAT, RSIAT); 0 as the original SDC
-
-    def problems(self) -> list[str]:
-        return checks(
-            self, [("sigma", lambda v: v > 0, "must be > 0"), ("floor", lambda v: v >= 0, "must be >= 0")]
-        )
-
-
-@dataclass
 class ShiftMap:
     """mu_c <- mu_c + delta_c per class; M2 unchanged; features of class c shifted by delta_c."""
 
@@ -205,16 +191,6 @@ def fit_sdc(x_old, x_new, stats: Moments, classes, settings: SDCConfig, generato
 
 
 # --- dpcr: dual projection -------------------------------------------------------------------------------
-
-
-@dataclass
-class DPCRConfig:
-    rho: float = 1e-4  # ridge of the task-wise shift; theirs (rg_tssp): 1e-9, absolute
-    relative: bool = True  # rho times mean(diag X_old^T X_old): scale-free, as SLDC's ridge (theirs: false)
-    tolerance: float = 0.0  # 0: singular values > 0 (their code); > 0: above tolerance * the largest
-
-    def problems(self) -> list[str]:
-        return checks(self, [(k, lambda v: v >= 0, "must be >= 0") for k in ("rho", "tolerance")])
 
 
 @dataclass
@@ -283,22 +259,6 @@ def fit_dpcr(x_old, x_new, stats: Moments, classes, settings: DPCRConfig, genera
 
 
 # --- weak_nonlinear: SLDC alpha-2 ---------------------------------------------------------------------------
-
-
-@dataclass
-class WeakNonlinearConfig:
-    steps: int = 5000  # Adam steps
-    batch: int = 32  # rows per step, drawn with replacement
-    lr: float = 1e-3  # cosine to lr_min
-    lr_min: float = 5e-4
-    gamma2: float = 0.5  # weight of R = s2^2
-    regularize: bool = False  # false: MSE alone (their code); true: MSE + gamma2 R (their intent)
-    samples_per_dim: int = 10  # K = samples_per_dim * d samples per class for the update
-
-    def problems(self) -> list[str]:
-        rules = [(k, lambda v: v >= 1, "must be >= 1") for k in ("steps", "batch", "samples_per_dim")]
-        rules += [(k, lambda v: v > 0, "must be > 0") for k in ("lr", "lr_min")]
-        return checks(self, [*rules, ("gamma2", lambda v: v >= 0, "must be >= 0")])
 
 
 class WeakNonlinear(torch.nn.Module):
@@ -387,20 +347,6 @@ def fit_weak_nonlinear(x_old, x_new, stats, classes, settings: WeakNonlinearConf
 
 
 @dataclass
-class LDCConfig:
-    epochs: int = 20  # passes over the task's pairs
-    batch: int = 128
-    lr: float = 1e-3  # Adam
-    init: str = "random"  # random: PyTorch's default Linear init, as their code | identity: the safer start
-
-    def problems(self) -> list[str]:
-        rules = [(k, lambda v: v >= 1, "must be >= 1") for k in ("epochs", "batch")]
-        return checks(
-            self, [*rules, ("lr", lambda v: v > 0, "must be > 0"), ("init", *one_of("random", "identity"))]
-        )
-
-
-@dataclass
 class MeanMap:
     """mu_c <- mu_c W for every class, M2 unchanged (LDC moves prototypes only); features x W."""
 
@@ -467,36 +413,8 @@ def restore_weak_nonlinear(state: dict, stats: Moments, settings: WeakNonlinearC
     return NonlinearMap(g.eval(), int(state["samples_per_dim"]), int(state["seed"]))
 
 
-@dataclass(frozen=True)
-class DriftSpec:
-    name: str
-    summary: str
-    config_cls: type
-    # (x_old, x_new, stats of the old classes, their ids, settings, generator) -> DriftMap
-    fit: Callable[..., Any]
-    # (state, the old classes' statistics the map was fitted with, settings) -> the same map
-    restore: Callable[..., Any]
-
-
-DRIFT_METHODS: Registry[DriftSpec] = Registry("drift method")
-
-
-def register_drift(spec: DriftSpec) -> DriftSpec:
-    return DRIFT_METHODS.register(spec.name, spec)
-
-
-register_drift(
-    DriftSpec("linear", "SLDC alpha-1: ridge map shrunk toward I", LinearConfig, fit_linear, restore_linear)
-)
-register_drift(DriftSpec("weak_nonlinear", "SLDC alpha-2: identity + linear + MLP", WeakNonlinearConfig,
-                         fit_weak_nonlinear, restore_weak_nonlinear))  # fmt: skip
-register_drift(
-    DriftSpec("sdc", "SDC: kernel-weighted mean shift (SSIAT, RSIAT)", SDCConfig, fit_sdc, restore_sdc)
-)
-register_drift(DriftSpec("dpcr", "DPCR: task-wise ridge map times per-class projection", DPCRConfig, fit_dpcr,
-                         restore_dpcr))  # fmt: skip
-register_drift(DriftSpec("ldc", "LDC: a linear projector learned by Adam; means only", LDCConfig, fit_ldc,
-                         lambda state, stats, settings: MeanMap(state["w"])))  # fmt: skip
+def restore_ldc(state: dict, stats: Moments, settings: LDCConfig) -> MeanMap:
+    return MeanMap(state["w"])
 
 
 def compose(stats: Moments, classes: torch.Tensor, maps: Sequence[DriftMap]) -> Moments:

@@ -6,8 +6,10 @@ j's test classes after task T, predicting by argmax over all seen classes.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def accuracy_row(logits: torch.Tensor, labels: torch.Tensor, tasks: list[list[int]]) -> dict:
@@ -41,6 +43,8 @@ def metrics(acc_matrix: list[list[float]], accuracies: list[float], counts: list
     old tasks' accuracies (task-averaged); `old_acc` and `new_acc` weight them by test images
     (sample-weighted; needs `counts`, the last row's images per task, else None).
     """
+    import numpy as np
+
     T = len(acc_matrix) - 1
     last = acc_matrix[T]
     if T > 0:

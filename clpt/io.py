@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from clpt.errors import ClptError, from_os_error
 
 
@@ -91,6 +89,8 @@ def write_text(path: Path, text: str) -> None:
 def torch_save(path: Path, obj: Any) -> None:
     # Serialised in memory first: torch.save's own writer reports a full disk as a RuntimeError
     # ("unexpected pos"), a plain write reports it as the OSError it is.
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     _atomic(Path(path), lambda f: f.write(buf.getbuffer()))

@@ -40,7 +40,6 @@ from pathlib import Path
 from clpt import artifacts
 from clpt import config as config_mod
 from clpt import distributed as dist
-from clpt.backbone import input_size
 from clpt.config import RunConfig
 from clpt.data import manifest
 from clpt.data.benchmark import Benchmark, load_benchmark, task_ranges
@@ -48,11 +47,10 @@ from clpt.errors import ClptError, ConfigError, DataError, FileSystemError, Miss
 from clpt.heads import HEADS
 from clpt.io import file_sha256, is_temporary, read_json, write_json, write_text
 from clpt.lock import LOCK_NAME, run_lock
-from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
-from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, grow, run_order
+from clpt.stages import CORE, RunInfo, StageContext, explain, get_stage, run_order
 from clpt.stages import resolve as R
-from clpt.stages.evaluate import head_report, report
 from clpt.stages.graph import head_name, head_names
+from clpt.stages.results import head_report, report
 
 STAGES = CORE  # the five stages of every task; heads add `head:NAME` stages (clpt.stages)
 
@@ -73,8 +71,11 @@ class Run:
     same at task 300 as at task 3.
     """
 
-    def __init__(self, root: Path, cfg: RunConfig, info: RunInfo):
+    def __init__(self, root: Path, cfg: RunConfig, info: RunInfo, trust_times: bool = False):
         self.root = Path(root)
+        # a result file whose size and modification time are those its marker recorded is not hashed again
+        # (`clpt status`: a view of the run); otherwise only a file over DIGEST_MAX_BYTES is trusted so
+        self.trust_times = trust_times
         self.cfg = cfg
         self.info = info
         self._bench: Benchmark | None = None
@@ -89,6 +90,8 @@ class Run:
 
     def benchmark(self) -> Benchmark:
         """The benchmark's images, checked once per process against the run's manifest."""
+        from clpt.stages import grow
+
         if self._bench is None:
             bench = load_benchmark(self.cfg.benchmark)
             recorded = None
@@ -160,9 +163,11 @@ class Run:
         if not all((self.root / o).exists() for o in m.get("outputs", [])):
             return "missing"
         known = m.get("stat") or {}
+        if not self.trust_times:
+            known = {r: v for r, v in known.items() if isinstance(v, list) and v and v[0] > DIGEST_MAX_BYTES}
         for rel, digest in (m.get("digests") or {}).items():
             if rel in known and _stat(self.root / rel) == known[rel]:
-                continue  # a large file as it was written: not read again
+                continue  # a large file (or, trusting times, any file) as it was written: not read again
             if _digest(self.root / rel) != digest:
                 return "damaged"  # a result file changed after its stage wrote it
         stores = {o: artifacts.inspect_store(self.root / o, self.root) for o in m.get("outputs", [])
@@ -244,7 +249,6 @@ class Run:
     ) -> dict:
         rel = [str(Path(o).relative_to(self.root)) for o in outputs]
         files = [r for r in rel if (self.root / r).is_file()]  # every result file, large ones too
-        large = {r: _stat(self.root / r) for r in files if (self.root / r).stat().st_size > DIGEST_MAX_BYTES}
         marker = {
             "stage": stage,
             "format_version": 1,
@@ -253,8 +257,9 @@ class Run:
             "inputs": inputs,
             "outputs": rel,
             "digests": {r: _digest(self.root / r) for r in files},  # result files tied to this marker
-            # a large file is re-hashed only when its size or modification time differ from these
-            "stat": large,
+            # size and modification time of every result file: one over DIGEST_MAX_BYTES is re-hashed only
+            # when they differ (any file, for a view that trusts times: `clpt status`)
+            "stat": {r: _stat(self.root / r) for r in files},
             # the arrays of each result store, so a store emptied or cut down is missing, not done
             "arrays": {r: artifacts.inspect_store(self.root / r, self.root)[0] for r in rel if (self.root / r).is_dir()},
             "config": self.config_values(stage),
@@ -325,6 +330,8 @@ def create_run(root: Path, cfg: RunConfig, exist_ok: bool = False) -> Run:
 
 def with_input_size(cfg: RunConfig) -> RunConfig:
     """`cfg` with benchmark.image_size resolved from the backbone (recorded in config.yaml), or checked."""
+    from clpt.backbone import input_size
+
     size = input_size(cfg.backbone, cfg.benchmark.image_size)
     return dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, image_size=size))
 
@@ -355,7 +362,10 @@ def edit_config(run: Run, overrides: list[str]) -> Run:
     return Run(run.root, cfg, run.info)
 
 
-def open_run(root: Path) -> Run:
+def open_run(root: Path, trust_times: bool = False) -> Run:
+    """The run folder `root`, its records checked. `trust_times`: a result file with the size and modification
+    time its marker recorded counts as unchanged without being hashed (for a quick view: `clpt status`);
+    stages always hash the files they check, except those over DIGEST_MAX_BYTES."""
     root = Path(root)
     cfg_path = root / "config.yaml"
     if not cfg_path.is_file():
@@ -373,7 +383,7 @@ def open_run(root: Path) -> Run:
     cfg = R.load_resolved(cfg_path)
     info = _read_info(root)
     _check_records(root, cfg, info)
-    return Run(root, cfg, info)
+    return Run(root, cfg, info, trust_times)
 
 
 def _check_records(root: Path, cfg: RunConfig, info: RunInfo) -> None:
@@ -404,7 +414,12 @@ def _check_records(root: Path, cfg: RunConfig, info: RunInfo) -> None:
 
 def open_for_work(root: Path) -> Run:
     """`open_run`, then the process group when launched by torchrun (every command that runs stages)."""
-    run = open_run(root)
+    return join_group(open_run(root))
+
+
+def join_group(run: Run) -> Run:
+    """The process group when launched by torchrun (this imports torch: a command that only reads a run's
+    results, like `eval --json` of a finished task, opens it with `open_run` and calls this only to work)."""
     dist.init_from_env(run.cfg.system.device)
     return run
 
@@ -603,6 +618,8 @@ def prepare_backbone(run: Run) -> None:
 
     Under torchrun only rank 0 pre-trains; the others wait (`ensure_builtin_weights`).
     """
+    from clpt.pretrain import ensure_builtin_weights, needs_builtin_weights
+
     if needs_builtin_weights(run.cfg.backbone):
         ensure_builtin_weights()
 

@@ -109,6 +109,26 @@ def test_a_large_result_file_is_verified_too(run_copy, monkeypatch):
     assert open_run(run_copy).state("train", 2) == "done"
 
 
+def test_status_trusts_a_recorded_size_and_time_where_a_stage_hashes_the_file(run_copy):
+    """`clpt status` (a view) re-hashes a result file only when its size or time differ from its marker's
+    record; the stages that read it always hash a file under DIGEST_MAX_BYTES."""
+    import os
+
+    path = run_copy / "tasks" / "001" / "heads" / "ncm.safetensors"
+    recorded = open_run(run_copy).marker("head:ncm", 1)["stat"]["tasks/001/heads/ncm.safetensors"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a tensor byte: same size
+    path.write_bytes(bytes(data))
+
+    def state() -> str:
+        return json.loads(cli("status", run_copy, "--json").stdout)["tasks"][1]["stages"]["head:ncm"]["state"]
+
+    assert state() == "damaged"  # the time changed: hashed, and found changed
+    os.utime(path, ns=(recorded[1], recorded[1]))  # a forged time: the view trusts it, as stated
+    assert state() == "done"
+    assert open_run(run_copy).state("head:ncm", 1) == "damaged"  # what the stages see: hashed
+
+
 def test_a_diverging_alignment_stops_and_json_never_prints_nan(run_copy):
     res = CliRunner().invoke(app, ["config", str(run_copy), "--set", "align.lr=1e30"])
     assert res.exit_code == 0

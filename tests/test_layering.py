@@ -67,6 +67,42 @@ def test_config_imports_without_torch_and_builds_its_defaults():
     assert doc == {"torch": False, "problems": [], "method": "slca"}
 
 
+def test_resolving_a_config_and_every_registry_import_no_numerical_package():
+    """issue 23, item 12: the registries name their code lazily, so resolving a run's config (presets, every
+    head's, drift method's and reader's settings) and the run machinery load none of torch, zarr, timm, numpy."""
+    out = _python(
+        "import sys, json\n"
+        "import clpt.run\n"
+        "from clpt.stages.resolve import resolve\n"
+        "from clpt.heads import HEADS\n"
+        "from clpt.drift_methods import DRIFT_METHODS\n"
+        "from clpt.data.registry import READERS\n"
+        "cfg = resolve(None, ['method=slca_pp', 'drift.method=linear', 'benchmark.name=imagenet-r',"
+        " 'benchmark.root=/nowhere'])\n"
+        "heavy = [m for m in ('torch', 'zarr', 'timm', 'numpy', 'safetensors') if m in sys.modules]\n"
+        "print(json.dumps({'heavy': heavy, 'heads': len(HEADS.names()), 'drift': len(DRIFT_METHODS.names()),"
+        " 'readers': len(READERS.names()), 'shrink1': cfg.heads.of('fecam').shrink1}))"
+    )
+    doc = json.loads(out)
+    assert doc == {"heavy": [], "heads": 6, "drift": 5, "readers": 8, "shrink1": 10.0}  # imagenet-r's preset
+
+
+def test_a_lazily_registered_head_fits_and_restores_through_its_module():
+    import torch
+
+    from clpt.config import RunConfig
+    from clpt.heads import HEADS, InMemoryCache, restore_state
+    from clpt.heads.ncm import CosineScores
+
+    spec = HEADS.get("ncm")
+    assert spec.state_class() is CosineScores and HEADS.get("ca").state_class().__name__ == "TaskHeadScores"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, generator=g), torch.arange(40) % 4
+    state = spec.fit(InMemoryCache(x, y, [[0, 4]], 0, RunConfig()), spec.config_cls())
+    again = restore_state("ncm", state.tensors(), state.meta())
+    assert torch.equal(again(x), state(x))
+
+
 def test_each_section_checks_its_own_fields():
     from clpt import config as C
 
@@ -176,3 +212,28 @@ def test_file_batches_leave_the_global_rng_alone_and_augment_alike_with_any_work
     assert torch.equal(torch.get_rng_state(), before)  # iterating did not touch the global RNG
     assert torch.equal(epoch(0), alone)  # the loader's generator alone decides
     assert torch.equal(epoch(2), alone)  # and the same with worker processes
+
+
+def test_reading_a_finished_run_imports_neither_torch_zarr_nor_timm(run_copy):
+    """issue 23, item 12: `status`, `config` and `eval --json` of a finished task read JSON only (their speed
+    against `clpt --help`: bench/startup.py)."""
+    probe = (
+        "import sys\n"
+        "from clpt_cli.main import main\n"
+        "sys.argv = ['clpt'] + sys.argv[1:]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "print('HEAVY', [m for m in ('torch', 'zarr', 'timm', 'safetensors') if m in sys.modules], code,"
+        " file=sys.stderr)\n"
+    )
+    for args in (["status", run_copy], ["status", run_copy, "--json"], ["config", run_copy],
+                 ["eval", run_copy, "--task", "4", "--json"]):  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert out.stderr.strip().splitlines()[-1] == "HEAVY [] 0", (args, out.stderr[-500:])
+        assert out.stdout.strip()
+    done = subprocess.run([sys.executable, "-c", probe, "eval", str(run_copy), "--task", "4", "--force",
+                           "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "'torch'" in done.stderr.splitlines()[-1]  # the probe sees work when there is work

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from clpt.config import BenchmarkConfig
-from clpt.data.readers import read_dataset
 from clpt.data.registry import HALF, IMAGENET_MEAN, IMAGENET_STD, READERS, RawDataset
 from clpt.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: reading a run's records (`clpt status`) needs neither numpy nor the readers
+    import numpy as np
 
 # the constants readers register with; re-exported for library users
 __all__ = ["HALF", "IMAGENET_MEAN", "IMAGENET_STD", "Benchmark", "Split", "load_benchmark", "task_ranges"]
@@ -25,6 +26,8 @@ __all__ = ["HALF", "IMAGENET_MEAN", "IMAGENET_STD", "Benchmark", "Split", "load_
 
 def class_order(n_classes: int, seed: int) -> np.ndarray:
     """The class order of the reference code: legacy global NumPy RNG, seeded."""
+    import numpy as np
+
     state = np.random.get_state()
     try:
         np.random.seed(seed)
@@ -64,6 +67,8 @@ class Split:
 
     def indices_of(self, classes: range) -> np.ndarray:
         """Row indices whose label lies in `classes`, in stored order."""
+        import numpy as np
+
         return np.flatnonzero((self.labels >= classes.start) & (self.labels < classes.stop))
 
 
@@ -95,6 +100,8 @@ class Benchmark:
 
 
 def remap_labels(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     position = np.empty_like(order)
     position[order] = np.arange(len(order))
     return position[labels]
@@ -140,6 +147,10 @@ def _load_benchmark(
     download: bool,
     split_seed: int,
 ) -> Benchmark:
+    import numpy as np
+
+    from clpt.data.readers import read_dataset
+
     spec = READERS.get(name)
     raw = read_dataset(name, root, download, split_seed)
     names = raw.class_names

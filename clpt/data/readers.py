@@ -31,14 +31,9 @@ import numpy as np
 
 from clpt.data import builtin
 from clpt.data.registry import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    HALF,
     READERS,
     RawDataset,
     RawSplit,
-    ReaderSpec,
-    register_reader,
 )
 from clpt.errors import DataError
 
@@ -492,44 +487,14 @@ def read_builtin(root: Path | None, download: bool, split_seed: int) -> RawDatas
                       RawSplit(y_te, images=x_te), {"source": "built-in procedural images"})  # fmt: skip
 
 
-_SLOW = {"train": {"epochs": 50, "milestones": [40], "weight_decay": 5e-4}}  # the 50-epoch protocols
-register_reader(ReaderSpec(
-    "builtin", read_builtin, "builtin", HALF, HALF, needs_root=False, generated=True,
-    preset={  # sized for a CPU
-        "benchmark": {"init_classes": 10, "increment": 10},
-        "backbone": {"name": "clpt_vit_micro"},
-        "train": {"epochs": 6, "milestones": [5], "batch_size": 64},
-        "system": {"num_workers": 0},
-        # d = 128: a 2048-wide random projection keeps the demo's RanPAC fits to about a second
-        "heads": {"ranpac": {"dim": 2048}},
-        "mist": {"epochs": 6},  # as train.epochs: sized for a 2-core CPU
-    },
-))  # fmt: skip
-register_reader(ReaderSpec(
-    "cifar100", _rooted(lambda r, download, s: read_cifar100(r, download)), "cifar", CIFAR_MEAN, CIFAR_STD,
-    needs_root=False,  # downloaded into benchmark.root when missing (and the network allows)
-    preset={"benchmark": {"init_classes": 10, "increment": 10},
-            "train": {"epochs": 20, "milestones": [18], "weight_decay": 5e-4}},
-))  # fmt: skip
-register_reader(ReaderSpec(
-    "imagenet-r", _rooted(lambda r, d, s: read_wnid_folders(r, "imagenet-r", s)), "rrc",
-    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW,
-            "heads": {"fecam": {"shrink1": 10.0, "shrink2": 10.0}}},  # FeCAM's ImageNet-R setting
-))  # fmt: skip
-register_reader(ReaderSpec(
-    "imagenet-a", _rooted(lambda r, d, s: read_wnid_folders(r, "imagenet-a", s)), "rrc",
-    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW},  # PILOT / RanPAC / MIST: 10 x 20
-))  # fmt: skip
-register_reader(ReaderSpec(
-    "cub200", _rooted(lambda r, d, s: read_cub200(r)), "fixed_resize",
-    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW},
-))  # fmt: skip
-register_reader(ReaderSpec(
-    "cars196", _rooted(lambda r, d, s: read_cars196(r)), "fixed_resize",
-    preset={"benchmark": {"init_classes": 20, "increment": 20}, **_SLOW, "align": {"tau": 0.05}},
-))  # fmt: skip
-register_reader(ReaderSpec("imagefolder", _rooted(lambda r, d, s: read_imagefolder(r)), "rrc"))
-# A stream of image folders: the first folder creates the run (classes in folder order, not shuffled),
-# `clpt add-task RUN FOLDER` appends each later one as a task.
-register_reader(ReaderSpec("stream", _rooted(lambda r, d, s: read_class_folders(r, "stream", s)), "rrc",
-                           shuffle_classes=False))  # fmt: skip
+# What the registry's entries call (clpt.data.registry names them lazily): (root, download, split_seed)
+READ = {
+    "builtin": read_builtin,
+    "cifar100": _rooted(lambda r, download, s: read_cifar100(r, download)),
+    "imagenet-r": _rooted(lambda r, d, s: read_wnid_folders(r, "imagenet-r", s)),
+    "imagenet-a": _rooted(lambda r, d, s: read_wnid_folders(r, "imagenet-a", s)),
+    "cub200": _rooted(lambda r, d, s: read_cub200(r)),
+    "cars196": _rooted(lambda r, d, s: read_cars196(r)),
+    "imagefolder": _rooted(lambda r, d, s: read_imagefolder(r)),
+    "stream": _rooted(lambda r, d, s: read_class_folders(r, "stream", s)),
+}

@@ -1,28 +1,21 @@
-"""Classifier heads fitted from a run's cache, by name (see `clpt.heads.base`)."""
+"""Classifier heads fitted from a run's cache, by name (see `clpt.heads.base`).
 
-from clpt.heads import ca, fecam, lda, linear, ncm, ranpac  # noqa: F401  (each registers itself)
-from clpt.heads.base import (
-    HEADS,
-    ClassStats,
-    HeadCache,
-    HeadSpec,
-    HeadState,
-    InMemoryCache,
-    TaskHeadScores,
-    register_head,
-    restore_state,
-    score_in_chunks,
-)
+Importing this package loads only the registry (`clpt.heads.registry`, no torch);
+the names of `clpt.heads.base` are imported from it when first used.
+"""
 
-__all__ = [
-    "HEADS",
-    "ClassStats",
-    "HeadCache",
-    "HeadSpec",
-    "HeadState",
-    "InMemoryCache",
-    "TaskHeadScores",
-    "register_head",
-    "restore_state",
-    "score_in_chunks",
-]
+from clpt.heads.registry import HEADS, HeadSpec, register_head
+
+_BASE = ("ClassStats", "HeadCache", "HeadState", "InMemoryCache", "TaskHeadScores", "restore_state",
+         "score_in_chunks")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _BASE:
+        from clpt.heads import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'clpt.heads' has no attribute {name!r}")
+
+
+__all__ = ["HEADS", "HeadSpec", "register_head", *_BASE]

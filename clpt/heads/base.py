@@ -8,9 +8,9 @@ safetensors beside the head's evaluation, loaded back by `clpt predict` and
 argmax predicts. Each head is one stage of the run (`head:NAME`) with its own
 marker, so editing `heads.NAME.*` makes exactly that head stale.
 
-Adding a head: one module with a settings dataclass, a fit function returning a
-`HeadState` subclass, and a `register_head(HeadSpec(...))` call, imported in
-`clpt/heads/__init__.py`.
+Adding a head: one module with a fit function returning a `HeadState` subclass,
+and its registration (`clpt.heads.registry`: the name, the settings dataclass,
+the fit and the state class named lazily).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from clpt.config import RunConfig
+from clpt.heads.registry import HEADS, HeadSpec, extracts_upto, register_head, stats_upto  # noqa: F401
 from clpt.model import Heads
-from clpt.registry import Registry
 from clpt.stats import Scatter, compress, fit_class_stats
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # (N, d) features -> (N, C) scores, argmax predicts
@@ -84,46 +84,10 @@ class TaskHeadScores(HeadState):
         return self.heads(x)
 
 
-@dataclass(frozen=True)
-class HeadSpec:
-    name: str
-    summary: str
-    config_cls: type  # dataclass of the head's settings (`heads.NAME.*`)
-    fit: Callable[[HeadCache, Any], HeadState]
-    # stages of task t (besides the test features of t) whose outputs the fit reads
-    inputs: Callable[[RunConfig, int], list[tuple[str, int]]]
-    # config keys beyond `heads.NAME` that the result depends on
-    config_keys: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
-    # drift compensation: whether a `NAME+drift` variant exists (fitted on compensated statistics
-    # and features), and what it reads where that differs from the plain head (None: the same)
-    drift: bool = True
-    drift_inputs: Callable[[RunConfig, int], list[tuple[str, int]]] | None = None
-    drift_config_keys: Callable[[RunConfig], tuple[str, ...]] | None = None
-    state_cls: type[HeadState] | None = None  # what `fit` returns; None: TaskHeadScores
-    # the fit reduces what it reads from `train_chunks` across ranks when the cache is sharded (`shard`):
-    # under torchrun every rank fits from its own share of the rows; other heads fit on rank 0 alone
-    sharded: bool = False
-
-
-HEADS: Registry[HeadSpec] = Registry("head")
-
-
 def restore_state(head: str, tensors: dict[str, torch.Tensor], meta: dict) -> HeadState:
     """The fitted head `head` (a registered name) rebuilt from its saved tensors and meta."""
-    cls = HEADS.get(head).state_cls or TaskHeadScores
+    cls: type[HeadState] = HEADS.get(head).state_class()
     return cls.from_state(tensors, meta).eval()
-
-
-def register_head(spec: HeadSpec) -> HeadSpec:
-    return HEADS.register(spec.name, spec)
-
-
-def stats_upto(t: int) -> list[tuple[str, int]]:
-    return [("stats", i) for i in range(t + 1)]
-
-
-def extracts_upto(t: int) -> list[tuple[str, int]]:
-    return [("extract", i) for i in range(t + 1)]
 
 
 @dataclass
@@ -149,7 +113,9 @@ class ClassStats:
         return self.scatter.m2
 
     @classmethod
-    def from_tasks(cls, counts, means, scatters: list[Scatter], pooled=None, first_task: int = 0) -> ClassStats:
+    def from_tasks(
+        cls, counts, means, scatters: list[Scatter], pooled=None, first_task: int = 0
+    ) -> ClassStats:
         """Concatenate per-task (count, mean, scatter[, pooled]), tasks first_task.. in order, as float64 CPU
         tensors; `pooled` defaults to each task's sum of its full M2."""
 

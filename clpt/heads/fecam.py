@@ -27,26 +27,14 @@ a fit from scratch; a compensated `fecam+drift` refits every task.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from clpt.config import checks
 from clpt.errors import ClptError
-from clpt.heads.base import HeadCache, HeadSpec, HeadState, extracts_upto, register_head
+from clpt.heads.base import HeadCache, HeadState
+from clpt.heads.registry import FeCAMConfig
 from clpt.stats import Scatter, compress, covariance, fit_class_stats, merge_ranks
-
-
-@dataclass
-class FeCAMConfig:
-    shrink1: float = 1.0  # a1: times mean(diag S) on the diagonal
-    shrink2: float = 0.0  # a2: times mean of the non-zero off-diagonal entries, off the diagonal
-    normalize: bool = True  # L2-normalise features (the ViT path)
-    tukey: bool = False  # sign(x) |x|^0.5 before normalising (the transform of their ResNet path only)
-
-    def problems(self) -> list[str]:
-        return checks(self, [(k, lambda v: v >= 0, "must be >= 0") for k in ("shrink1", "shrink2")])
 
 
 def transform(x: torch.Tensor, settings: FeCAMConfig) -> torch.Tensor:
@@ -236,19 +224,3 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
         mu = torch.cat([old["mu"].to(mu.device), mu])
         new = {k: torch.cat([old[k].to(v.device), v]) for k, v in new.items()}
     return FeCAMScores(mu, new, settings, form, info={"incremental": old is not None})
-
-
-register_head(
-    HeadSpec(
-        "fecam",
-        "per-class Mahalanobis on normalised features (FeCAM)",
-        FeCAMConfig,
-        fit,
-        # the previous task's fitted state: fecam updates it with task T's classes
-        inputs=lambda cfg, t: [("extract", t), *([("head:fecam", t - 1)] if t > 0 else [])],
-        drift_inputs=lambda cfg, t: extracts_upto(t),  # compensated: old features move, a full refit
-        config_keys=lambda cfg: () if cfg.stats.covariance == "full" else ("stats.covariance", "stats.rank"),
-        state_cls=FeCAMScores,
-        sharded=True,
-    )
-)

@@ -25,24 +25,10 @@ full rank once N - C >= d.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from clpt.heads.base import HeadSpec, HeadState, register_head, stats_upto
-
-
-@dataclass
-class LDAConfig:
-    shrinkage: float = 1e-4  # e in (1 - e) S + e I
-    estimator: str = "exact"  # exact: sum_c M2_c / (N - C) | streaming: Hayes & Kanan's per-sample update
-
-    def problems(self) -> list[str]:
-        e = self.shrinkage  # None: its type was wrong, reported by the parser
-        out = [] if e is None or 0 <= e <= 1 else [f"shrinkage: {e} must be in [0, 1]"]
-        if self.estimator not in (None, "exact", "streaming"):
-            out.append(f"estimator: {self.estimator!r} must be exact or streaming")
-        return out
+from clpt.heads.base import HeadState
+from clpt.heads.registry import LDAConfig
 
 
 def streaming_scatter(chunks, state: dict) -> dict:
@@ -87,7 +73,9 @@ def pooled_scatter(stats) -> torch.Tensor:
     return total
 
 
-def lda_weights(n_rows: float, mean: torch.Tensor, scatter: torch.Tensor, shrinkage: float, unbiased: bool = True):
+def lda_weights(
+    n_rows: float, mean: torch.Tensor, scatter: torch.Tensor, shrinkage: float, unbiased: bool = True
+):
     """(W (C, d), b (C,)) float64 from the row count, the class means and the pooled scatter sum_c M2_c
     (unbiased: divided by N - C; else `scatter` is the covariance itself)."""
     c = len(mean)
@@ -131,7 +119,12 @@ def _fit_streaming(ctx, settings: LDAConfig) -> LinearScores:
         state = {"u": carry["u"].to(ctx.device), "k": int(carry["k"].item()), "sums": {}, "counts": {}}
     else:
         first, mean_old = 0, None
-        state = {"u": torch.zeros(d, d, dtype=torch.float64, device=ctx.device), "k": 0, "sums": {}, "counts": {}}
+        state = {
+            "u": torch.zeros(d, d, dtype=torch.float64, device=ctx.device),
+            "k": 0,
+            "sums": {},
+            "counts": {},
+        }
     for i in range(first, ctx.task + 1):
         state = streaming_scatter(ctx.train_chunks(i), state)
     lo, hi = ctx.tasks[first][0], ctx.tasks[ctx.task][1]
@@ -167,19 +160,3 @@ def fit(ctx, settings: LDAConfig) -> LinearScores:
                          info={"incremental": carry is not None})  # fmt: skip
     state.carry = {"scatter": scatter, "n_rows": n_rows.reshape(1).to(torch.float64), "mean": mean}
     return state
-
-
-register_head(
-    HeadSpec(
-        "lda",
-        "LDA, shared shrunk covariance (exact pooled, or the streaming estimate)",
-        LDAConfig,
-        fit,
-        # task T's statistics (streaming: its features) and the previous task's fit (its carry holds the
-        # earlier tasks' sums)
-        inputs=lambda cfg, t: [("extract" if cfg.heads.of("lda").estimator == "streaming" else "stats", t),
-                               *([("head:lda", t - 1)] if t > 0 else [])],  # fmt: skip
-        drift_inputs=lambda cfg, t: stats_upto(t),  # compensated: old classes move, a full refit
-        state_cls=LinearScores,
-    )
-)

@@ -8,17 +8,11 @@ to task T-1's (bit-identical to the fit from scratch); `ncm+drift` refits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from clpt.heads.base import HeadSpec, HeadState, register_head, stats_upto
-
-
-@dataclass
-class NCMConfig:
-    """No settings: cosine similarity to the class means, scale 1."""
+from clpt.heads.base import HeadState
+from clpt.heads.registry import NCMConfig
 
 
 class CosineScores(HeadState):
@@ -51,17 +45,3 @@ def fit(ctx, settings: NCMConfig) -> CosineScores:
         new = prototypes(ctx.task_stats(ctx.task).mean, ctx.device)
         return CosineScores(torch.cat([prev[0]["protos"].to(new.device), new]), info={"incremental": True})
     return CosineScores(prototypes(ctx.class_stats().mean, ctx.device), info={"incremental": False})
-
-
-register_head(
-    HeadSpec(
-        "ncm",
-        "cosine nearest class mean (SimpleCIL)",
-        NCMConfig,
-        fit,
-        # task T's statistics and the previous task's prototypes (which covered every earlier task's)
-        inputs=lambda cfg, t: [("stats", t), *([("head:ncm", t - 1)] if t > 0 else [])],
-        drift_inputs=lambda cfg, t: stats_upto(t),  # compensated: old classes move, a full refit
-        state_cls=CosineScores,
-    )
-)

@@ -28,36 +28,12 @@ M = 10000 instead of 400 MB.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import torch
 
 from clpt import distributed as dist
-from clpt.config import checks, one_of
-from clpt.heads.base import HeadSpec, HeadState, extracts_upto, register_head
-
-LAMBDAS = [10.0**k for k in range(-8, 9)]  # 1e-8 .. 1e8, 17 values
-
-
-@dataclass
-class RanPACConfig:
-    dim: int = 10000  # M, the random projection's width
-    seed: int | None = None  # W_rand's seed; None -> the run's seed
-    lambdas: list[float] = field(default_factory=lambda: list(LAMBDAS))
-    val_fraction: float = 0.2  # last part of the shuffled current task, for choosing lambda
-    dtype: str = "float64"  # Gram and solves: float64 | float32 (the authors')
-    chunk_rows: int = 4096  # cached feature rows per Gram update
-
-    def problems(self) -> list[str]:
-        out = checks(self, [
-            ("dim", lambda v: v >= 1, "must be >= 1"),
-            ("lambdas", lambda v: bool(v) and all(x is not None and x > 0 for x in v),
-             "must be a non-empty list of positive numbers"),
-            ("val_fraction", lambda v: 0 < v < 1, "must be in (0, 1)"),
-            ("dtype", *one_of("float64", "float32")),
-            ("chunk_rows", lambda v: v >= 1, "must be >= 1"),
-        ])  # fmt: skip
-        return out
+from clpt.heads.base import HeadState
+from clpt.heads.registry import LAMBDAS, RanPACConfig  # noqa: F401  (re-exported)
 
 
 def random_projection(d: int, m: int, seed: int, device) -> torch.Tensor:
@@ -168,7 +144,10 @@ def fit(ctx, settings: RanPACConfig) -> RanPACScores:
     x_t, y_t = torch.cat(current_x), torch.cat(current_y)
     if ctx.shard[1] > 1:  # every rank read its own rows: sum G and Q, gather task T's rows in row order
         dist.all_reduce_sum(gram), dist.all_reduce_sum(q)
-        x_t, y_t = dist.all_gather_rows(x_t.to(ctx.device)).cpu(), dist.all_gather_rows(y_t.to(ctx.device)).cpu()
+        x_t, y_t = (
+            dist.all_gather_rows(x_t.to(ctx.device)).cpu(),
+            dist.all_gather_rows(y_t.to(ctx.device)).cpu(),
+        )
     g = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(len(y_t), generator=g)
     n_fit = int(len(perm) * (1 - settings.val_fraction))  # int(0.8 N), as the authors (not round)
@@ -186,19 +165,3 @@ def fit(ctx, settings: RanPACConfig) -> RanPACScores:
                          info={"lambda": lam, "val_mse": losses, "incremental": carry is not None})  # fmt: skip
     state.carry = {"gram": gram, "q": q}
     return state
-
-
-register_head(
-    HeadSpec(
-        "ranpac",
-        "random projection + ridge on the Gram matrix (RanPAC on the learner's backbone)",
-        RanPACConfig,
-        fit,
-        # task T's features and the previous task's fit (its carry holds G and Q of the earlier tasks)
-        inputs=lambda cfg, t: [("extract", t), *([("head:ranpac", t - 1)] if t > 0 else [])],
-        drift_inputs=lambda cfg, t: extracts_upto(t),  # compensated: old features move, a full refit
-        config_keys=lambda cfg: ("seed",),
-        state_cls=RanPACScores,
-        sharded=True,
-    )
-)

@@ -7,7 +7,8 @@
     extract     features of task t's training images and of all seen test images [extract]
     fit_stats   per-class sufficient statistics of task t                         [stats]
     align       classifier alignment of the task heads                            [align]
-    evaluate    the method's classifier and each head on the test features; the accuracy report
+    evaluate    the method's classifier and each head on the test features
+    results     the accuracy matrices read back from the rows (`clpt eval --json`; imports no torch)
     heads       RunCache: the run folder as the cache a head's fit reads
 
 Stage modules read and write artifacts and call library code (`clpt.train`,

@@ -1,29 +1,27 @@
-"""The eval stage (the method's own classifier), the head stages, and the accuracy report of a run.
+"""The eval stage (the method's own classifier) and the head stages.
 
 Both score task T's cached test features over all seen classes and write row T
-of their accuracy matrix (`eval.json`, `heads/NAME.json`); `report` assembles
-the matrices and metrics of `clpt eval --json`.
+of their accuracy matrix (`eval.json`, `heads/NAME.json`); `clpt.stages.results`
+reads the rows back into the matrices and metrics of `clpt eval --json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from clpt import artifacts, checkpoint
 from clpt import distributed as dist
-from clpt.errors import ClptError, MissingInputError, Redo
-from clpt.evaluate import accuracy_row, metrics
+from clpt.errors import ClptError
+from clpt.evaluate import accuracy_row
 from clpt.heads import HEADS, score_in_chunks
 from clpt.io import write_bytes
-from clpt.stages.base import RunView, StageContext
-from clpt.stages.graph import classifier, head_name, head_names
+from clpt.stages.base import StageContext
+from clpt.stages.graph import classifier, head_name
 from clpt.stages.heads import RunCache
 
 _ROW_KEYS = ("accuracy", "top5", "per_task", "per_task_n", "n_test", "task")
@@ -94,67 +92,3 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
     if carry is not None and t > 0:  # the previous task's carry is superseded (a Gram can be 800 MB): the latest alone is kept
         artifacts.head_carry_path(ctx.root, name, t - 1).unlink(missing_ok=True)
     return [out, state_path], {"accuracy": row["accuracy"], "fit_seconds": round(fit_s, 4)}
-
-
-def _matrix(
-    run: RunView, t: int, stage: str, path_of: Callable[[int], Path], fmt: str
-) -> tuple[list, list, dict]:
-    """Rows 0..t of `stage`'s accuracy matrix, each row's accuracy, and the last row's top-5 and counts."""
-    rows, accs = [], []
-    extra: dict = {}
-    for i in range(t + 1):
-        state = run.state(stage, i)
-        if state == "damaged":
-            raise run.damaged_error(stage, i)
-        if state != "done":
-            raise MissingInputError(
-                f"the accuracy matrix up to task {t} needs {stage} of task {i}",
-                hint=f"run {{command}} (or `clpt run {run.root}` for everything)",
-                redo=Redo(stage, i, str(run.root), force=False),
-            )
-        r = artifacts.read_eval(path_of(i), fmt, Redo(stage, i, str(run.root)))
-        rows.append(r["per_task"])
-        accs.append(r["accuracy"])
-        extra = {"top5": r.get("top5"), "counts": r.get("per_task_n")}  # absent in rows of older runs
-    return rows, accs, extra
-
-
-def head_report(run: RunView, t: int) -> dict:
-    """{head: {accuracy, acc_matrix, last_acc, inc_acc, forgetting, ...}} for every head done up to task t."""
-    out = {}
-    names = head_names(
-        run.cfg, list(run.cfg.heads.enabled) + [h for h in HEADS.names() if h not in run.cfg.heads.enabled]
-    )
-    for name in names:
-        stage = f"head:{name}"
-        if not all(run.state(stage, i) in ("done", "damaged") for i in range(t + 1)):
-            continue  # not evaluated up to task t; a damaged row is an error (in _matrix), never skipped
-        rows, accs, extra = _matrix(run, t, stage, functools.partial(artifacts.head_eval_path, run.root, name),
-                                    "clpt-head-eval")  # fmt: skip
-        out[name] = {"accuracy": accs[t], "top5": extra["top5"], "accuracies": accs, "acc_matrix": rows,
-                     **metrics(rows, accs, extra["counts"])}  # fmt: skip
-    return out
-
-
-def report(run: RunView, t: int | None = None) -> dict:
-    """The JSON document of `clpt eval --json`: accuracy matrix and metrics up to task t, and the heads'."""
-    if t is None:
-        done = [i for i in range(run.info.n_tasks) if run.state("eval", i) == "done"]
-        if not done:
-            raise MissingInputError(
-                f"{run.root} has no evaluated task yet", hint=f"run `clpt run {run.root}`"
-            )
-        t = max(done)
-    rows, accs, extra = _matrix(run, t, "eval", lambda i: artifacts.eval_path(run.root, i), "clpt-eval")
-    return {
-        "run": str(run.root),
-        "method": run.cfg.method,
-        "task": t,
-        "n_tasks": run.info.n_tasks,
-        "accuracy": accs[t],
-        "top5": extra["top5"],
-        "accuracies": accs,
-        "acc_matrix": rows,
-        **metrics(rows, accs, extra["counts"]),
-        "heads": head_report(run, t),
-    }

@@ -23,7 +23,7 @@ import functools
 from clpt.config import RunConfig
 from clpt.errors import ClptError
 from clpt.heads import HEADS
-from clpt.heads.ca import ALIGN_KEYS  # what alignment reads (the `ca` head too)
+from clpt.heads.registry import ALIGN_KEYS  # what alignment reads (the `ca` head too)
 from clpt.learners import LEARNERS
 from clpt.methods import METHODS
 from clpt.registry import Registry, lazy

@@ -20,7 +20,7 @@ from typing import Any
 from clpt import config as C
 from clpt.config import BenchmarkConfig, DriftConfig, HeadsConfig, RunConfig
 from clpt.data.registry import READERS
-from clpt.drift import DRIFT_METHODS
+from clpt.drift_methods import DRIFT_METHODS
 from clpt.errors import ConfigError
 from clpt.heads import HEADS
 from clpt.methods import METHODS, REQUIRED_KEYS
