@@ -47,13 +47,18 @@ class Registry(Generic[T]):
         return self._items.items()
 
 
+def by_name(module: str, attr: str):
+    """`module.attr`, imported now: what a registry entry names lazily (its code is not imported before)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)
+
+
 def lazy(module: str, attr: str) -> Callable:
     """A callable that imports `module.attr` on first call (keeps registries free of heavy imports)."""
 
     def call(*args, **kwargs):
-        import importlib
-
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+        return by_name(module, attr)(*args, **kwargs)
 
     call.__qualname__ = f"{module}.{attr}"
     return call

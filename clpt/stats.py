@@ -109,17 +109,15 @@ def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
     s = total.to(torch.float64)
     mean = torch.where((n > 0)[:, None], shift.to(torch.float64) + s / safe[:, None], torch.zeros_like(s))
     m2 = scatter.to(torch.float64)
-    if m2.device.type != "cpu":  # whole arrays at once: one launch per step
-        m2.add_(scatter.transpose(1, 2).to(torch.float64)).mul_(0.5)  # a + b == b + a exactly: symmetric
-        m2.sub_((s[:, :, None] * s[:, None, :]).div_(safe[:, None, None]))
-        return ClassMoments(n, mean, m2)
-    # on a CPU one class at a time, so each step works on a cache-sized (d, d) block: the same float64
-    # operations on every entry, ((S_pq + S_qp) / 2) - (s_p s_q) / n, twice as fast at d = 768
-    for c in range(len(m2)):
-        out = m2[c]
-        out.add_(scatter[c].T.contiguous().to(torch.float64))  # a + b == b + a exactly: symmetric
+    # on a CPU one class at a time, so each step works on a cache-sized (d, d) block (twice as fast at
+    # d = 768), on a GPU all at once (one launch per step): the same float64 operations on every entry,
+    # ((S_pq + S_qp) / 2) - (s_p s_q) / n
+    step = 1 if m2.device.type == "cpu" else max(len(m2), 1)
+    for i in range(0, len(m2), step):
+        out, si = m2[i : i + step], s[i : i + step]
+        out.add_(scatter[i : i + step].transpose(1, 2).contiguous().to(torch.float64))  # a + b == b + a
         out.mul_(0.5)
-        out.sub_(torch.outer(s[c], s[c]).div_(safe[c]))
+        out.sub_((si[:, :, None] * si[:, None, :]).div_(safe[i : i + step, None, None]))
     return ClassMoments(n, mean, m2)
 
 

@@ -22,13 +22,12 @@ Test images: Resize(256) + CenterCrop(224) (scaled with image_size), except buil
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clpt.registry import Registry
+from clpt.registry import Registry, by_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -84,8 +83,7 @@ def _read(name: str) -> Callable[[Path | None, bool, int], RawDataset]:
     config reads these entries without loading numpy or the readers."""
 
     def call(root: Path | None, download: bool, split_seed: int) -> RawDataset:
-        readers = importlib.import_module("clpt.data.readers")  # by name: the readers import this registry
-        return readers.READ[name](root, download, split_seed)
+        return by_name("clpt.data.readers", "READ")[name](root, download, split_seed)  # they import this module
 
     call.__qualname__ = f"clpt.data.readers.READ[{name!r}]"
     return call

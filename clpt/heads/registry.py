@@ -13,7 +13,6 @@ Adding a head: one module with its fit function and `HeadState` subclass, and on
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from clpt.config import checks, one_of
 from clpt.learners import LEARNERS
 from clpt.methods import METHODS
-from clpt.registry import Registry, lazy
+from clpt.registry import Registry, by_name, lazy
 
 if TYPE_CHECKING:
     from clpt.config import RunConfig
@@ -53,8 +52,7 @@ class HeadSpec:
         """The class of this head's fitted state (imported on first use where registered by name)."""
         cls = self.state_cls or "clpt.heads.base:TaskHeadScores"
         if isinstance(cls, str):  # by name, as the fit: this registry imports no head code
-            module, _, attr = cls.partition(":")
-            return getattr(importlib.import_module(module), attr)
+            return by_name(*cls.split(":"))
         return cls
 
 
