@@ -81,13 +81,31 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 def all_gather_with_grad(t: torch.Tensor) -> list[torch.Tensor]:
     """`t` of every rank, in rank order, differentiable: the gradient a rank's loss sends to another
-    rank's piece reaches that rank (summed over ranks in the backward pass); [t] in one process."""
+    rank's piece reaches that rank (summed over ranks in the backward pass); [t] in one process.
+
+    The backward pass is one all-reduce of the gradients of every piece, of which a rank keeps its
+    own: the reduce-scatter of the gradient, with the one collective every backend has (torch's
+    `distributed.nn.functional.all_gather` is deprecated and, on Gloo, emulates it with a scatter per
+    rank)."""
     g = _group()
     if g is None or g.get_world_size() == 1:
         return [t]
-    from torch.distributed.nn.functional import all_gather as gather_with_grad
+    return list(_gather_with_grad().apply(t.contiguous()).unbind(0))
 
-    return list(gather_with_grad(t.contiguous()))
+
+def _gather_with_grad():
+    import torch
+
+    class GatherWithGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return torch.stack(all_gather(t))
+
+        @staticmethod
+        def backward(ctx, grad):
+            return all_reduce_sum(grad.contiguous().clone())[rank()]
+
+    return GatherWithGrad
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:

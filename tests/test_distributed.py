@@ -108,6 +108,7 @@ from clpt.mist import global_mi_loss, mi_loss
 
 tdist.init_process_group("gloo")
 r, k = tdist.get_rank(), tdist.get_world_size()
+os.dup2(os.open(f"{sys.argv[1]}.rank{r}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)  # C++ aborts too
 g = torch.Generator().manual_seed(0)
 x, x2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)  # a global batch and its views
 y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
@@ -121,6 +122,7 @@ loss.backward()
 if r == 0:
     json.dump({"loss": loss.item(), "grad": net.module.weight.grad.tolist()}, open(sys.argv[1], "w"))
 tdist.barrier()  # no rank tears the group down while the other still uses it
+del net  # DDP's reducer holds the group: release it before the group goes
 tdist.destroy_process_group()
 """
 
@@ -138,7 +140,8 @@ def test_mist_loss_under_two_ranks_is_the_one_process_loss_and_gradient(tmp_path
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                str(script), str(tmp_path / f"{mode}.json"), mode]  # fmt: skip
         res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, (mode, res.stdout[-2000:], res.stderr[:3000])  # the ranks' own output first
+        ranks = {p.name: p.read_text()[-1500:] for p in sorted(tmp_path.glob(f"{mode}.json.rank*.err"))}
+        assert res.returncode == 0, (mode, ranks, res.stdout[-1000:], res.stderr[-1500:])  # the ranks' own first
         out[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
     g = torch.Generator().manual_seed(0)
     x, x2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
