@@ -61,6 +61,21 @@ def head_input_scales(n_heads: int, current_task: int) -> torch.Tensor:
     return 1.0 + 0.02 * (current_task - torch.arange(n_heads, dtype=torch.float32))
 
 
+def cholesky_float32(covs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, d, d) lower Cholesky factors, factorised in float64 and stored in float32, and LAPACK's info
+    per class (0: positive definite). On a CPU one class at a time, so the float64 factor is a
+    cache-sized block rather than an array as large as the covariances; the same LAPACK call per matrix
+    as a batched one, so the same bits."""
+    c = len(covs)
+    out = torch.empty(covs.shape, dtype=torch.float32, device=covs.device)
+    info = torch.zeros(c, dtype=torch.int32, device=covs.device)
+    step = 1 if covs.device.type == "cpu" else max(c, 1)
+    for i in range(0, c, step):
+        chol, info[i : i + step] = torch.linalg.cholesky_ex(covs[i : i + step].to(torch.float64))
+        out[i : i + step] = chol
+    return out, info
+
+
 class GaussianSampler:
     """Samples features of C classes from N(mu_c, Sigma_c), Sigma_c in the statistics' covariance form.
 
@@ -78,7 +93,7 @@ class GaussianSampler:
     u: torch.Tensor  # lowrank: (C, d, r)
 
     def __init__(self, means: torch.Tensor, covs: torch.Tensor, device: torch.device):
-        chol, info = torch.linalg.cholesky_ex(covs.to(torch.float64))
+        chol, info = cholesky_float32(covs)
         bad = torch.nonzero(info).flatten().tolist()
         if bad:
             raise ClptError(
@@ -87,7 +102,7 @@ class GaussianSampler:
             )
         self.form = "full"
         self.mean = means.to(device=device, dtype=torch.float32)  # (C, d)
-        self.chol = chol.to(device=device, dtype=torch.float32)  # (C, d, d), lower
+        self.chol = chol.to(device=device)  # (C, d, d), lower
         self.device = device
 
     @classmethod
@@ -173,10 +188,11 @@ def align_heads(
             total = 0.0
             for start in range(0, len(y), batch):
                 xb, yb = x[start : start + batch], y[start : start + batch]
+                logits = heads.unscaled(xb)  # the input scales are 1 while the heads are aligned
                 if a.loss == "sce":
-                    loss = sce_loss(heads(xb), yb, a.sce_alpha, a.sce_beta)
+                    loss = sce_loss(logits, yb, a.sce_alpha, a.sce_beta)
                 else:
-                    loss = ca_loss(heads(xb), yb, sizes, a.tau)
+                    loss = ca_loss(logits, yb, sizes, a.tau)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -108,16 +108,20 @@ def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
     safe = n.clamp(min=1)
     s = total.to(torch.float64)
     mean = torch.where((n > 0)[:, None], shift.to(torch.float64) + s / safe[:, None], torch.zeros_like(s))
-    m2 = scatter.to(torch.float64)
-    # on a CPU one class at a time, so each step works on a cache-sized (d, d) block (twice as fast at
-    # d = 768), on a GPU all at once (one launch per step): the same float64 operations on every entry,
+    m2 = torch.empty(scatter.shape, dtype=torch.float64, device=scatter.device)
+    # on a CPU one class at a time, so each step works on a cache-sized (d, d) block and reuses one
+    # (d, d) buffer (no array-sized temporaries to allocate and fault in: twice as fast at d = 768), on a
+    # GPU all at once (one launch per step): the same float64 operations on every entry,
     # ((S_pq + S_qp) / 2) - (s_p s_q) / n
     step = 1 if m2.device.type == "cpu" else max(len(m2), 1)
+    buf = torch.empty((min(step, len(m2)), *m2.shape[1:]), dtype=torch.float64, device=m2.device)
     for i in range(0, len(m2), step):
-        out, si = m2[i : i + step], s[i : i + step]
-        out.add_(scatter[i : i + step].transpose(1, 2).contiguous().to(torch.float64))  # a + b == b + a
-        out.mul_(0.5)
-        out.sub_((si[:, :, None] * si[:, None, :]).div_(safe[i : i + step, None, None]))
+        out, si, b = m2[i : i + step], s[i : i + step], buf[: len(m2[i : i + step])]
+        out.copy_(scatter[i : i + step])
+        b.copy_(scatter[i : i + step].transpose(1, 2))
+        out.add_(b).mul_(0.5)  # a + b == b + a
+        torch.mul(si[:, :, None], si[:, None, :], out=b)
+        out.sub_(b.div_(safe[i : i + step, None, None]))
     return ClassMoments(n, mean, m2)
 
 
@@ -145,7 +149,8 @@ class ScatterAccumulator:
         precision: str = "ieee",
     ):
         self.n_classes, self.dim, self.backend, self.precision = n_classes, dim, backend, precision
-        self._acc = ClassMoments.zeros(n_classes, dim, device)
+        self.device = torch.device(device)
+        self._acc: ClassMoments | None = None  # allocated by the first chunk (taken whole when it has every class)
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.dim or labels.shape != (x.shape[0],):
@@ -156,12 +161,18 @@ class ScatterAccumulator:
             return
         if int(labels.min()) < 0 or int(labels.max()) >= self.n_classes:
             raise ValueError(f"labels must lie in [0, {self.n_classes})")
-        device = self._acc.mean.device
-        present, compact = torch.unique(labels.to(device), return_inverse=True)
-        part = chunk_moments(x.to(device), compact, len(present), self.backend, self.precision)
+        present, compact = torch.unique(labels.to(self.device), return_inverse=True)
+        part = chunk_moments(x.to(self.device), compact, len(present), self.backend, self.precision)
+        if self._acc is None and len(present) == self.n_classes:  # present is 0..C-1: merging into zeros copies
+            self._acc = part
+            return
+        if self._acc is None:
+            self._acc = ClassMoments.zeros(self.n_classes, self.dim, self.device)
         self._acc.merge_rows(present, part)
 
     def result(self) -> ClassMoments:
+        if self._acc is None:
+            self._acc = ClassMoments.zeros(self.n_classes, self.dim, self.device)
         return self._acc
 
 

@@ -162,6 +162,42 @@ def test_fecam_matches_a_numpy_transcription_of_the_formula(a1, a2):
     assert (scores(q).argmax(1).numpy() == expected.argmax(1)).all()
 
 
+def test_fecam_with_shrink1_zero_takes_the_pseudo_inverse_of_singular_classes():
+    """8 rows per class in 12 dimensions: every S is singular. With shrink1 = 0 the formula's pinv is
+    taken at the numerical rank of statistics accumulated in float32; a Cholesky factorisation, which
+    rounding let through such a matrix, gave distances of 2e7 against the formula's 1."""
+    x, y = blobs(n_per_class=8)
+    q = blobs(n_per_class=4, seed=7)[0]
+    expected = fecam_numpy(x.double().numpy(), y.numpy(), q.double().numpy(), 0.0, 0.0)
+    for dtype in ("auto", "float32", "float64"):
+        scores = HEADS.get("fecam").fit(CacheStub(x, y, rows=13), FeCAMConfig(shrink1=0.0, dtype=dtype))
+        np.testing.assert_allclose(scores(q).numpy(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_fecam_factorises_in_float32_where_shrink1_bounds_the_condition_number():
+    """`heads.fecam.dtype: auto` is float32 where d / shrink1 + 1 <= 2000, float64 elsewhere; the two
+    give the same scores within float32 rounding where the bound holds; other values are config errors."""
+    from clpt.heads.fecam import factor_dtype
+
+    assert factor_dtype(FeCAMConfig(), 768) == torch.float32  # bound 769
+    assert factor_dtype(FeCAMConfig(shrink1=0.1), 768) == torch.float64  # bound 7681
+    assert factor_dtype(FeCAMConfig(shrink1=0.1), 64) == torch.float32  # bound 641
+    assert factor_dtype(FeCAMConfig(shrink1=0.0), 64) == torch.float64
+    assert factor_dtype(FeCAMConfig(dtype="float64"), 768) == torch.float64
+    assert factor_dtype(FeCAMConfig(shrink1=0.1, dtype="float32"), 768) == torch.float32
+    x, y = blobs(n_per_class=30)
+    q = blobs(n_per_class=4, seed=7)[0]
+    fit = HEADS.get("fecam").fit
+    s64 = fit(CacheStub(x, y, rows=13), FeCAMConfig(dtype="float64"))
+    s32 = fit(CacheStub(x, y, rows=13), FeCAMConfig(dtype="float32"))
+    assert s32.prec.dtype == s64.prec.dtype == torch.float32
+    assert not torch.equal(s32.prec, s64.prec)  # two computations
+    torch.testing.assert_close(s32.prec, s64.prec, rtol=1e-4, atol=1e-4 * float(s64.prec.abs().max()))
+    torch.testing.assert_close(s32(q), s64(q), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="heads.fecam.dtype: is not one of auto, float32, float64"):
+        R.resolve(overrides=["heads.fecam.dtype=float16"])
+
+
 def test_ranpac_ridge_is_the_direct_solve():
     g = torch.Generator().manual_seed(0)
     h = torch.relu(torch.randn(50, 20, generator=g, dtype=torch.float64))

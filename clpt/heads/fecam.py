@@ -10,8 +10,8 @@ Pre-trained ViT variant (their `FeCAM_vit_*` scripts), the default:
 - correlation normalisation S~_ij = S'_ij / sqrt(S'_ii S'_jj);
 - d_c(x) = (x^ - mu_c)^T pinv(S~_c) (x^ - mu_c), x^ = L2-normalised f(x); predict argmin.
   S~_c is positive definite whenever shrink1 > 0, so its pinv is its inverse,
-  computed from a batched Cholesky factorisation (the pseudo-inverse only for a
-  class whose matrix is singular).
+  computed from a Cholesky factorisation, in float32 where shrink1 bounds the
+  condition number (`heads.fecam.dtype`); with shrink1 = 0, the pseudo-inverse.
 
 `tukey: true` applies the power transform x^0.5 (sign-preserving:
 sign(x) |x|^0.5, since ViT features are not non-negative) before normalising.
@@ -69,26 +69,77 @@ def correlation(cov: torch.Tensor) -> torch.Tensor:
     return cov / (sd[:, :, None] * sd[:, None, :])
 
 
-def precisions(s: torch.Tensor) -> torch.Tensor:
-    """pinv of each symmetric (C, d, d) matrix: one batched Cholesky and its inverse (LAPACK's potri,
-    exactly symmetric) for the positive definite ones (all of them once shrink1 > 0; several times
-    cheaper than an eigendecomposition), the pseudo-inverse for the rest (a singular S with shrink1 = 0).
-    Equal to pinv within rounding."""
-    chol, info = torch.linalg.cholesky_ex(s)
+def factor_dtype(settings: FeCAMConfig, d: int) -> torch.dtype:
+    """The precision the factorisations run in (`heads.fecam.dtype`). `auto`: float32 where the
+    shrinkage bounds the condition number of the correlation matrices well enough, float64 elsewhere.
+    S' = S + a1 mean(diag S) I has eigenvalues in [a1 m, tr S + a1 m] (m = mean(diag S), tr S = d m),
+    so its condition number is at most d / a1 + 1; at most `AUTO_FLOAT32_COND` (d = 768 needs a1 >= 0.39)
+    keeps a float32 inverse within about 1e-4 of the float64 one, below the float32 the scores are
+    stored and computed in."""
+    if settings.dtype == "float64":
+        return torch.float64
+    if settings.dtype == "float32":
+        return torch.float32
+    a1 = settings.shrink1
+    return torch.float32 if a1 > 0 and d / a1 + 1 <= AUTO_FLOAT32_COND else torch.float64
+
+
+AUTO_FLOAT32_COND = 2000.0
+
+
+def pseudo_inverse(s: torch.Tensor) -> torch.Tensor:
+    """pinv of each symmetric (C, d, d) matrix in float64, exactly symmetric, at the numerical rank of
+    statistics accumulated in float32: eigenvalues below d * eps(float32) times the largest are zero.
+    (At float64's d * eps, the float32 rounding left in the null space of a class of at most d rows,
+    about 1e-7 relative, would be inverted into distances of 1e7.)"""
+    rtol = s.shape[-1] * torch.finfo(torch.float32).eps
+    p = torch.linalg.pinv(s.to(torch.float64), hermitian=True, rtol=rtol)
+    return (p + p.transpose(1, 2)) * 0.5
+
+
+def precisions(s: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """pinv of each symmetric (C, d, d) matrix, in `dtype` (s's own by default): one batched Cholesky
+    and its inverse (LAPACK's potri, exactly symmetric) for the positive definite ones (all of them once
+    shrink1 > 0; several times cheaper than an eigendecomposition), the float64 pseudo-inverse for the
+    rest (a singular S with shrink1 = 0). Equal to pinv within rounding (of `dtype`). Written into
+    `out` (converted to its dtype) when given."""
+    a = s if dtype is None else s.to(dtype)
+    chol, info = torch.linalg.cholesky_ex(a)
     bad = torch.nonzero(info).flatten()
     if len(bad):
-        chol[bad] = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)  # placeholders, replaced below
-    prec = torch.cholesky_inverse(chol)
+        chol[bad] = torch.eye(s.shape[-1], dtype=a.dtype, device=s.device)  # placeholders, replaced below
+    direct = out is not None and out.dtype == a.dtype
+    prec = torch.cholesky_inverse(chol, out=out) if direct else torch.cholesky_inverse(chol)
     if len(bad):
-        p = torch.linalg.pinv(s[bad], hermitian=True)
-        prec[bad] = (p + p.transpose(1, 2)) * 0.5
+        prec[bad] = pseudo_inverse(s[bad]).to(prec.dtype)
+    if out is not None and not direct:
+        out.copy_(prec)
+        return out
     return prec
 
 
-def fecam_parameters(means: torch.Tensor, covs: torch.Tensor, settings: FeCAMConfig):
-    """(mu (C, d), P (C, d, d)) float64: P = pinv of the shrunk, correlation-normalised covariances."""
-    s = correlation(shrink(covs, settings.shrink1, settings.shrink2))
-    return means, precisions(s)
+def full_precisions(
+    count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """P (C, d, d) float32 (into `out` when given) of classes with moments (count, M2): the pinv of the
+    shrunk, correlation-normalised covariances: their inverse, factorised in `factor_dtype`, when
+    shrink1 > 0 makes them positive definite; the float64 pseudo-inverse with shrink1 = 0 (where
+    rounding can let a Cholesky factorisation through a singular matrix). On a CPU one class at a
+    time, from M2 to P, so every step works on a cache-sized (d, d) block; on a GPU all classes at once.
+    A class's P depends on its own moments only, so a class gets the same bits alone or among others."""
+    c, d = len(m2), m2.shape[-1]
+    dtype = factor_dtype(settings, d)
+    if out is None:
+        out = torch.empty(m2.shape, dtype=torch.float32, device=m2.device)
+    step = 1 if m2.device.type == "cpu" else max(c, 1)
+    for i in range(0, c, step):
+        cov = covariance(count[i : i + step], m2[i : i + step])
+        s = correlation(shrink(cov, settings.shrink1, settings.shrink2))
+        if settings.shrink1 > 0:  # positive definite: its inverse
+            precisions(s, dtype, out=out[i : i + step])
+        else:  # a class of at most d rows has a singular S, which a Cholesky factorisation may not notice
+            out[i : i + step] = pseudo_inverse(s)
+    return out
 
 
 def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
@@ -205,6 +256,11 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
         if same and (form != "lowrank" or tensors["w"].shape[2] == min(rank, len(tensors["mu"][0])) + 1):
             if md["n_classes"] == ctx.tasks[ctx.task][0]:
                 old, first = tensors, ctx.task
+    prec = None
+    if form == "full":  # written in place, task by task, after the old classes' (no concatenation)
+        prec = torch.empty(ctx.tasks[ctx.task][1], ctx.feature_dim(), ctx.feature_dim(), device=ctx.device)
+        if old is not None:
+            prec[: ctx.tasks[first][0]] = old["prec"]
     means, parts = [], []
     for i in range(first, ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
@@ -212,15 +268,18 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
         if ctx.shard[1] > 1:  # every rank read its own rows: merge them exactly
             m = merge_ranks(m)
         means.append(m.mean)
-        cov = covariance(m.count, m.m2)
-        if form == "full":
-            parts.append({"prec": fecam_parameters(m.mean, cov, settings)[1]})
+        if prec is not None:
+            full_precisions(m.count, m.m2, settings, out=prec[slice(*ctx.tasks[i])])
         else:
-            ainv, w, core = structured_precision(compress(cov, form, rank), settings)
+            ainv, w, core = structured_precision(compress(covariance(m.count, m.m2), form, rank), settings)
             parts.append({"ainv": ainv, "w": w, "core": core})
     mu = torch.cat(means).float()
-    new = {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
     if old is not None:
         mu = torch.cat([old["mu"].to(mu.device), mu])
-        new = {k: torch.cat([old[k].to(v.device), v]) for k, v in new.items()}
+    if prec is not None:
+        new = {"prec": prec}
+    else:
+        new = {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
+        if old is not None:
+            new = {k: torch.cat([old[k].to(v.device), v]) for k, v in new.items()}
     return FeCAMScores(mu, new, settings, form, info={"incremental": old is not None})
