@@ -49,8 +49,9 @@ class Heads(nn.Module):
         """The logits with every input scale 1 (as alignment trains the heads) in one matrix product of
         the concatenated weights: `forward` with unit scales within rounding, without a product and a
         scaling per head (alignment's hundreds of small steps run at about half the time)."""
-        weight = torch.cat([h.weight for h in self.heads])
-        bias = torch.cat([h.bias for h in self.heads])
+        heads: list[nn.Linear] = list(self.heads)  # type: ignore[arg-type]  # each is an nn.Linear
+        weight = torch.cat([h.weight for h in heads])
+        bias = torch.cat([h.bias for h in heads])
         return nn.functional.linear(feats, weight, bias)
 
 
