@@ -115,16 +115,19 @@ def gemm_peak(dtype, device, m: int = 2048) -> float:
 
 
 def floor(head: str, n: int, d: int, c: int, cfg, device) -> float | None:
-    """The fit's arithmetic at the GEMM peaks measured here (float32 for the moments and CA's sampling and
-    training, float64 for the factorisations): FeCAM, the class moments (2 n d^2) and one Cholesky and
-    inverse per class (d^3); CA, the moments, one Cholesky per class (d^3 / 3), and per epoch the samples
-    (2 C S d^2) and the heads' forward and backward (6 C S d C)."""
+    """The fit's arithmetic at the GEMM peaks measured here, each at the precision the fit does it in
+    (float32 for the moments and CA's sampling and training; FeCAM's factorisations in the precision
+    `heads.fecam.dtype` picks, float32 by default; CA's Cholesky factors in float64): FeCAM, the class
+    moments (2 n d^2) and one Cholesky and inverse per class (d^3); CA, the moments, one Cholesky per
+    class (d^3 / 3), and per epoch the samples (2 C S d^2) and the heads' forward and backward (6 C S d C)."""
     if head not in ("fecam", "ca"):
         return None
     p32, p64 = gemm_peak(torch.float32, device), gemm_peak(torch.float64, device)
     moments = 2 * n * d * d / p32
     if head == "fecam":
-        return moments + c * d**3 / p64
+        from clpt.heads.fecam import factor_dtype
+
+        return moments + c * d**3 / (p32 if factor_dtype(cfg.heads.of("fecam"), d) == torch.float32 else p64)
     a = cfg.align
     per_epoch = (2 * c * a.samples_per_class * d * d + 6 * c * a.samples_per_class * d * c) / p32
     return moments + c * d**3 / 3 / p64 + a.epochs * per_epoch
@@ -142,6 +145,10 @@ def main() -> int:
         "--set", dest="overrides", action="append", default=[], help="override for the built-in runs"
     )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    ap.add_argument(
+        "--heads", default=",".join(HEADS), help=f"the heads of the synthetic sizes (default {','.join(HEADS)})"
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="fits per head and size (the median is printed)")
     args = ap.parse_args()
     out = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if not args.skip_runs:
@@ -166,12 +173,18 @@ def main() -> int:
             file=sys.stderr,
         )
     if not args.skip_synthetic:
-        jobs = [(h, SIZES[s], args.device, args.ranpac_dim) for s in SIZES for h in HEADS]
+        heads = [h for h in args.heads.split(",") if h]
+        if unknown := sorted(set(heads) - set(HEADS)):
+            ap.error(f"--heads: unknown {', '.join(unknown)}; valid: {', '.join(HEADS)}")
+        jobs = [(h, SIZES[s], args.device, args.ranpac_dim) for s in SIZES for h in heads]
         ctx = mp.get_context("spawn")
         res = []
         for job in jobs:  # one fresh process per fit: its peak memory is its own
-            with ctx.Pool(1) as pool:
-                res.append(pool.apply(_fit_one, (job,)))
+            tries = []
+            for _ in range(args.repeat):
+                with ctx.Pool(1) as pool:
+                    tries.append(pool.apply(_fit_one, (job,)))
+            res.append(sorted(tries, key=lambda r: r["fit_s"])[len(tries) // 2])  # the median fit
         out["synthetic"] = res
         print(
             f"\nsynthetic features, fit after the last of 10 tasks (RanPAC M = {args.ranpac_dim}, {args.device}):",
