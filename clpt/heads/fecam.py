@@ -73,9 +73,9 @@ def factor_dtype(settings: FeCAMConfig, d: int) -> torch.dtype:
     """The precision the factorisations run in (`heads.fecam.dtype`). `auto`: float32 where the
     shrinkage bounds the condition number of the correlation matrices well enough, float64 elsewhere.
     S' = S + a1 mean(diag S) I has eigenvalues in [a1 m, tr S + a1 m] (m = mean(diag S), tr S = d m),
-    so its condition number is at most d / a1 + 1; at most `AUTO_FLOAT32_COND` (d = 768 needs a1 >= 0.39)
-    keeps a float32 inverse within about 1e-4 of the float64 one, below the float32 the scores are
-    stored and computed in."""
+    so its condition number is at most d / a1 + 1. A bound of at most `AUTO_FLOAT32_COND` (d = 768
+    needs a1 >= 0.39) keeps a float32 inverse within about 1e-4 (relative) of the float64 one; the
+    precisions are stored, and the scores computed, in float32 either way."""
     if settings.dtype == "float64":
         return torch.float64
     if settings.dtype == "float32":
@@ -99,10 +99,10 @@ def pseudo_inverse(s: torch.Tensor) -> torch.Tensor:
 
 def precisions(s: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """pinv of each symmetric (C, d, d) matrix, in `dtype` (s's own by default): one batched Cholesky
-    and its inverse (LAPACK's potri, exactly symmetric) for the positive definite ones (all of them once
-    shrink1 > 0; several times cheaper than an eigendecomposition), the float64 pseudo-inverse for the
-    rest (a singular S with shrink1 = 0). Equal to pinv within rounding (of `dtype`). Written into
-    `out` (converted to its dtype) when given."""
+    and its inverse (LAPACK's potri, exactly symmetric; several times cheaper than an
+    eigendecomposition), for positive definite matrices (FeCAM's, once shrink1 > 0); the float64
+    pseudo-inverse for any the factorisation refuses. Equal to pinv within rounding (of `dtype`).
+    Written into `out` (converted to its dtype) when given."""
     a = s if dtype is None else s.to(dtype)
     chol, info = torch.linalg.cholesky_ex(a)
     bad = torch.nonzero(info).flatten()
