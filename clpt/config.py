@@ -32,8 +32,9 @@ from clpt.errors import ConfigError
 # --- value checks, shared by the sections' problems() ------------------------------------------
 
 
-def checks(obj: Any, rules: Iterable[tuple[str, Callable[[Any], bool], str]]) -> list[str]:
-    """`key: message` for every (key, test, message) whose test fails on a value of the right type.
+def checks(obj: Any, rules: Iterable[tuple[str, Callable[[Any], bool], Any]]) -> list[str]:
+    """`key: message` for every (key, test, message) whose test fails on a value of the right type
+    (`message` a string, or a function of the value).
 
     A value whose type was already wrong (None after coercion) is skipped: its
     type problem is reported once, by the parser.
@@ -42,12 +43,13 @@ def checks(obj: Any, rules: Iterable[tuple[str, Callable[[Any], bool], str]]) ->
     for key, test, message in rules:
         value = getattr(obj, key)
         if value is not None and not test(value):
-            out.append(f"{key}: {message}")
+            out.append(f"{key}: {message(value) if callable(message) else message}")
     return out
 
 
-def one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in choices), f"is not one of {', '.join(choices)}"
+def one_of(*choices: str) -> tuple[Callable[[Any], bool], Callable[[Any], str]]:
+    """A rule for `checks`: the value is one of `choices`; the message names the value given."""
+    return (lambda v: v in choices), (lambda v: f"{v!r} is not one of {', '.join(choices)}")
 
 
 SEED_RANGE = "must be in [0, 2**32 - 1] (NumPy's seed range)"

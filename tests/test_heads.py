@@ -194,7 +194,7 @@ def test_fecam_factorises_in_float32_where_shrink1_bounds_the_condition_number()
     assert not torch.equal(s32.prec, s64.prec)  # two computations
     torch.testing.assert_close(s32.prec, s64.prec, rtol=1e-4, atol=1e-4 * float(s64.prec.abs().max()))
     torch.testing.assert_close(s32(q), s64(q), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ConfigError, match="heads.fecam.dtype: is not one of auto, float32, float64"):
+    with pytest.raises(ConfigError, match="heads.fecam.dtype: 'float16' is not one of auto, float32, float64"):
         R.resolve(overrides=["heads.fecam.dtype=float16"])
 
 
