@@ -116,9 +116,7 @@ class FeCAMConfig:
     shrink2: float = 0.0  # a2: times mean of the non-zero off-diagonal entries, off the diagonal
     normalize: bool = True  # L2-normalise features (the ViT path)
     tukey: bool = False  # sign(x) |x|^0.5 before normalising (the transform of their ResNet path only)
-    # the factorisations' precision: auto (float32 where shrink1 bounds the condition number, else
-    # float64) | float32 | float64 (the reference path)
-    dtype: str = "auto"
+    dtype: str = "auto"  # the factorisations' precision: auto (float32 where d / shrink1 + 1 <= 2000) | float32 | float64
 
     def problems(self) -> list[str]:
         rules = [(k, lambda v: v >= 0, "must be >= 0") for k in ("shrink1", "shrink2")]
