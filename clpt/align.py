@@ -29,7 +29,7 @@ from clpt.errors import ClptError
 from clpt.losses import sce_loss
 from clpt.model import Heads
 from clpt.seeding import ALIGN, task_seed
-from clpt.stats import Scatter, covariance
+from clpt.stats import Scatter, class_blocks, covariance
 
 log = logging.getLogger("clpt")
 
@@ -66,13 +66,10 @@ def cholesky_float32(covs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     per class (0: positive definite). On a CPU one class at a time, so the float64 factor is a
     cache-sized block rather than an array as large as the covariances; the same LAPACK call per matrix
     as a batched one, so the same bits."""
-    c = len(covs)
     out = torch.empty(covs.shape, dtype=torch.float32, device=covs.device)
-    info = torch.zeros(c, dtype=torch.int32, device=covs.device)
-    step = 1 if covs.device.type == "cpu" else max(c, 1)
-    for i in range(0, c, step):
-        chol, info[i : i + step] = torch.linalg.cholesky_ex(covs[i : i + step].to(torch.float64))
-        out[i : i + step] = chol
+    info = torch.zeros(len(covs), dtype=torch.int32, device=covs.device)
+    for k in class_blocks(len(covs), covs.device):
+        out[k], info[k] = torch.linalg.cholesky_ex(covs[k].to(torch.float64))
     return out, info
 
 

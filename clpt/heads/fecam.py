@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from clpt.errors import ClptError
 from clpt.heads.base import HeadCache, HeadState
 from clpt.heads.registry import FeCAMConfig
-from clpt.stats import Scatter, compress, covariance, fit_class_stats, merge_ranks
+from clpt.stats import Scatter, class_blocks, compress, covariance, fit_class_stats, merge_ranks
 
 
 def transform(x: torch.Tensor, settings: FeCAMConfig) -> torch.Tensor:
@@ -131,14 +131,12 @@ def full_precisions(
     dtype = factor_dtype(settings, d)
     if out is None:
         out = torch.empty(m2.shape, dtype=torch.float32, device=m2.device)
-    step = 1 if m2.device.type == "cpu" else max(c, 1)
-    for i in range(0, c, step):
-        cov = covariance(count[i : i + step], m2[i : i + step])
-        s = correlation(shrink(cov, settings.shrink1, settings.shrink2))
+    for k in class_blocks(c, m2.device):
+        s = correlation(shrink(covariance(count[k], m2[k]), settings.shrink1, settings.shrink2))
         if settings.shrink1 > 0:  # positive definite: its inverse
-            precisions(s, dtype, out=out[i : i + step])
+            precisions(s, dtype, out=out[k])
         else:  # a class of at most d rows has a singular S, which a Cholesky factorisation may not notice
-            out[i : i + step] = pseudo_inverse(s)
+            out[k] = pseudo_inverse(s)
     return out
 
 
