@@ -14,6 +14,7 @@ function needs it, so light commands can ask for the rank cheaply.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +94,10 @@ def all_gather_with_grad(t: torch.Tensor) -> list[torch.Tensor]:
     return list(_gather_with_grad().apply(t.contiguous()).unbind(0))
 
 
+@functools.cache
 def _gather_with_grad():
+    """The autograd function behind `all_gather_with_grad` (defined once, on first use: torch is imported
+    lazily here)."""
     import torch
 
     class GatherWithGrad(torch.autograd.Function):

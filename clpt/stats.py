@@ -173,9 +173,7 @@ class ScatterAccumulator:
         if self._acc is None and len(present) == self.n_classes:  # present is 0..C-1: merging into zeros copies
             self._acc = part
             return
-        if self._acc is None:
-            self._acc = ClassMoments.zeros(self.n_classes, self.dim, self.device)
-        self._acc.merge_rows(present, part)
+        self.result().merge_rows(present, part)
 
     def result(self) -> ClassMoments:
         if self._acc is None:

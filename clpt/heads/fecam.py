@@ -69,6 +69,9 @@ def correlation(cov: torch.Tensor) -> torch.Tensor:
     return cov / (sd[:, :, None] * sd[:, None, :])
 
 
+AUTO_FLOAT32_COND = 2000.0  # the largest condition-number bound `auto` factorises in float32
+
+
 def factor_dtype(settings: FeCAMConfig, d: int) -> torch.dtype:
     """The precision the factorisations run in (`heads.fecam.dtype`). `auto`: float32 where the
     shrinkage bounds the condition number of the correlation matrices well enough, float64 elsewhere.
@@ -82,9 +85,6 @@ def factor_dtype(settings: FeCAMConfig, d: int) -> torch.dtype:
         return torch.float32
     a1 = settings.shrink1
     return torch.float32 if a1 > 0 and d / a1 + 1 <= AUTO_FLOAT32_COND else torch.float64
-
-
-AUTO_FLOAT32_COND = 2000.0
 
 
 def pseudo_inverse(s: torch.Tensor) -> torch.Tensor:
