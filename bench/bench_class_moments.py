@@ -11,6 +11,10 @@ For each size (n rows, C classes, d features, float32 input, unsorted labels):
            peaks measured here (a large GEMM at the kernel's precision, a large copy)
   (d)      GPU only: torch.nn.functional.grouped_mm on label-sorted rows (bf16), where available
 "sorted" is the kernel again on the same rows grouped by label (as `clpt extract` stores them).
+"stats" is what `clpt fit-stats` runs on them: `clpt.stats.fit_class_stats` over 8,192-row chunks of the
+grouped rows, giving float64 count, mean and M2 per class (on a CPU, each class's GEMM goes straight into
+its float64 row); "(e) fill" is the first write of a fresh float64 (C, d, d) array, as large as those
+statistics: a floor of any path that returns them, measured in the same run.
 Printed ratios are baseline time / kernel time (> 1: the kernel is faster), except
 "vs floor" which is kernel time / floor (>= 1; 1 is the floor).
 """
@@ -24,6 +28,7 @@ import time
 
 import torch
 
+from clpt.stats import fit_class_stats
 from clpt_kernels import class_moments as K
 
 
@@ -70,6 +75,12 @@ def grouped_mm_fn(x: torch.Tensor, y: torch.Tensor, n_classes: int):
     return run
 
 
+def fit_stats(xs: torch.Tensor, ys: torch.Tensor, n_classes: int, device: torch.device):
+    """What `clpt fit-stats` runs: float64 moments of label-grouped rows streamed in 8,192-row chunks."""
+    chunks = ((xs[i : i + 8192], ys[i : i + 8192]) for i in range(0, len(ys), 8192))
+    return fit_class_stats(chunks, range(n_classes), xs.shape[1], device)
+
+
 def measured_peaks(device: torch.device, precision: str) -> tuple[float, float]:
     """(FLOP/s of a large float32 GEMM at the kernel's precision, bytes/s of a large copy)."""
     torch.backends.cuda.matmul.allow_tf32 = precision != "ieee"
@@ -111,6 +122,7 @@ def main() -> int:
     header = (
         f"{'n':>9} {'C':>5} {'kernel s':>9} {'(a) loop s':>10} {'vs (a)':>7} {'(b) GEMM s':>10} {'vs (b)':>7}"
         f" {'sorted s':>9} {'vs (b)':>7} {'floor s':>9} {'vs floor':>8}"
+        f" {'stats s':>9} {'vs (b)':>7} {'(e) fill s':>10}"
     )
     if gpu:
         header += f" {'(d) gmm s':>9} {'vs (d)':>7}"
@@ -130,11 +142,15 @@ def main() -> int:
             order = torch.argsort(y, stable=True)
             xs, ys = x[order], y[order]
             t_s = timeit(lambda xs=xs, ys=ys, c=c: K.class_scatter(xs, ys, c, **kw), device, args.repeat)
+            t_f = timeit(lambda xs=xs, ys=ys, c=c: fit_stats(xs, ys, c, device), device, args.repeat)
+            t_e = timeit(lambda c=c: torch.empty(c, d, d, dtype=torch.float64, device=device).fill_(1), device,
+                         args.repeat)  # fmt: skip
             del xs, ys
             floor = max(2 * n * d * d / peaks[0], c * d * d * 4 / peaks[1])
             line = (
                 f"{n:>9} {c:>5} {t_k:>9.4f} {t_a:>10.4f} {t_a / t_k:>7.1f} {t_b:>10.4f} {t_b / t_k:>7.2f}"
                 f" {t_s:>9.4f} {t_b / t_s:>7.2f} {floor:>9.4f} {t_k / floor:>8.2f}"
+                f" {t_f:>9.4f} {t_b / t_f:>7.2f} {t_e:>10.4f}"
             )
             if gpu:
                 fn = grouped_mm_fn(x, y, c)

@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 
 from clpt import distributed as dist
-from clpt_kernels.class_moments import class_scatter
+from clpt_kernels.class_moments import choose_backend, class_pieces_torch, class_scatter
 
 log = logging.getLogger("clpt")
 
@@ -102,6 +102,17 @@ def class_blocks(n_classes: int, device: torch.device) -> list[slice]:
     return [slice(i, i + step) for i in range(0, n_classes, step)]
 
 
+def _m2_into(out: torch.Tensor, scatter: torch.Tensor, s: torch.Tensor, n: torch.Tensor, buf: torch.Tensor) -> None:
+    """out (b, d, d) float64 <- ((S + S^T) / 2) - s s^T / n for a block of b classes (scatter S (b, d, d),
+    shifted sums s (b, d) float64, counts n (b,) >= 1), with `buf` (b, d, d) float64 as scratch: the same
+    float64 operations on every entry, in any block."""
+    out.copy_(scatter)
+    buf.copy_(scatter.transpose(1, 2))
+    out.add_(buf).mul_(0.5)  # a + b == b + a
+    torch.mul(s[:, :, None], s[:, None, :], out=buf)
+    out.sub_(buf.div_(n[:, None, None]))
+
+
 def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
     """ClassMoments (float64) from shifted sums: mean = k + s/n, M2 = S - s s^T / n.
 
@@ -118,17 +129,11 @@ def moments_from_scatter(count, shift, total, scatter) -> ClassMoments:
     s = total.to(torch.float64)
     mean = torch.where((n > 0)[:, None], shift.to(torch.float64) + s / safe[:, None], torch.zeros_like(s))
     m2 = torch.empty(scatter.shape, dtype=torch.float64, device=scatter.device)
-    # class by class on a CPU (twice as fast at d = 768), reusing one buffer: the same float64
-    # operations on every entry, ((S_pq + S_qp) / 2) - (s_p s_q) / n
+    # class by class on a CPU (twice as fast at d = 768), reusing one buffer
     blocks = class_blocks(len(m2), m2.device)
     buf = torch.empty((len(m2[blocks[0]]) if blocks else 0, *m2.shape[1:]), dtype=torch.float64, device=m2.device)
     for k in blocks:
-        out, si, b = m2[k], s[k], buf[: len(m2[k])]
-        out.copy_(scatter[k])
-        b.copy_(scatter[k].transpose(1, 2))
-        out.add_(b).mul_(0.5)  # a + b == b + a
-        torch.mul(si[:, :, None], si[:, None, :], out=b)
-        out.sub_(b.div_(safe[k, None, None]))
+        _m2_into(m2[k], scatter[k], s[k], safe[k], buf[: len(m2[k])])
     return ClassMoments(n, mean, m2)
 
 
@@ -142,9 +147,14 @@ def chunk_moments(
 class ScatterAccumulator:
     """Streaming accumulation behind `class_scatter` (Triton on CUDA, BLAS on CPU).
 
-    Each chunk is reduced for the classes present in it only (labels compacted
-    first), then merged into just those classes' rows with Chan's update: no
-    read-modify-write of every class's d x d accumulator per chunk.
+    On a GPU each chunk is reduced for the classes present in it only (labels
+    compacted first), then merged into just those classes' rows with Chan's
+    update: no read-modify-write of every class's d x d accumulator per chunk.
+    On a CPU each class's piece of a chunk (`class_pieces_torch`: one GEMM into
+    a reused workspace) goes straight into its row: the first piece of a class is
+    written there, a later one merged in place. No (classes, d, d) temporary is
+    made, so a chunk costs its GEMMs and one pass over its classes' rows; the
+    float64 arithmetic is that of `moments_from_scatter` and `ClassMoments.merge`.
     """
 
     def __init__(
@@ -168,16 +178,49 @@ class ScatterAccumulator:
             return
         if int(labels.min()) < 0 or int(labels.max()) >= self.n_classes:
             raise ValueError(f"labels must lie in [0, {self.n_classes})")
-        present, compact = torch.unique(labels.to(self.device), return_inverse=True)
-        part = chunk_moments(x.to(self.device), compact, len(present), self.backend, self.precision)
+        x, labels = x.to(self.device), labels.to(self.device)
+        if choose_backend(self.device, self.backend) == "torch":
+            self._update_by_class(x, labels)
+            return
+        present, compact = torch.unique(labels, return_inverse=True)
+        part = chunk_moments(x, compact, len(present), self.backend, self.precision)
         if self._acc is None and len(present) == self.n_classes:  # present is 0..C-1: merging into zeros copies
             self._acc = part
             return
         self.result().merge_rows(present, part)
 
+    def _update_by_class(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        if self._acc is None:  # rows of classes not seen yet are left unwritten; result() zeroes them
+            c, d, f64 = self.n_classes, self.dim, torch.float64
+            self._acc = ClassMoments(torch.zeros(c, dtype=f64, device=self.device),
+                                     torch.zeros(c, d, dtype=f64, device=self.device),
+                                     torch.empty(c, d, d, dtype=f64, device=self.device))  # fmt: skip
+        acc, d = self._acc, self.dim
+        piece = torch.empty(1, d, d, dtype=torch.float64, device=self.device)
+        buf = torch.empty_like(piece)
+        for c, k, shift, total, scatter in class_pieces_torch(x, labels, self.n_classes):
+            nb = torch.full((1,), float(k), dtype=torch.float64, device=self.device)
+            s = total.to(torch.float64)[None]
+            mean = shift.to(torch.float64) + s[0] / nb
+            na = acc.count[c]
+            if not bool(na):  # the class's first rows: its moments are written in place
+                _m2_into(acc.m2[c : c + 1], scatter[None], s, nb, buf)
+                acc.count[c], acc.mean[c] = nb[0], mean
+                continue
+            _m2_into(piece, scatter[None], s, nb, buf)
+            n = na + nb[0]  # Chan's update, as ClassMoments.merge, in place
+            delta = mean - acc.mean[c]
+            acc.mean[c] = acc.mean[c] + delta * (nb[0] / n)
+            coef = na * nb[0] / n
+            acc.m2[c].add_(piece[0]).add_(torch.mul(delta[:, None], delta[None, :], out=buf[0]).mul_(coef))
+            acc.count[c] = n
+
     def result(self) -> ClassMoments:
         if self._acc is None:
             self._acc = ClassMoments.zeros(self.n_classes, self.dim, self.device)
+        unseen = self._acc.count == 0
+        if bool(unseen.any()):
+            self._acc.m2[unseen] = 0
         return self._acc
 
 

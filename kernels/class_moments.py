@@ -16,7 +16,8 @@ Three implementations, tested against each other:
 - `reference_class_moments`: the reference code's way, a boolean-mask gather and
   `torch.cov` per class in float64 (slow, obviously right);
 - `class_scatter_torch`: the CPU path, per class: gather its rows (a slice when
-  labels arrive grouped), shift them, one BLAS GEMM;
+  labels arrive grouped), shift them, one BLAS GEMM (`class_pieces_torch` yields
+  them class by class, for a consumer that reduces each at once);
 - `class_scatter_triton`: the GPU path, one fused Triton kernel. Rows are never
   copied: the kernel gathers them through the label-sorting permutation, a
   program handles one (piece of a class, tile pair) with upper-triangular
@@ -123,30 +124,43 @@ def _shifts(x: torch.Tensor, perm: torch.Tensor, counts: torch.Tensor, starts: t
 # ---------------------------------------------------------------------------
 
 
-def class_scatter_torch(x: torch.Tensor, labels: torch.Tensor, n_classes: int, accum_dtype=torch.float32):
-    """count, shift, sum, scatter with torch: per class, gather its rows, shift them, one BLAS GEMM.
+def class_pieces_torch(
+    x: torch.Tensor, labels: torch.Tensor, n_classes: int, accum_dtype=torch.float32, out: torch.Tensor | None = None
+):
+    """Per present class c, in class order: (c, n_c, shift (d,), sum (d,), scatter (d, d)) with torch.
 
-    Rows whose labels are already grouped (non-decreasing, as `clpt extract`
-    stores them) are used as slices, without the gather.
+    The class's rows are gathered (a slice when labels arrive grouped, non-decreasing, as `clpt extract`
+    stores them), shifted by the first of them, and multiplied in one BLAS GEMM into a (d, d) workspace
+    that the next class reuses: consume each piece before asking for the next. No array of all classes'
+    matrices is made, so a consumer that reduces each piece at once (`clpt.stats.ScatterAccumulator`)
+    touches no memory beyond its own results. `out` (C, d, d): each class's GEMM writes out[c] instead.
     """
     _check(x, labels, n_classes)
-    n, d = x.shape
     grouped = bool((labels[1:] >= labels[:-1]).all())
     perm, counts, starts = group_rows(labels, n_classes)
-    shift = torch.zeros(n_classes, d, dtype=torch.float32, device=x.device)
-    # every present class's rows are written by its GEMM; only absent classes need zeros
-    total = torch.empty(n_classes, d, dtype=accum_dtype, device=x.device)
-    scatter = torch.empty(n_classes, d, d, dtype=accum_dtype, device=x.device)
+    work = None if out is not None else torch.empty(x.shape[1], x.shape[1], dtype=accum_dtype, device=x.device)
     for c, (s, k) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
         if not k:
-            total[c] = 0
-            scatter[c] = 0
             continue
         rows = x[s : s + k] if grouped else x.index_select(0, perm[s : s + k])  # (k, d)
-        shift[c] = rows[0]
-        r = rows.to(accum_dtype) - shift[c].to(accum_dtype)  # one cache-sized temporary per class
-        torch.mm(r.T, r, out=scatter[c])
-        total[c] = r.sum(0)
+        shift = rows[0].to(torch.float32)
+        r = rows.to(accum_dtype) - shift.to(accum_dtype)  # one cache-sized temporary per class
+        target = out[c] if out is not None else work
+        torch.mm(r.T, r, out=target)
+        yield c, k, shift, r.sum(0), target
+
+
+def class_scatter_torch(x: torch.Tensor, labels: torch.Tensor, n_classes: int, accum_dtype=torch.float32):
+    """count, shift, sum, scatter with torch: `class_pieces_torch`, stacked (zeros for absent classes)."""
+    _check(x, labels, n_classes)
+    d = x.shape[1]
+    counts = torch.bincount(labels.to(torch.int64), minlength=n_classes)
+    shift = torch.zeros(n_classes, d, dtype=torch.float32, device=x.device)
+    total = torch.zeros(n_classes, d, dtype=accum_dtype, device=x.device)
+    scatter = torch.empty(n_classes, d, d, dtype=accum_dtype, device=x.device)
+    scatter[counts == 0] = 0  # every present class's matrix is written below
+    for c, _, sh, tot, _ in class_pieces_torch(x, labels, n_classes, accum_dtype, out=scatter):
+        shift[c], total[c] = sh, tot
     return counts, shift, total, scatter
 
 

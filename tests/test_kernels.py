@@ -168,3 +168,37 @@ def test_moments_from_scatter_is_the_whole_array_formula_bit_for_bit():
     sc, s = scatter.double(), total.double()
     want = (sc + sc.transpose(1, 2)) * 0.5 - (s[:, :, None] * s[:, None, :]) / n[:, None, None]
     assert torch.equal(m.m2, want) and torch.equal(m.m2, m.m2.transpose(1, 2))
+
+
+def test_cpu_accumulator_reduces_each_class_in_place_as_the_chunk_formula_does():
+    """The CPU accumulator takes each class's piece of a chunk straight into its float64 row (written the
+    first time, merged in place after): the chunk-array formula (`chunk_moments`, then Chan's `merge`)
+    over the same chunks, to float32 rounding of the GEMMs; counts exact, unseen classes zero, M2 exactly
+    symmetric, and updates after a result() continue."""
+    from clpt.stats import ClassMoments, chunk_moments
+
+    x, _ = make(300, 24, 6, offset=200.0, seed=5)
+    x, y = x.cpu(), awkward_labels(300, 6, "cpu")
+    y[y == 5] = 4  # class 5 never appears
+    pieces = (slice(0, 40), slice(40, 41), slice(41, 190), slice(190, 300))
+    acc = ScatterAccumulator(6, 24, "cpu", backend="torch")
+    want = ClassMoments.zeros(6, 24)
+    for i, s in enumerate(pieces):
+        acc.update(x[s], y[s])
+        want = want.merge(chunk_moments(x[s], y[s], 6, backend="torch"))
+        if i == 1:
+            acc.result()  # a look in the middle changes nothing
+    got = acc.result()
+    assert torch.equal(got.count, want.count)
+    torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=1e-9)
+    assert float((got.m2 - want.m2).norm() / want.m2.norm()) < 1e-6
+    assert torch.equal(got.m2, got.m2.transpose(1, 2))
+    assert not got.m2[5].any() and not got.mean[5].any() and not got.m2[0].any()
+    check = ScatterAccumulator(6, 24, "cpu", backend="torch")
+    check.update(x, y)
+    ref_count, ref_mean, ref_cov = K.reference_class_moments(x, y, 6)
+    for c in (1, 2, 3, 4):
+        torch.testing.assert_close(got.mean[c], ref_mean[c], rtol=0, atol=1e-4)
+        if ref_count[c] >= 2:
+            cov = got.m2[c] / (ref_count[c] - 1)
+            assert float((cov - ref_cov[c]).norm() / ref_cov[c].norm()) < 5e-6
