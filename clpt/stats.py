@@ -14,8 +14,9 @@ The reduction is written against a small interface:
   (see `moments_from_scatter`); `covariance` gives the unbiased
   (n - 1) covariance plus `ridge * I`, as the reference code's fp64 `torch.cov`.
 - `MomentAccumulator`: `update(x, labels)` per chunk, `result()` at the end.
-  `ScatterAccumulator` implements it on `clpt_kernels.class_moments.class_scatter`:
-  the fused Triton kernel for CUDA tensors, BLAS for CPU tensors.
+  `ScatterAccumulator` implements it on `clpt_kernels.class_moments`: the fused
+  Triton kernel for CUDA tensors; for CPU tensors one BLAS GEMM per class, each
+  reduced into its class's float64 row at once (`class_pieces_torch`).
 
 Each chunk is reduced about a per-class shift (the class's first row in the
 chunk), not as raw sums of squares, so large feature means do not cancel.
@@ -67,9 +68,14 @@ class ClassMoments:
 
     def merge_rows(self, rows: torch.Tensor, other: ClassMoments) -> None:
         """In place: merge `other` (moments of classes `rows`, in that order) into those rows only."""
-        if not bool(self.count[rows].any()):  # nothing there yet: Chan's update would return `other` exactly
-            self.count[rows], self.mean[rows], self.m2[rows] = other.count, other.mean, other.m2
-            return
+        seen = self.count[rows] > 0
+        if not bool(seen.all()):  # a class with nothing there yet: Chan's update would return `other`'s exactly
+            fresh = ~seen
+            self.count[rows[fresh]], self.mean[rows[fresh]] = other.count[fresh], other.mean[fresh]
+            self.m2[rows[fresh]] = other.m2[fresh]
+            if not bool(seen.any()):
+                return
+            rows, other = rows[seen], ClassMoments(other.count[seen], other.mean[seen], other.m2[seen])
         mine = ClassMoments(self.count[rows], self.mean[rows], self.m2[rows])
         merged = mine.merge(other)
         self.count[rows], self.mean[rows], self.m2[rows] = merged.count, merged.mean, merged.m2

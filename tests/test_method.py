@@ -105,6 +105,22 @@ def test_merge_of_partial_results_is_exact():
     assert rel_err(parts.m2, whole.m2) < 2e-6
 
 
+def test_merge_rows_is_chans_update_of_those_rows_bit_for_bit():
+    """merge_rows (the GPU accumulator's step) writes classes that had nothing and merges the others: the
+    same bits as the whole-array merge with the part placed at its rows."""
+    x, y = _features(200, 8, 5, offset=20.0, seed=2)
+    acc = chunk_moments(x[:120], y[:120], 5)
+    acc.count[3], acc.mean[3], acc.m2[3] = 0, 0, 0  # class 3: nothing there yet
+    rows = torch.tensor([4, 3, 1])
+    part = chunk_moments(x[120:], y[120:], 5)
+    part = ClassMoments(part.count[rows], part.mean[rows], part.m2[rows])
+    placed = ClassMoments.zeros(5, 8)
+    placed.count[rows], placed.mean[rows], placed.m2[rows] = part.count, part.mean, part.m2
+    want = acc.merge(placed)
+    acc.merge_rows(rows, part)
+    assert torch.equal(acc.count, want.count) and torch.equal(acc.mean, want.mean) and torch.equal(acc.m2, want.m2)
+
+
 def test_tiny_classes_get_the_ridge():
     x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [10.0, 10.0]])
     y = torch.tensor([0, 0, 1])  # class 1: one row; class 2: none
