@@ -52,15 +52,9 @@ class ClassMoments:
 
     def merge(self, other: ClassMoments) -> ClassMoments:
         """Chan et al.: combine two partial results over disjoint rows."""
-        na, nb = self.count, other.count
-        n = na + nb
-        safe = torch.where(n > 0, n, torch.ones_like(n))
-        delta = other.mean - self.mean  # (C, d)
-        mean = self.mean + delta * (nb / safe)[:, None]
-        coef = (na * nb / safe)[:, None, None]
-        # coef * (d_i d_j), not (coef d_i) d_j: each term stays exactly symmetric, so M2 does
-        m2 = self.m2 + other.m2 + coef * (delta[:, :, None] * delta[:, None, :])
-        return ClassMoments(n, mean, m2)
+        out = ClassMoments(self.count.clone(), self.mean.clone(), self.m2.clone())
+        merge_into(out.count, out.mean, out.m2, other.count, other.mean, other.m2, torch.empty_like(out.m2))
+        return out
 
     def covariance(self, ridge: float = 0.0) -> torch.Tensor:
         """(C, d, d) unbiased covariance + ridge * I. Classes with < 2 rows get ridge * I alone."""
@@ -79,6 +73,20 @@ class ClassMoments:
         mine = ClassMoments(self.count[rows], self.mean[rows], self.m2[rows])
         merged = mine.merge(other)
         self.count[rows], self.mean[rows], self.m2[rows] = merged.count, merged.mean, merged.m2
+
+
+def merge_into(count, mean, m2, nb, mean_b, m2_b, buf) -> None:
+    """In place, Chan et al.: the moments (count (b,), mean (b, d), m2 (b, d, d)) of a block of classes
+    merged with a partial result over disjoint rows (nb, mean_b, m2_b); `buf` (b, d, d) is scratch. The one
+    place the update is written: `ClassMoments.merge` and the CPU accumulator's in-place step use it."""
+    n = count + nb
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    delta = mean_b - mean  # (b, d)
+    coef = (count * nb / safe)[:, None, None]
+    mean.add_(delta * (nb / safe)[:, None])
+    # coef * (d_i d_j), not (coef d_i) d_j: each term stays exactly symmetric, so M2 does
+    m2.add_(m2_b).add_(torch.mul(delta[:, :, None], delta[:, None, :], out=buf).mul_(coef))
+    count.copy_(n)
 
 
 def covariance(count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -207,24 +215,20 @@ class ScatterAccumulator:
         for c, k, shift, total, scatter in class_pieces_torch(x, labels, self.n_classes):
             nb = torch.full((1,), float(k), dtype=torch.float64, device=self.device)
             s = total.to(torch.float64)[None]
-            mean = shift.to(torch.float64) + s[0] / nb
-            na = acc.count[c]
-            if not bool(na):  # the class's first rows: its moments are written in place
-                _m2_into(acc.m2[c : c + 1], scatter[None], s, nb, buf)
-                acc.count[c], acc.mean[c] = nb[0], mean
+            mean = (shift.to(torch.float64) + s[0] / nb)[None]
+            row = slice(c, c + 1)
+            if not bool(acc.count[c]):  # the class's first rows: its moments are written in place
+                _m2_into(acc.m2[row], scatter[None], s, nb, buf)
+                acc.count[row], acc.mean[row] = nb, mean
                 continue
             _m2_into(piece, scatter[None], s, nb, buf)
-            n = na + nb[0]  # Chan's update, as ClassMoments.merge, in place
-            delta = mean - acc.mean[c]
-            acc.mean[c] = acc.mean[c] + delta * (nb[0] / n)
-            coef = na * nb[0] / n
-            acc.m2[c].add_(piece[0]).add_(torch.mul(delta[:, None], delta[None, :], out=buf[0]).mul_(coef))
-            acc.count[c] = n
+            merge_into(acc.count[row], acc.mean[row], acc.m2[row], nb, mean, piece, buf)
 
     def result(self) -> ClassMoments:
         if self._acc is None:
             self._acc = ClassMoments.zeros(self.n_classes, self.dim, self.device)
-        unseen = self._acc.count == 0
+            return self._acc
+        unseen = self._acc.count == 0  # rows the CPU path has not written
         if bool(unseen.any()):
             self._acc.m2[unseen] = 0
         return self._acc
