@@ -118,8 +118,9 @@ def floor(head: str, n: int, d: int, c: int, cfg, device) -> float | None:
     """The fit's arithmetic at the GEMM peaks measured here, each at the precision the fit does it in
     (float32 for the moments and CA's sampling and training; FeCAM's factorisations in the precision
     `heads.fecam.dtype` picks, float32 by default; CA's Cholesky factors in float64): FeCAM, the class
-    moments (2 n d^2) and one Cholesky and inverse per class (d^3); CA, the moments, one Cholesky per
-    class (d^3 / 3), and per epoch the samples (2 C S d^2) and the heads' forward and backward (6 C S d C)."""
+    moments (2 n d^2) and one Cholesky factorisation per class (d^3 / 3; it keeps the factors and never
+    forms an inverse, which would add 2 d^3 / 3); CA, the moments, one Cholesky per class (d^3 / 3), and
+    per epoch the samples (2 C S d^2) and the heads' forward and backward (6 C S d C)."""
     if head not in ("fecam", "ca"):
         return None
     p32, p64 = gemm_peak(torch.float32, device), gemm_peak(torch.float64, device)
@@ -127,7 +128,7 @@ def floor(head: str, n: int, d: int, c: int, cfg, device) -> float | None:
     if head == "fecam":
         from clpt.heads.fecam import factor_dtype
 
-        return moments + c * d**3 / (p32 if factor_dtype(cfg.heads.of("fecam"), d) == torch.float32 else p64)
+        return moments + c * d**3 / 3 / (p32 if factor_dtype(cfg.heads.of("fecam"), d) == torch.float32 else p64)
     a = cfg.align
     per_epoch = (2 * c * a.samples_per_class * d * d + 6 * c * a.samples_per_class * d * c) / p32
     return moments + c * d**3 / 3 / p64 + a.epochs * per_epoch

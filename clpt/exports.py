@@ -88,6 +88,9 @@ def write_export(out: Path, model: Classifier, backbone: dict, head: dict, prove
     if onnx:
         size = model.preprocess.size
         cpu = model.to("cpu").eval()
+        head_state = cpu.head.portable()  # ONNX lacks some operators a head may score with
+        if head_state is not cpu.head:
+            cpu = Classifier(cpu.backbone, head_state, cpu.classes, cpu.preprocess, cpu.info).eval()
         batch = torch.export.Dim("batch", min=1, max=4096)
         torch.onnx.export(cpu, (torch.zeros(2, 3, size, size),), str(out / "model.onnx"), input_names=["images"],
                           output_names=["scores"], dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip

@@ -91,7 +91,7 @@ def test_statistics_and_feature_heads_reduced_on_every_rank_equal_one_process(ru
     np.testing.assert_allclose(a["m2"], b["m2"], rtol=1e-5, atol=1e-4)
     res = torchrun("heads", run_copy, "--head", "fecam", "--head", "ranpac", "--head", "ncm", "--task", 3, "--force")
     assert res.returncode == 0, res.stderr[-2000:]
-    for head, keys in (("fecam", ("mu", "prec")), ("ranpac", ("w_o",)), ("ncm", ("protos",))):
+    for head, keys in (("fecam", ("mu", "chol")), ("ranpac", ("w_o",)), ("ncm", ("protos",))):
         mine, md = artifacts.read_head_state(artifacts.head_state_path(run_copy, head, 3), head, None)
         ref, _ = artifacts.read_head_state(artifacts.head_state_path(finished_run, head, 3), head, None)
         for k in keys:
@@ -124,6 +124,12 @@ if r == 0:
 tdist.barrier()  # no rank tears the group down while the other still uses it
 del net  # DDP's reducer holds the group: release it before the group goes
 tdist.destroy_process_group()
+# torch's C++ teardown at interpreter exit sometimes aborts ("terminate called without an active
+# exception", SIGABRT) after all of the above has finished: 5 of 25 runs of this test under load, 2 of 20
+# direct runs of this script, 0 of 20 when it leaves here without that teardown. The test is about the
+# loss and gradient, which are written (and the group destroyed) by now.
+sys.stderr.flush()
+os._exit(0)
 """
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from clpt import config as C
 from clpt.errors import ConfigError
 from clpt.heads import HEADS, InMemoryCache
-from clpt.heads.fecam import FeCAMConfig
+from clpt.heads.fecam import FeCAMConfig, transform
 from clpt.heads.lda import LDAConfig
 from clpt.heads.ncm import NCMConfig
 from clpt.heads.ranpac import RanPACConfig, choose_lambda, ridge_solution
@@ -190,12 +190,87 @@ def test_fecam_factorises_in_float32_where_shrink1_bounds_the_condition_number()
     fit = HEADS.get("fecam").fit
     s64 = fit(CacheStub(x, y, rows=13), FeCAMConfig(dtype="float64"))
     s32 = fit(CacheStub(x, y, rows=13), FeCAMConfig(dtype="float32"))
-    assert s32.prec.dtype == s64.prec.dtype == torch.float32
-    assert not torch.equal(s32.prec, s64.prec)  # two computations
-    torch.testing.assert_close(s32.prec, s64.prec, rtol=1e-4, atol=1e-4 * float(s64.prec.abs().max()))
+    assert s32.chol.dtype == s64.chol.dtype == torch.float32
+    assert not torch.equal(s32.chol, s64.chol)  # two computations
+    torch.testing.assert_close(s32.chol, s64.chol, rtol=1e-4, atol=1e-4 * float(s64.chol.abs().max()))
     torch.testing.assert_close(s32(q), s64(q), rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="heads.fecam.dtype: 'float16' is not one of auto, float32, float64"):
         R.resolve(overrides=["heads.fecam.dtype=float16"])
+
+
+def test_fecam_keeps_cholesky_factors_and_scores_as_the_precisions_do():
+    """shrink1 > 0: the state keeps L_c (S~_c = L_c L_c^T) and scores |L_c^-1 (x - mu_c)|^2 by a triangular
+    solve; the same distances as the inverse P_c = S~_c^-1 (the precisions a state holds for shrink1 = 0
+    and states saved before), within float32 rounding, and L_c is S~_c's factor."""
+    from clpt.heads.fecam import FeCAMScores, correlation, full_precisions, shrink
+    from clpt.stats import covariance, fit_class_stats
+
+    x, y = blobs(n_per_class=30)
+    q = blobs(n_per_class=4, seed=7)[0]
+    settings = FeCAMConfig(shrink1=1.0, dtype="float64")
+    state = HEADS.get("fecam").fit(CacheStub(x, y, rows=13), settings)
+    assert set(state.tensors()) == {"mu", "chol"}  # no class refused: no empty tensors for them
+    m = fit_class_stats([(transform(x, settings), y)], range(5), 12)
+    s = correlation(shrink(covariance(m.count, m.m2), 1.0, 0.0))
+    torch.testing.assert_close(state.chol.double() @ state.chol.double().transpose(1, 2), s, rtol=1e-6, atol=1e-6)
+    assert torch.equal(state.chol, state.chol.tril())
+    prec = full_precisions(m.count, m.m2, settings)
+    legacy = FeCAMScores(state.mu, {"prec": prec}, settings)
+    torch.testing.assert_close(state(q), legacy(q), rtol=1e-5, atol=1e-5)
+
+
+def test_a_class_the_cholesky_factorisation_refuses_gets_its_pseudo_inverse():
+    """A class whose rows are all alike has S = 0: the factorisation refuses it, its slot holds I and its
+    distance is the formula's pinv(S~) = 0 (so it scores 0 everywhere); the other classes score as without
+    it; the state round-trips through its tensors, and a later task keeps the refusal."""
+    from clpt.heads import restore_state
+
+    x, y = blobs(n_per_class=30)
+    x[y == 1] = x[y == 1][0]  # class 1: thirty copies of one row
+    q = blobs(n_per_class=4, seed=7)[0]
+    state = HEADS.get("fecam").fit(CacheStub(x, y, rows=13), FeCAMConfig())
+    assert state.dense_index.tolist() == [1] and torch.equal(state.chol[1], torch.eye(12))
+    scores = state(q)
+    assert torch.equal(scores[:, 1], torch.zeros(len(q)))
+    keep = y != 1
+    others = HEADS.get("fecam").fit(CacheStub(x[keep], torch.where(y[keep] > 1, y[keep] - 1, y[keep]),
+                                              tasks=[[0, 2], [2, 4]], rows=13), FeCAMConfig())  # fmt: skip
+    torch.testing.assert_close(scores[:, [0, 2, 3, 4]], others(q))
+    back = restore_state("fecam", state.tensors(), state.meta())
+    assert torch.equal(back(q), scores)
+    portable = state.portable()  # what `clpt export --onnx` converts: precisions, one GEMM per class
+    assert set(portable.tensors()) == {"mu", "prec"}
+    torch.testing.assert_close(portable(q), scores, rtol=1e-5, atol=1e-5)
+    ctx = CacheStub(x, y, rows=13)
+    first = HEADS.get("fecam").fit(CacheStub(x, y, task=0, rows=13), FeCAMConfig())
+    md = {"settings": dataclasses.asdict(FeCAMConfig()), "meta": first.meta(), "n_classes": 3}
+    ctx.previous_state = lambda head: (first.tensors(), md)  # type: ignore[method-assign]
+    cont = HEADS.get("fecam").fit(ctx, FeCAMConfig())
+    assert cont.info["incremental"] and cont.dense_index.tolist() == [1]
+    assert all(torch.equal(cont.tensors()[k], v) for k, v in state.tensors().items())
+
+
+def test_a_fecam_state_saved_with_precisions_scores_and_the_next_task_refits():
+    """States saved before the factors were kept hold `prec`: they restore and score as before, and an
+    incremental fit does not continue them (it refits from scratch, equal to the bit)."""
+    from clpt.heads import restore_state
+    from clpt.heads.fecam import FeCAMScores, full_precisions
+    from clpt.stats import fit_class_stats
+
+    x, y = blobs(n_per_class=30)
+    q = blobs(n_per_class=4, seed=7)[0]
+    settings = FeCAMConfig()
+    m = fit_class_stats([(transform(x[y < 3], settings), y[y < 3])], range(3), 12)
+    legacy = FeCAMScores(m.mean.float(), {"prec": full_precisions(m.count, m.m2, settings)}, settings)
+    back = restore_state("fecam", legacy.tensors(), legacy.meta())
+    assert set(legacy.tensors()) == {"mu", "prec"} and torch.equal(back(q), legacy(q))
+    ctx = CacheStub(x, y, rows=13)
+    md = {"settings": dataclasses.asdict(settings), "meta": legacy.meta(), "n_classes": 3}
+    ctx.previous_state = lambda head: (legacy.tensors(), md)  # type: ignore[method-assign]
+    state = HEADS.get("fecam").fit(ctx, settings)
+    scratch = HEADS.get("fecam").fit(CacheStub(x, y, rows=13), settings)
+    assert state.info == {"incremental": False}
+    assert all(torch.equal(state.tensors()[k], v) for k, v in scratch.tensors().items())
 
 
 def test_ranpac_ridge_is_the_direct_solve():

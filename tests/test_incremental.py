@@ -12,7 +12,7 @@ from clpt.run import open_run
 from clpt.stages.heads import RunCache
 from clpt_cli.main import app
 
-STATE = {"ncm": ("protos",), "lda": ("w", "b"), "fecam": ("mu", "prec"), "ranpac": ("w_o",)}
+STATE = {"ncm": ("protos",), "lda": ("w", "b"), "fecam": ("mu", "chol"), "ranpac": ("w_o",)}
 
 
 @pytest.mark.parametrize("head", sorted(STATE))

@@ -61,6 +61,11 @@ class HeadState(nn.Module):
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> HeadState:
         raise NotImplementedError
 
+    def portable(self) -> HeadState:
+        """The same scores from operators every exchange format has (for `clpt export --onnx`): itself,
+        unless its scoring uses one ONNX lacks (FeCAM's triangular solve)."""
+        return self
+
 
 class TaskHeadScores(HeadState):
     """The learner's per-task linear heads (`linear`, `ca`, the aligned heads): concatenated logits."""

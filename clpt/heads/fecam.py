@@ -9,9 +9,11 @@ Pre-trained ViT variant (their `FeCAM_vit_*` scripts), the default:
   (a1, a2) = (1, 0) by default, (10, 10) in the ImageNet-R preset;
 - correlation normalisation S~_ij = S'_ij / sqrt(S'_ii S'_jj);
 - d_c(x) = (x^ - mu_c)^T pinv(S~_c) (x^ - mu_c), x^ = L2-normalised f(x); predict argmin.
-  S~_c is positive definite whenever shrink1 > 0, so its pinv is its inverse,
-  computed from a Cholesky factorisation, in float32 where shrink1 bounds the
-  condition number (`heads.fecam.dtype`); with shrink1 = 0, the pseudo-inverse.
+  S~_c is positive definite whenever shrink1 > 0, so its pinv is its inverse and
+  d_c(x) = |L_c^-1 (x^ - mu_c)|^2 with L_c its Cholesky factor: the fit keeps L_c
+  (factorised in float32 where shrink1 bounds the condition number,
+  `heads.fecam.dtype`) and scoring solves the triangular system, so no inverse
+  is ever formed; with shrink1 = 0, the pseudo-inverse, kept as it is.
 
 `tukey: true` applies the power transform x^0.5 (sign-preserving:
 sign(x) |x|^0.5, since ViT features are not non-negative) before normalising.
@@ -118,6 +120,27 @@ def precisions(s: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Ten
     return prec
 
 
+def full_factors(
+    count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig, out: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """Into `out` (C, d, d) float32: the lower Cholesky factor L_c of each shrunk, correlation-normalised
+    covariance S~_c (shrink1 > 0: positive definite), factorised in `factor_dtype`, so that
+    (x - mu)^T S~_c^-1 (x - mu) = |L_c^-1 (x - mu)|^2. Where the factorisation refuses a class (rounding
+    at the edge of definiteness, a class whose rows are all alike), its slot gets I and the class its
+    float64 pseudo-inverse, returned as {class index within `out`: P (d, d) float32}. The same per-class
+    blocks as `full_precisions`: a class gets the same bits alone or among others."""
+    dtype = factor_dtype(settings, m2.shape[-1])
+    refused: dict[int, torch.Tensor] = {}
+    for k in class_blocks(len(m2), m2.device):
+        s = correlation(shrink(covariance(count[k], m2[k]), settings.shrink1, settings.shrink2))
+        chol, info = torch.linalg.cholesky_ex(s.to(dtype))
+        out[k] = chol
+        for j in torch.nonzero(info).flatten().tolist():
+            out[k][j] = torch.eye(s.shape[-1], dtype=out.dtype, device=out.device)
+            refused[k.start + j] = pseudo_inverse(s[j : j + 1])[0].float()
+    return refused
+
+
 def full_precisions(
     count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -147,6 +170,20 @@ def mahalanobis(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.
     for c in range(len(mu)):
         diff = x - mu[c]  # (N, d)
         cols.append(((diff @ prec[c]) * diff).sum(1))
+    return torch.stack(cols, dim=1)
+
+
+def cholesky_mahalanobis(x, mu, chol, dense: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(N, C) squared distances |L_c^-1 (x - mu_c)|^2, one class at a time (a triangular solve with the rows
+    as right-hand sides: half a GEMM's flops); a class in `dense` ({class: P}) is (x - mu_c)^T P (x - mu_c)."""
+    cols = []
+    for c in range(len(mu)):
+        diff = x - mu[c]  # (N, d)
+        if c in dense:
+            cols.append(((diff @ dense[c]) * diff).sum(1))
+        else:  # z L_c^T = diff, so z = diff L_c^-T: each row's L_c^-1 (x - mu_c)
+            z = torch.linalg.solve_triangular(chol[c].T, diff, upper=True, left=False)
+            cols.append((z * z).sum(1))
     return torch.stack(cols, dim=1)
 
 
@@ -202,11 +239,17 @@ def structured_mahalanobis(x, mu, ainv, w, core) -> torch.Tensor:
 
 
 class FeCAMScores(HeadState):
-    """-(x^ - mu_c)^T P_c (x^ - mu_c), float32, with P_c in the statistics' covariance form: full, precisions
-    (C, d, d); diagonal or lowrank, its compact Woodbury form (ainv (C, d), w (C, d, k), core (C, k, k))."""
+    """-(x^ - mu_c)^T P_c (x^ - mu_c), float32, with P_c in the statistics' covariance form. Full: the
+    Cholesky factors of S~_c (C, d, d) (shrink1 > 0; `dense_index`, where there are any, lists the
+    classes the factorisation refused, whose pseudo-inverses are `dense_prec`), or the precisions (C, d, d) themselves (`prec`:
+    shrink1 = 0, and states saved before the factors were kept); diagonal or lowrank, its compact
+    Woodbury form (ainv (C, d), w (C, d, k), core (C, k, k))."""
 
     score = "the negative squared Mahalanobis distance"
-    prec: torch.Tensor  # full
+    prec: torch.Tensor  # full, pseudo-inverses
+    chol: torch.Tensor  # full, Cholesky factors
+    dense_index: torch.Tensor
+    dense_prec: torch.Tensor
     ainv: torch.Tensor  # compact forms
     w: torch.Tensor
     core: torch.Tensor
@@ -217,9 +260,16 @@ class FeCAMScores(HeadState):
         self.settings, self.form = settings, form
         self.mu: torch.Tensor
         self.register_buffer("mu", mu.contiguous())
-        self.keys = ("prec",) if form == "full" else ("ainv", "w", "core")
+        if form != "full":
+            self.keys: tuple[str, ...] = ("ainv", "w", "core")
+        elif "chol" in parts:  # the refused classes' tensors only where there are any (no empty buffers)
+            self.keys = ("chol", "dense_index", "dense_prec") if "dense_index" in parts else ("chol",)
+        else:
+            self.keys = ("prec",)
         for k in self.keys:
             self.register_buffer(k, parts[k].contiguous())
+        # which slot of dense_prec each refused class has (a constant of the state, for torch.export too)
+        self._dense = [int(c) for c in parts["dense_index"].tolist()] if "dense_index" in self.keys else []
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.keys}
@@ -232,33 +282,53 @@ class FeCAMScores(HeadState):
         settings = FeCAMConfig(normalize=bool(meta["normalize"]), tukey=bool(meta["tukey"]))
         return cls(tensors["mu"], tensors, settings, meta.get("form", "full"))
 
+    def portable(self) -> FeCAMScores:
+        """With Cholesky factors: the same distances from the precisions they give, P_c = (L_c L_c^T)^-1
+        (computed in float64; ONNX has no triangular solve), so an ONNX graph is one GEMM per class."""
+        if "chol" not in self.keys:
+            return self
+        prec = torch.cholesky_inverse(self.chol.double()).float()
+        for i, c in enumerate(self._dense):
+            prec[c] = self.dense_prec[i]
+        return FeCAMScores(self.mu, {"prec": prec}, self.settings, self.form, self.info).eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = transform(x, self.settings)
-        if self.form == "full":
-            return -mahalanobis(x, self.mu, self.prec)
-        return -structured_mahalanobis(x, self.mu, self.ainv, self.w, self.core)
+        if self.form != "full":
+            return -structured_mahalanobis(x, self.mu, self.ainv, self.w, self.core)
+        if "chol" in self.keys:
+            dense = {c: self.dense_prec[i] for i, c in enumerate(self._dense)}
+            return -cholesky_mahalanobis(x, self.mu, self.chol, dense)
+        return -mahalanobis(x, self.mu, self.prec)
 
 
 def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
     """Incremental: an old class's features never change (each task's were extracted with its own
     backbone), so the previous task's state is kept and only task T's classes are fitted; from scratch
-    at task 0, for a compensated head, or where the previous state was fitted with other settings or in
-    another covariance form (`stats.covariance`)."""
+    at task 0, for a compensated head, or where the previous state was fitted with other settings, in
+    another covariance form (`stats.covariance`) or holds precisions where this fit keeps factors."""
     form, rank = ctx.cfg.stats.covariance, ctx.cfg.stats.rank
+    factors = form == "full" and settings.shrink1 > 0  # Cholesky factors, else pseudo-inverses
+    key = "chol" if factors else "prec"
     prev = ctx.previous_state("fecam")
     first = 0
     old = None
     if prev is not None:
         tensors, md = prev
         same = md["settings"] == dataclasses.asdict(settings) and md["meta"].get("form", "full") == form
+        same = same and (form != "full" or key in tensors)
         if same and (form != "lowrank" or tensors["w"].shape[2] == min(rank, len(tensors["mu"][0])) + 1):
             if md["n_classes"] == ctx.tasks[ctx.task][0]:
                 old, first = tensors, ctx.task
-    prec = None
+    full = None
+    dense: dict[int, torch.Tensor] = {}
     if form == "full":  # written in place, task by task, after the old classes' (no concatenation)
-        prec = torch.empty(ctx.tasks[ctx.task][1], ctx.feature_dim(), ctx.feature_dim(), device=ctx.device)
+        full = torch.empty(ctx.tasks[ctx.task][1], ctx.feature_dim(), ctx.feature_dim(), device=ctx.device)
         if old is not None:
-            prec[: ctx.tasks[first][0]] = old["prec"]
+            full[: ctx.tasks[first][0]] = old[key]
+            if "dense_index" in old:
+                pairs = zip(old["dense_index"].tolist(), old["dense_prec"], strict=True)
+                dense = {int(c): p.to(ctx.device) for c, p in pairs}
     means, parts = [], []
     for i in range(first, ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
@@ -266,16 +336,26 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
         if ctx.shard[1] > 1:  # every rank read its own rows: merge them exactly
             m = merge_ranks(m)
         means.append(m.mean)
-        if prec is not None:
-            full_precisions(m.count, m.m2, settings, out=prec[slice(*ctx.tasks[i])])
+        lo, hi = ctx.tasks[i]
+        if full is not None and factors:
+            refused = full_factors(m.count, m.m2, settings, out=full[lo:hi])
+            dense.update({lo + c: p for c, p in refused.items()})
+        elif full is not None:
+            full_precisions(m.count, m.m2, settings, out=full[lo:hi])
         else:
             ainv, w, core = structured_precision(compress(covariance(m.count, m.m2), form, rank), settings)
             parts.append({"ainv": ainv, "w": w, "core": core})
     mu = torch.cat(means).float()
     if old is not None:
         mu = torch.cat([old["mu"].to(mu.device), mu])
-    if prec is not None:
-        new = {"prec": prec}
+    if full is not None and factors:
+        new = {"chol": full}
+        if dense:
+            order = sorted(dense)
+            new["dense_index"] = torch.tensor(order, dtype=torch.int64, device=full.device)
+            new["dense_prec"] = torch.stack([dense[c] for c in order])
+    elif full is not None:
+        new = {"prec": full}
     else:
         new = {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
         if old is not None:
