@@ -120,6 +120,13 @@ def precisions(s: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Ten
     return prec
 
 
+def _normalised(count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig):
+    """(block, S~) for each per-class block (`class_blocks`) of classes with moments (count, M2): their
+    shrunk, correlation-normalised covariances, the matrices `full_factors` and `full_precisions` invert."""
+    for k in class_blocks(len(m2), m2.device):
+        yield k, correlation(shrink(covariance(count[k], m2[k]), settings.shrink1, settings.shrink2))
+
+
 def full_factors(
     count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig, out: torch.Tensor
 ) -> dict[int, torch.Tensor]:
@@ -131,8 +138,7 @@ def full_factors(
     blocks as `full_precisions`: a class gets the same bits alone or among others."""
     dtype = factor_dtype(settings, m2.shape[-1])
     refused: dict[int, torch.Tensor] = {}
-    for k in class_blocks(len(m2), m2.device):
-        s = correlation(shrink(covariance(count[k], m2[k]), settings.shrink1, settings.shrink2))
+    for k, s in _normalised(count, m2, settings):
         chol, info = torch.linalg.cholesky_ex(s.to(dtype))
         out[k] = chol
         for j in torch.nonzero(info).flatten().tolist():
@@ -150,12 +156,11 @@ def full_precisions(
     rounding can let a Cholesky factorisation through a singular matrix). On a CPU one class at a
     time, from M2 to P, so every step works on a cache-sized (d, d) block; on a GPU all classes at once.
     A class's P depends on its own moments only, so a class gets the same bits alone or among others."""
-    c, d = len(m2), m2.shape[-1]
+    d = m2.shape[-1]
     dtype = factor_dtype(settings, d)
     if out is None:
         out = torch.empty(m2.shape, dtype=torch.float32, device=m2.device)
-    for k in class_blocks(c, m2.device):
-        s = correlation(shrink(covariance(count[k], m2[k]), settings.shrink1, settings.shrink2))
+    for k, s in _normalised(count, m2, settings):
         if settings.shrink1 > 0:  # positive definite: its inverse
             precisions(s, dtype, out=out[k])
         else:  # a class of at most d rows has a singular S, which a Cholesky factorisation may not notice
