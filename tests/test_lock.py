@@ -124,9 +124,10 @@ from clpt.lock import run_lock
 with run_lock(Path(sys.argv[1])):
     child = os.fork()  # as a DataLoader worker is forked: it inherits the lock's descriptors
     if child == 0:
+        os.write(1, b"child\\n")  # fork() has returned here: the at-fork hook has run (one write: atomic)
         time.sleep(30)
         os._exit(0)
-    print(child, flush=True)
+    os.write(1, b"%d\\n" % child)
     time.sleep(30)
 """
 
@@ -139,7 +140,11 @@ def test_a_forked_child_does_not_keep_the_lock_of_a_killed_holder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(run)], stdout=subprocess.PIPE, text=True)
-    child = int(proc.stdout.readline())
+    # both lines before the kill: the parent's (the child's pid) and the child's, printed once its fork()
+    # has returned, so the at-fork hook has run (under load the child may not be scheduled before the kill)
+    lines = sorted(proc.stdout.readline().strip() for _ in range(2))
+    assert lines[1] == "child", lines
+    child = int(lines[0])
     try:
         assert holder(run) is not None
         proc.send_signal(signal.SIGKILL)
