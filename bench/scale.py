@@ -98,6 +98,7 @@ class Carried:
 
     def __init__(self, cache):
         self.cache, self.saved = cache, {}
+        self.nbytes: dict[str, dict[int, int]] = {}  # head -> task -> bytes of tensors its file holds
 
     def fit(self, name: str, task: int):
         from clpt.heads import HEADS
@@ -111,7 +112,8 @@ class Carried:
         sec = time.perf_counter() - t0
         md = {"settings": dataclasses.asdict(settings), "n_classes": c.n_seen, "meta": state.meta(),
               "carry": state.carry or None}  # fmt: skip
-        self.saved[name] = (state.tensors(), md)
+        self.saved[name] = (state.tensors(), md)  # NCM's and FeCAM's: a part, the task's own classes
+        self.nbytes.setdefault(name, {})[task + 1] = sum(v.nbytes for v in self.saved[name][0].values())
         return sec
 
 
@@ -178,6 +180,9 @@ def per_task(n_tasks: list[int], d: int, classes: int, rows: int, scratch_max: i
         known = [r for r in row if r is not None]
         growth = f"x{known[-1] / known[0]:5.2f}" if len(known) > 1 and known[0] > 0 else ""
         print(f"  {k:16}" + "".join(f"{r:11.3f}" if r is not None else f"{'-':>11}" for r in row) + f"   {growth}")
+    print("  the state file a task writes (MB; NCM and FeCAM: the task's classes alone, continuing the one before)")
+    for k in names:
+        print(f"  {k:16}" + "".join(f"{run.nbytes[k][n] / 1e6:11.3f}" for n in n_tasks))
     first20 = [n for n in n_tasks if n >= 20]
     if len(first20) > 1:
         for k in (*names, "fit-stats"):

@@ -34,13 +34,15 @@ from clpt.errors import DataError, MissingInputError, Redo, from_os_error
 from clpt.io import read_json, torch_save, write_bytes, write_json
 
 if TYPE_CHECKING:  # imported where used: reading a run's state needs none of them
+    from collections.abc import Callable
+
     import numpy as np
     import torch
     import zarr
 
 # format name -> current version. A reader accepts exactly this version.
 # versions a reader still accepts besides the current one (features 1: without checksums)
-READABLE = {"clpt-features": {1}}
+READABLE = {"clpt-features": {1}, "clpt-head-state": {1}}
 
 FORMATS = {
     "clpt-benchmark": 1,  # RUN/benchmark.json
@@ -53,7 +55,9 @@ FORMATS = {
     "clpt-eval": 1,
     "clpt-head-eval": 1,
     "clpt-drift-map": 1,  # tasks/003/drift.safetensors
-    "clpt-head-state": 1,  # tasks/003/heads/NAME.safetensors: a fitted head, ready to score
+    # tasks/003/heads/NAME.safetensors: a fitted head, ready to score; 2: or the part of it fitted at task 3
+    # (a per-class head's new classes), continuing task 2's file
+    "clpt-head-state": 2,
     "clpt-head-carry": 1,  # tasks/003/heads/NAME.carry.safetensors: what the next task's fit continues from
 }
 
@@ -700,10 +704,13 @@ def read_drift_map(path: Path, method: str, redo: Redo) -> dict[str, torch.Tenso
 
 
 def head_state_bytes(head: str, task: int, n_classes: int, tensors: dict[str, torch.Tensor], meta: dict,
-                     settings: dict, info: dict | None = None, carry: str | None = None) -> bytes:  # fmt: skip
+                     settings: dict, info: dict | None = None, carry: str | None = None,
+                     first_class: int = 0, base: str | None = None) -> bytes:  # fmt: skip
     """A fitted head as safetensors: its tensors; its name, task, classes [0, n_classes), the state's
     meta (what rebuilding needs), its settings and the fit's choices as metadata; `carry`: the sha256
-    of the carry file written with it (`head_carry_path`), which ties the two together."""
+    of the carry file written with it (`head_carry_path`), which ties the two together. `first_class`
+    > 0: the tensors are a part, classes [first_class, n_classes) alone, continuing the previous task's
+    state, the file whose sha256 is `base` (`read_head_parts` joins them)."""
     from safetensors.torch import save as safetensors_bytes
 
     md = {"format": "clpt-head-state", "format_version": str(FORMATS["clpt-head-state"]), "head": head,
@@ -711,6 +718,9 @@ def head_state_bytes(head: str, task: int, n_classes: int, tensors: dict[str, to
           "settings": json.dumps(settings), "info": json.dumps(info or {})}  # fmt: skip
     if carry is not None:
         md["carry"] = carry
+    if first_class:
+        assert base is not None, "a part names the state it continues"
+        md["first_class"], md["base"] = str(first_class), base
     return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=md)
 
 
@@ -718,8 +728,14 @@ def save_head_state(path: Path, *args, **kwargs) -> None:
     write_bytes(path, head_state_bytes(*args, **kwargs))
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_head_state(path: Path, head: str, redo: Redo | None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata with `meta`, `settings`, `info` decoded) of a saved head, or a one-line error."""
+    """(tensors, metadata with `meta`, `settings`, `info` decoded, and `first_class`: 0 for a whole state,
+    else where its part starts) of one saved head file, or a one-line error."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
@@ -730,18 +746,46 @@ def read_head_state(path: Path, head: str, redo: Redo | None) -> tuple[dict[str,
         with safe_open(str(path), framework="pt") as f:
             md = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if md.get("format") != "clpt-head-state" or md.get("format_version") != str(
-            FORMATS["clpt-head-state"]
-        ):
+        version = md.get("format_version")
+        if md.get("format") != "clpt-head-state" or version not in {
+            str(v) for v in (FORMATS["clpt-head-state"], *READABLE["clpt-head-state"])
+        }:
             raise DataError(f"{path} is not a clpt head state of this version", redo=redo)
         for k in ("meta", "settings", "info"):
             md[k] = json.loads(md.get(k, "{}"))
         md["task"], md["n_classes"] = int(md["task"]), int(md["n_classes"])
+        md["first_class"] = int(md.get("first_class", 0))
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot read {path} ({type(e).__name__})", redo=redo) from None
     if md.get("head") != head:
         raise DataError(f"{path} holds head {md.get('head')!r}, not {head!r}", redo=redo)
     return tensors, md
+
+
+def read_head_parts(
+    root: Path, head: str, t: int, redo: Callable[[int], Redo | None]
+) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    """The tensors of every file the state of `head` after task t is made of, oldest first, and task t's
+    metadata. A part (`first_class` > 0, what a per-class head's incremental fit saves) continues the
+    state of the task before it, which must be the very file it was saved after (its sha256) and cover
+    classes [0, first_class); else a one-line error naming the stage to run again (`redo(task)`)."""
+    k = t
+    path = head_state_path(root, head, k)
+    tensors, md = read_head_state(path, head, redo(k))
+    top, parts = md, [tensors]
+    while md["first_class"] > 0:
+        prev = head_state_path(root, head, k - 1)
+        if k == 0 or not prev.is_file() or file_sha256(prev) != md.get("base"):
+            raise DataError(f"{path} holds the classes of task {k} after the {head} state of task {k - 1}, "
+                            f"which is {'missing' if k == 0 or not prev.is_file() else 'another one now'}",
+                            redo=redo(k))  # fmt: skip
+        tensors, prev_md = read_head_state(prev, head, redo(k - 1))
+        if prev_md["n_classes"] != md["first_class"]:
+            raise DataError(f"{path} continues {prev_md['n_classes']} classes of task {k - 1}, not "
+                            f"{md['first_class']}", redo=redo(k))  # fmt: skip
+        parts.append(tensors)
+        path, md, k = prev, prev_md, k - 1
+    return parts[::-1], top
 
 
 def head_carry_bytes(head: str, task: int, tensors: dict[str, torch.Tensor]) -> bytes:

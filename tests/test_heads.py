@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -222,16 +223,18 @@ def test_fecam_keeps_cholesky_factors_and_scores_as_the_precisions_do():
 def test_a_class_the_cholesky_factorisation_refuses_gets_its_pseudo_inverse():
     """A class whose rows are all alike has S = 0: the factorisation refuses it, its slot holds I and its
     distance is the formula's pinv(S~) = 0 (so it scores 0 everywhere); the other classes score as without
-    it; the state round-trips through its tensors, and a later task keeps the refusal."""
-    from clpt.heads import restore_state
+    it; the state round-trips through its tensors, and a part fitted at a later task (its refusals counted
+    from its own first class) joins the earlier task's state into the whole one."""
+    from clpt.heads import restore_parts, restore_state
 
     x, y = blobs(n_per_class=30)
     x[y == 1] = x[y == 1][0]  # class 1: thirty copies of one row
+    x[y == 3] = x[y == 3][0]  # and class 3, of the second task
     q = blobs(n_per_class=4, seed=7)[0]
     state = HEADS.get("fecam").fit(CacheStub(x, y, rows=13), FeCAMConfig())
-    assert state.dense_index.tolist() == [1] and torch.equal(state.chol[1], torch.eye(12))
+    assert state.dense_index.tolist() == [1, 3] and torch.equal(state.chol[1], torch.eye(12))
     scores = state(q)
-    assert torch.equal(scores[:, 1], torch.zeros(len(q)))
+    assert torch.equal(scores[:, [1, 3]], torch.zeros(len(q), 2))
     keep = y != 1
     others = HEADS.get("fecam").fit(CacheStub(x[keep], torch.where(y[keep] > 1, y[keep] - 1, y[keep]),
                                               tasks=[[0, 2], [2, 4]], rows=13), FeCAMConfig())  # fmt: skip
@@ -246,8 +249,12 @@ def test_a_class_the_cholesky_factorisation_refuses_gets_its_pseudo_inverse():
     md = {"settings": dataclasses.asdict(FeCAMConfig()), "meta": first.meta(), "n_classes": 3}
     ctx.previous_state = lambda head: (first.tensors(), md)  # type: ignore[method-assign]
     cont = HEADS.get("fecam").fit(ctx, FeCAMConfig())
-    assert cont.info["incremental"] and cont.dense_index.tolist() == [1]
-    assert all(torch.equal(cont.tensors()[k], v) for k, v in state.tensors().items())
+    assert cont.info["incremental"] and cont.first_class == 3 and len(cont.mu) == 2
+    assert cont.dense_index.tolist() == [0]  # class 3, the part's first
+    assert torch.equal(cont(q), scores[:, 3:])  # a part scores its own classes
+    joined = restore_parts("fecam", [first.tensors(), cont.tensors()], cont.meta())
+    assert joined.tensors().keys() == state.tensors().keys()
+    assert all(torch.equal(joined.tensors()[k], v) for k, v in state.tensors().items())
 
 
 def test_a_fecam_state_saved_with_precisions_scores_and_the_next_task_refits():
@@ -437,6 +444,70 @@ def test_a_saved_head_state_scores_exactly_as_the_fit_that_produced_it(name, tmp
         assert set(tensors) == {"w_o"}  # W_rand is redrawn from its seed, not stored
     with pytest.raises(Exception, match="holds head"):
         artifacts.read_head_state(path, "other" if name != "other" else "x", None)
+
+
+@pytest.mark.parametrize("name", ["ncm", "fecam"])
+def test_a_per_class_head_saves_each_task_s_classes_as_a_part_of_the_state(name, tmp_path):
+    """NCM's and FeCAM's incremental fit is the new task's classes alone; saved after the previous task's
+    file (its sha256), the parts read back as the whole state, equal to the bit to the fit from scratch. A
+    part whose earlier file is missing, was written again, or covers other classes is a one-line error
+    naming the stage to run again; a whole state saved before parts existed (format 1) still reads."""
+    from clpt import artifacts
+    from clpt.errors import DataError, Redo
+    from clpt.heads import restore_parts
+
+    x, y = blobs()
+    q = blobs(n_per_class=4, seed=7)[0]
+    settings = HEADS.get(name).config_cls()
+    first = HEADS.get(name).fit(CacheStub(x, y, task=0), settings)
+    ctx = CacheStub(x, y)
+    ctx.previous_state = lambda head: (first.tensors(), {"settings": dataclasses.asdict(settings),  # type: ignore[method-assign]
+                                                         "meta": first.meta(), "n_classes": 3})  # fmt: skip
+    part = HEADS.get(name).fit(ctx, settings)
+    scratch = HEADS.get(name).fit(CacheStub(x, y), settings)
+    assert part.first_class == 3 and part.info["incremental"]
+    assert all(len(v) == 2 for k, v in part.tensors().items() if k != "dense_index")  # task 1's classes
+
+    root = tmp_path / "run"
+    p0, p1 = artifacts.head_state_path(root, name, 0), artifacts.head_state_path(root, name, 1)
+    p0.parent.mkdir(parents=True)
+    p1.parent.mkdir(parents=True)
+    md = (first.meta(), dataclasses.asdict(settings))
+    artifacts.save_head_state(p0, name, 0, 3, first.tensors(), *md)
+    artifacts.save_head_state(p1, name, 1, 5, part.tensors(), *md, first_class=3, base=artifacts.file_sha256(p0))
+
+    def redo(k: int) -> Redo:
+        return Redo(f"head:{name}", k, str(root))
+
+    parts, top = artifacts.read_head_parts(root, name, 1, redo)
+    assert len(parts) == 2 and (top["task"], top["n_classes"], top["first_class"]) == (1, 5, 3)
+    whole = restore_parts(name, parts, top["meta"])
+    assert whole.tensors().keys() == scratch.tensors().keys()
+    assert all(torch.equal(whole.tensors()[k], v) for k, v in scratch.tensors().items())
+    with torch.no_grad():
+        assert torch.equal(whole(q), scratch(q))
+
+    artifacts.save_head_state(p0, name, 0, 3, first.tensors(), *md, info={"again": True})  # written again
+    with pytest.raises(DataError, match="is another one now") as e:
+        artifacts.read_head_parts(root, name, 1, redo)
+    assert e.value.redo == redo(1)
+    artifacts.save_head_state(p0, name, 0, 4, first.tensors(), *md)  # covers other classes
+    artifacts.save_head_state(p1, name, 1, 5, part.tensors(), *md, first_class=3, base=artifacts.file_sha256(p0))
+    with pytest.raises(DataError, match="continues 4 classes of task 0, not 3"):
+        artifacts.read_head_parts(root, name, 1, redo)
+    p0.unlink()
+    with pytest.raises(DataError, match="which is missing"):
+        artifacts.read_head_parts(root, name, 1, redo)
+
+    from safetensors.torch import save_file  # a whole state as clpt wrote it before parts (format 1)
+
+    meta = {"format": "clpt-head-state", "format_version": "1", "head": name, "task": "1", "n_classes": "5",
+            "meta": json.dumps(scratch.meta()), "settings": json.dumps(md[1]), "info": "{}"}  # fmt: skip
+    save_file(scratch.tensors(), str(p1), metadata=meta)
+    parts, top = artifacts.read_head_parts(root, name, 1, redo)
+    assert len(parts) == 1 and top["first_class"] == 0
+    with torch.no_grad():
+        assert torch.equal(restore_parts(name, parts, top["meta"])(q), scratch(q))
 
 
 def test_ca_aligns_task_0_when_the_learner_never_trains_its_heads():

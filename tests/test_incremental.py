@@ -13,6 +13,7 @@ from clpt.stages.heads import RunCache
 from clpt_cli.main import app
 
 STATE = {"ncm": ("protos",), "lda": ("w", "b"), "fecam": ("mu", "chol"), "ranpac": ("w_o",)}
+PER_CLASS = ("ncm", "fecam")  # a task's fit and file hold its own classes: a part of the state
 
 
 @pytest.mark.parametrize("head", sorted(STATE))
@@ -20,8 +21,14 @@ def test_a_head_updated_task_by_task_equals_the_fit_from_scratch_at_every_task(f
     run = open_run(finished_run)
     settings = run.cfg.heads.of(head)
     for t in range(run.info.n_tasks):
-        tensors, md = artifacts.read_head_state(artifacts.head_state_path(run.root, head, t), head, None)
+        own, md = artifacts.read_head_state(artifacts.head_state_path(run.root, head, t), head, None)
         assert md["info"]["incremental"] == (t > 0)  # the run built each task's state on the one before
+        lo, hi = run.info.tasks[t]
+        assert md["n_classes"] == hi and md["first_class"] == (lo if head in PER_CLASS else 0)
+        assert len(own[STATE[head][0]]) == (hi - lo if head in PER_CLASS else hi) or head == "ranpac"
+        parts, _ = artifacts.read_head_parts(run.root, head, t, lambda k: None)
+        assert len(parts) == (t + 1 if head in PER_CLASS else 1)
+        tensors = HEADS.get(head).state_class().join(parts)
         cache = RunCache(run.root, run.cfg, t, run.info.tasks, torch.device("cpu"))
         cache.previous_state = lambda head: None  # type: ignore[method-assign]  # from scratch
         scratch = HEADS.get(head).fit(cache, settings)

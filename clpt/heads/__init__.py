@@ -7,7 +7,7 @@ the names of `clpt.heads.base` are imported from it when first used.
 from clpt.heads.registry import HEADS, HeadSpec, register_head
 
 _BASE = ("ClassStats", "HeadCache", "HeadState", "InMemoryCache", "TaskHeadScores", "restore_state",
-         "score_in_chunks")  # fmt: skip
+         "restore_parts", "score_in_chunks")  # fmt: skip
 
 
 def __getattr__(name: str):

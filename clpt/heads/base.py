@@ -49,6 +49,10 @@ class HeadState(nn.Module):
         # what the next task's incremental fit continues from and scoring does not need (RanPAC's Gram,
         # LDA's pooled scatter): saved beside the state for the latest task only, never exported
         self.carry: dict[str, torch.Tensor] = {}
+        # > 0: this state is a part, classes [first_class, C) alone, fitted after the previous task's state
+        # (classes [0, first_class)); a per-class head's incremental fit (NCM, FeCAM) returns one, so that a
+        # task's fit and what it saves stay the size of the task (`join` makes the whole state from parts)
+        self.first_class = 0
 
     def meta(self) -> dict:
         return {}
@@ -60,6 +64,16 @@ class HeadState(nn.Module):
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> HeadState:
         raise NotImplementedError
+
+    @classmethod
+    def join(cls, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors of a whole state from those of its parts (consecutive classes, oldest first): each
+        buffer concatenated along its first dimension, the class (a head whose parts have other tensors
+        overrides this)."""
+        if len(parts) == 1:
+            return parts[0]
+        keys = dict.fromkeys(k for p in parts for k in p)
+        return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
 
     def portable(self) -> HeadState:
         """The same scores from operators every exchange format has (for `clpt export --onnx`): itself,
@@ -93,6 +107,12 @@ def restore_state(head: str, tensors: dict[str, torch.Tensor], meta: dict) -> He
     """The fitted head `head` (a registered name) rebuilt from its saved tensors and meta."""
     cls: type[HeadState] = HEADS.get(head).state_class()
     return cls.from_state(tensors, meta).eval()
+
+
+def restore_parts(head: str, parts: list[dict[str, torch.Tensor]], meta: dict) -> HeadState:
+    """The fitted head `head` rebuilt from the tensors of its parts, oldest first (`HeadState.join`)."""
+    cls: type[HeadState] = HEADS.get(head).state_class()
+    return cls.from_state(cls.join(parts), meta).eval()
 
 
 @dataclass

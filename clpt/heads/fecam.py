@@ -21,9 +21,10 @@ It borrows the transform of their ResNet path and nothing else: that path
 transforms unnormalised (non-negative) features, from task 1 on, and shrinks
 twice; this option is not that path.
 
-In a run the fit is incremental: task T keeps task T-1's saved state (an old
-class's features never change) and fits only task T's classes, bit-identical to
-a fit from scratch; a compensated `fecam+drift` refits every task.
+In a run the fit is incremental: an old class's features never change, so task
+T fits only its own classes, a part saved after task T-1's state (joined,
+bit-identical to a fit from scratch); a compensated `fecam+drift` refits every
+task.
 """
 
 from __future__ import annotations
@@ -276,6 +277,17 @@ class FeCAMScores(HeadState):
         # which slot of dense_prec each refused class has (a constant of the state, for torch.export too)
         self._dense = [int(c) for c in parts["dense_index"].tolist()] if "dense_index" in self.keys else []
 
+    @classmethod
+    def join(cls, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Concatenated per class; a part's `dense_index` counts from its own first class: shifted."""
+        offsets, n = [], 0
+        for p in parts:
+            offsets.append(n)
+            n += len(p["mu"])
+        shifted = [{**p, "dense_index": p["dense_index"] + o} if "dense_index" in p else p
+                   for p, o in zip(parts, offsets, strict=True)]  # fmt: skip
+        return super().join(shifted)
+
     def parts(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.keys}
 
@@ -309,31 +321,27 @@ class FeCAMScores(HeadState):
 
 def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
     """Incremental: an old class's features never change (each task's were extracted with its own
-    backbone), so the previous task's state is kept and only task T's classes are fitted; from scratch
-    at task 0, for a compensated head, or where the previous state was fitted with other settings, in
-    another covariance form (`stats.covariance`) or holds precisions where this fit keeps factors."""
+    backbone), so after the previous task's state only task T's classes are fitted, a part
+    (`first_class`); from scratch at task 0, for a compensated head, or where the previous state was
+    fitted with other settings, in another covariance form (`stats.covariance`) or holds precisions
+    where this fit keeps factors."""
     form, rank = ctx.cfg.stats.covariance, ctx.cfg.stats.rank
     factors = form == "full" and settings.shrink1 > 0  # Cholesky factors, else pseudo-inverses
     key = "chol" if factors else "prec"
     prev = ctx.previous_state("fecam")
     first = 0
-    old = None
     if prev is not None:
         tensors, md = prev
         same = md["settings"] == dataclasses.asdict(settings) and md["meta"].get("form", "full") == form
         same = same and (form != "full" or key in tensors)
         if same and (form != "lowrank" or tensors["w"].shape[2] == min(rank, len(tensors["mu"][0])) + 1):
             if md["n_classes"] == ctx.tasks[ctx.task][0]:
-                old, first = tensors, ctx.task
+                first = ctx.task
+    base = ctx.tasks[first][0]  # the state (a part where > 0) holds classes [base, C)
     full = None
-    dense: dict[int, torch.Tensor] = {}
-    if form == "full":  # written in place, task by task, after the old classes' (no concatenation)
-        full = torch.empty(ctx.tasks[ctx.task][1], ctx.feature_dim(), ctx.feature_dim(), device=ctx.device)
-        if old is not None:
-            full[: ctx.tasks[first][0]] = old[key]
-            if "dense_index" in old:
-                pairs = zip(old["dense_index"].tolist(), old["dense_prec"], strict=True)
-                dense = {int(c): p.to(ctx.device) for c, p in pairs}
+    dense: dict[int, torch.Tensor] = {}  # refused classes, by index within the state
+    if form == "full":  # written in place, task by task (no concatenation)
+        full = torch.empty(ctx.tasks[ctx.task][1] - base, ctx.feature_dim(), ctx.feature_dim(), device=ctx.device)
     means, parts = [], []
     for i in range(first, ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
@@ -341,7 +349,7 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
         if ctx.shard[1] > 1:  # every rank read its own rows: merge them exactly
             m = merge_ranks(m)
         means.append(m.mean)
-        lo, hi = ctx.tasks[i]
+        lo, hi = ctx.tasks[i][0] - base, ctx.tasks[i][1] - base
         if full is not None and factors:
             refused = full_factors(m.count, m.m2, settings, out=full[lo:hi])
             dense.update({lo + c: p for c, p in refused.items()})
@@ -351,8 +359,6 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
             ainv, w, core = structured_precision(compress(covariance(m.count, m.m2), form, rank), settings)
             parts.append({"ainv": ainv, "w": w, "core": core})
     mu = torch.cat(means).float()
-    if old is not None:
-        mu = torch.cat([old["mu"].to(mu.device), mu])
     if full is not None and factors:
         new = {"chol": full}
         if dense:
@@ -363,6 +369,6 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
         new = {"prec": full}
     else:
         new = {k: torch.cat([p[k] for p in parts]).float() for k in parts[0]}
-        if old is not None:
-            new = {k: torch.cat([old[k].to(v.device), v]) for k, v in new.items()}
-    return FeCAMScores(mu, new, settings, form, info={"incremental": old is not None})
+    state = FeCAMScores(mu, new, settings, form, info={"incremental": base > 0})
+    state.first_class = base
+    return state

@@ -2,8 +2,9 @@
 
 Prototype p_c = mean of the unnormalised features of class c (from the cached
 statistics: of the backbone that followed the class's task, never recomputed);
-predict argmax_c cos(f(x), p_c). In a run, task T appends its classes' prototypes
-to task T-1's (bit-identical to the fit from scratch); `ncm+drift` refits.
+predict argmax_c cos(f(x), p_c). In a run, task T fits its classes' prototypes
+alone, a part saved after task T-1's state (joined, bit-identical to the fit
+from scratch); `ncm+drift` refits.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def prototypes(mean: torch.Tensor, device) -> torch.Tensor:
 
 
 def fit(ctx, settings: NCMConfig) -> CosineScores:
-    """Incremental: an old class's prototype never changes (its statistics are its task's), so the previous
-    task's prototypes are kept and task T's appended; from scratch at task 0 and for a compensated head."""
+    """Incremental: an old class's prototype never changes (its statistics are its task's), so after the
+    previous task's state only task T's prototypes are fitted, a part (`first_class`); from scratch at
+    task 0 and for a compensated head."""
     prev = ctx.previous_state("ncm")
-    if prev is not None and prev[1]["n_classes"] == ctx.tasks[ctx.task][0]:
-        new = prototypes(ctx.task_stats(ctx.task).mean, ctx.device)
-        return CosineScores(torch.cat([prev[0]["protos"].to(new.device), new]), info={"incremental": True})
+    lo = ctx.tasks[ctx.task][0]
+    if prev is not None and prev[1]["n_classes"] == lo:
+        part = CosineScores(prototypes(ctx.task_stats(ctx.task).mean, ctx.device), info={"incremental": True})
+        part.first_class = lo
+        return part
     return CosineScores(prototypes(ctx.class_stats().mean, ctx.device), info={"incremental": False})

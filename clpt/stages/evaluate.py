@@ -16,9 +16,9 @@ import torch
 
 from clpt import artifacts, checkpoint
 from clpt import distributed as dist
-from clpt.errors import ClptError
+from clpt.errors import ClptError, Redo
 from clpt.evaluate import accuracy_row
-from clpt.heads import HEADS, score_in_chunks
+from clpt.heads import HEADS, restore_parts, score_in_chunks
 from clpt.io import write_bytes
 from clpt.stages.base import StageContext
 from clpt.stages.graph import classifier, head_name
@@ -69,8 +69,16 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
     fit_s = time.perf_counter() - t0
     if not dist.is_main():
         return [out], {}
+    scorer, base_sha = state, None
+    if state.first_class:  # the classes of task t alone: scored after the previous task's state, joined
+        def redo(k: int) -> Redo:
+            return Redo(f"head:{name}", k, str(ctx.root), force=True)
+
+        parts, _ = artifacts.read_head_parts(ctx.root, name, t - 1, redo)
+        base_sha = artifacts.file_sha256(artifacts.head_state_path(ctx.root, name, t - 1))
+        scorer = restore_parts(base, [*parts, state.tensors()], state.meta()).to(device)
     x, y = artifacts.read_features(ctx.root, t, "test")
-    logits = score_in_chunks(state, x, device)
+    logits = score_in_chunks(scorer, x, device)
     if not bool(torch.isfinite(logits).all()):  # a NaN head would score as one class: never recorded
         raise ClptError(
             f"head {name} of task {t} gives non-finite scores",
@@ -87,7 +95,7 @@ def run_head(name: str, ctx: StageContext) -> tuple[list[Path], dict]:
         carry = hashlib.sha256(data).hexdigest()
         write_bytes(artifacts.head_carry_path(ctx.root, name, t), data)
     artifacts.save_head_state(state_path, name, t, cache.n_seen, state.tensors(), state.meta(),
-                              dataclasses.asdict(settings), info, carry)  # fmt: skip
+                              dataclasses.asdict(settings), info, carry, state.first_class, base_sha)  # fmt: skip
     artifacts.write_eval(out, row, fmt="clpt-head-eval")
     if carry is not None and t > 0:  # the previous task's carry is superseded (a Gram can be 800 MB): the latest alone is kept
         artifacts.head_carry_path(ctx.root, name, t - 1).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from clpt import artifacts, checkpoint
 from clpt.data.registry import IMAGENET_MEAN, IMAGENET_STD, READERS
 from clpt.data.transforms import EvalTransform
 from clpt.errors import ClptError, MissingInputError, Redo
-from clpt.heads import HEADS, HeadState, TaskHeadScores, restore_state
+from clpt.heads import HEADS, HeadState, TaskHeadScores, restore_parts
 from clpt.inference import Classifier, top_k
 from clpt.stages.graph import classifier, head_name, head_names
 
@@ -80,8 +80,8 @@ def open_classifier(run, task: int | None = None, head: str | None = None,
         base = head_name(name)[0]
         path = artifacts.head_state_path(run.root, name, task)
         redo = Redo(stage, task, run.root, force=True)
-        tensors, md = artifacts.read_head_state(path, name, redo)
-        state = restore_state(base, tensors, md["meta"])
+        parts, md = artifacts.read_head_parts(run.root, name, task, lambda k: Redo(stage, k, run.root, force=True))
+        state = restore_parts(base, parts, md["meta"])
         settings, meta = md["settings"], md["meta"]
         if md["n_classes"] != n_seen:
             raise MissingInputError(
