@@ -153,19 +153,21 @@ def align_heads(
     `label` names a progress bar over the epochs ("" shows none)."""
     a = cfg.align
     heads.to(device).train()
-    heads.requires_grad_(True)
     heads.input_scale.fill_(1.0)  # trained unscaled; SLCA++ scales old heads' inputs afterwards
     task_of_class = task_of_class.to(device)
     n_classes = len(sampler.mean)
     shrink = mean_scale_slca(task_of_class, current_task) if a.mean_shrink else None
+    # the heads are trained as one matrix, their concatenation, and written back at the end: every head's
+    # logits, gradients and optimizer updates are the same arithmetic element by element as training each
+    # head's own parameters (both optimizers are elementwise), with one step of two tensors per batch
+    # instead of two per task head, and no concatenation of the weights per batch
+    linears: list[torch.nn.Linear] = list(heads.heads)  # type: ignore[arg-type]  # each is an nn.Linear
+    weight = torch.nn.Parameter(torch.cat([h.weight.detach() for h in linears]))
+    bias = torch.nn.Parameter(torch.cat([h.bias.detach() for h in linears]))
     if a.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(
-            heads.parameters(), lr=a.lr, weight_decay=cfg.align_weight_decay
-        )
+        opt: torch.optim.Optimizer = torch.optim.Adam([weight, bias], lr=a.lr, weight_decay=cfg.align_weight_decay)
     else:
-        opt = torch.optim.SGD(
-            heads.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=cfg.align_weight_decay
-        )
+        opt = torch.optim.SGD([weight, bias], lr=a.lr, momentum=a.momentum, weight_decay=cfg.align_weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs, eta_min=a.lr_min)
     gen = torch.Generator(device=device).manual_seed(seed)
     sizes = heads.sizes
@@ -185,7 +187,7 @@ def align_heads(
             total = 0.0
             for start in range(0, len(y), batch):
                 xb, yb = x[start : start + batch], y[start : start + batch]
-                logits = heads.unscaled(xb)  # the input scales are 1 while the heads are aligned
+                logits = F.linear(xb, weight, bias)  # the input scales are 1 while the heads are aligned
                 if a.loss == "sce":
                     loss = sce_loss(logits, yb, a.sce_alpha, a.sce_beta)
                 else:
@@ -202,6 +204,10 @@ def align_heads(
                     hint="lower align.lr (clpt config RUN --set align.lr=...) and run again",
                 )
             shown.advance()
+    with torch.no_grad():
+        for h, w, b in zip(linears, weight.split(sizes), bias.split(sizes), strict=True):
+            h.weight.copy_(w)
+            h.bias.copy_(b)
     heads.eval()
     if a.head_scale:
         heads.input_scale.copy_(head_input_scales(len(sizes), current_task).to(heads.input_scale))

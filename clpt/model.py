@@ -45,15 +45,6 @@ class Heads(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, n_classes)
         return torch.cat([h(feats * s) for h, s in zip(self.heads, self.input_scale, strict=True)], dim=1)
 
-    def unscaled(self, feats: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, n_classes)
-        """The logits with every input scale 1 (as alignment trains the heads) in one matrix product of
-        the concatenated weights: `forward` with unit scales within rounding, without a product and a
-        scaling per head (alignment's hundreds of small steps run at about half the time)."""
-        heads: list[nn.Linear] = list(self.heads)  # type: ignore[arg-type]  # each is an nn.Linear
-        weight = torch.cat([h.weight for h in heads])
-        bias = torch.cat([h.bias for h in heads])
-        return nn.functional.linear(feats, weight, bias)
-
 
 class CLModel(nn.Module):
     def __init__(self, backbone: nn.Module, heads: Heads):

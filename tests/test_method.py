@@ -175,6 +175,55 @@ def test_sampler_draws_from_the_class_gaussians():
         torch.testing.assert_close(torch.cov(xs.T), covs[k], atol=0.25, rtol=0.05)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_alignment_trains_the_concatenated_heads_as_each_head_s_own_parameters(optimizer):
+    """`align_heads` trains one matrix, the heads' concatenation: the same logits, gradients and
+    elementwise updates as training each head's own weight and bias (the loop as it was, below), so
+    equal to the bit."""
+    from clpt.align import align_heads
+    from clpt.model import Heads
+
+    d, sizes = 8, [3, 2, 4]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(9, d, d, generator=g, dtype=torch.float64)
+    sampler = GaussianSampler(torch.randn(9, d, generator=g, dtype=torch.float64),
+                              a @ a.transpose(1, 2) / d + 0.1 * torch.eye(d, dtype=torch.float64), torch.device("cpu"))  # fmt: skip
+    cfg = R.resolve(overrides=["method=seqft", "align.epochs=3", "align.samples_per_class=12",
+                               "align.batch_size=10", f"align.optimizer={optimizer}", "align.weight_decay=1e-3"])  # fmt: skip
+    task_of_class = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    torch.manual_seed(1)
+    heads = Heads(d, sizes)
+    ref = Heads(d, sizes)
+    ref.load_state_dict(heads.state_dict())
+    losses = align_heads(heads, sampler, task_of_class, 2, cfg, torch.device("cpu"), seed=5)
+
+    al = cfg.align  # the loop with each head's own parameters
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(ref.parameters(), lr=al.lr, weight_decay=cfg.align_weight_decay)
+    else:
+        opt = torch.optim.SGD(ref.parameters(), lr=al.lr, momentum=al.momentum, weight_decay=cfg.align_weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=al.epochs, eta_min=al.lr_min)
+    gen = torch.Generator().manual_seed(5)
+    ref_losses = []
+    for _ in range(al.epochs):
+        x, y = sampler.sample(al.samples_per_class, gen, mean_scale_slca(task_of_class, 2))
+        perm = torch.randperm(len(y), generator=gen)
+        x, y = x[perm], y[perm]
+        total = 0.0
+        for start in range(0, len(y), al.batch_size):
+            xb, yb = x[start : start + al.batch_size], y[start : start + al.batch_size]
+            logits = F.linear(xb, torch.cat([h.weight for h in ref.heads]), torch.cat([h.bias for h in ref.heads]))
+            loss = ca_loss(logits, yb, sizes, al.tau)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(yb)
+        sched.step()
+        ref_losses.append(total / len(y))
+    assert losses == ref_losses
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in heads.state_dict().items())
+
+
 def test_sampler_rejects_singular_covariances():
     from clpt.errors import ClptError
 
