@@ -482,6 +482,7 @@ def test_a_per_class_head_saves_each_task_s_classes_as_a_part_of_the_state(name,
     parts, top = artifacts.read_head_parts(root, name, 1, redo)
     assert len(parts) == 2 and (top["task"], top["n_classes"], top["first_class"]) == (1, 5, 3)
     whole = restore_parts(name, parts, top["meta"])
+    assert parts == [{}, {}]  # consumed: each piece left its part as it was copied (about one state held)
     assert whole.tensors().keys() == scratch.tensors().keys()
     assert all(torch.equal(whole.tensors()[k], v) for k, v in scratch.tensors().items())
     with torch.no_grad():

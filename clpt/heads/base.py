@@ -69,11 +69,23 @@ class HeadState(nn.Module):
     def join(cls, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The tensors of a whole state from those of its parts (consecutive classes, oldest first): each
         buffer concatenated along its first dimension, the class (a head whose parts have other tensors
-        overrides this)."""
+        overrides this). Consumes `parts`: each piece leaves its part as it is copied, so the memory
+        held is about one state, not the parts and their concatenation."""
         if len(parts) == 1:
             return parts[0]
-        keys = dict.fromkeys(k for p in parts for k in p)
-        return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
+        out = {}
+        for k in dict.fromkeys(k for p in parts for k in p):
+            have = [p for p in parts if k in p]
+            first = have[0][k]
+            out[k] = first.new_empty((sum(len(p[k]) for p in have), *first.shape[1:]))
+            del first
+            at = 0
+            for p in have:
+                piece = p.pop(k)
+                out[k][at : at + len(piece)] = piece
+                at += len(piece)
+                del piece
+        return out
 
     def portable(self) -> HeadState:
         """The same scores from operators every exchange format has (for `clpt export --onnx`): itself,

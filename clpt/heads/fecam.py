@@ -279,14 +279,14 @@ class FeCAMScores(HeadState):
 
     @classmethod
     def join(cls, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Concatenated per class; a part's `dense_index` counts from its own first class: shifted."""
-        offsets, n = [], 0
+        """Concatenated per class; a part's `dense_index` counts from its own first class: shifted (in
+        place: `join` consumes its parts)."""
+        n = 0
         for p in parts:
-            offsets.append(n)
+            if "dense_index" in p:
+                p["dense_index"] = p["dense_index"] + n
             n += len(p["mu"])
-        shifted = [{**p, "dense_index": p["dense_index"] + o} if "dense_index" in p else p
-                   for p, o in zip(parts, offsets, strict=True)]  # fmt: skip
-        return super().join(shifted)
+        return super().join(parts)
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.keys}
