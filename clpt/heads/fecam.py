@@ -123,9 +123,39 @@ def precisions(s: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Ten
 
 def _normalised(count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig):
     """(block, S~) for each per-class block (`class_blocks`) of classes with moments (count, M2): their
-    shrunk, correlation-normalised covariances, the matrices `full_factors` and `full_precisions` invert."""
-    for k in class_blocks(len(m2), m2.device):
-        yield k, correlation(shrink(covariance(count[k], m2[k]), settings.shrink1, settings.shrink2))
+    shrunk, correlation-normalised covariances, the matrices `full_factors` and `full_precisions` invert.
+    The arithmetic of `correlation(shrink(covariance(count, M2)))`, to the bit, in two float64 arrays of
+    a block that every block reuses (fresh (d, d) temporaries a class cost more in page faults than in
+    arithmetic): consume each S~ before asking for the next."""
+    a1, a2 = settings.shrink1, settings.shrink2
+    blocks = class_blocks(len(m2), m2.device)
+    if not blocks:
+        return
+    work = torch.empty((len(m2[blocks[0]]), *m2.shape[1:]), dtype=m2.dtype, device=m2.device)
+    buf = torch.empty_like(work)
+    off_eye = None
+    if a2:
+        eye = torch.eye(m2.shape[-1], dtype=m2.dtype, device=m2.device)
+        off_eye = 1 - eye
+    n = count.to(m2.dtype)
+    for k in blocks:
+        b = len(m2[k])
+        s, scratch = work[:b], buf[:b]
+        # covariance: M2 / (n - 1), 0 for a class of < 2 rows
+        torch.div(m2[k], (n[k] - 1).clamp(min=1)[:, None, None], out=s)
+        s[n[k] < 2] = 0
+        # shrink: S + a1 mean(diag S) I + a2 mean(non-zero off-diag S) (1 - I)
+        diag = torch.diagonal(s, dim1=1, dim2=2)
+        new_diag = diag + a1 * diag.mean(1)[:, None]
+        if off_eye is not None:
+            off = torch.mul(s, off_eye, out=scratch)
+            nonzero = (off != 0).sum((1, 2)).clamp(min=1)
+            s.add_((a2 * (off.sum((1, 2)) / nonzero))[:, None, None])
+        diag.copy_(new_diag)
+        # correlation: S'_ij / (sd_i sd_j)
+        sd = torch.diagonal(s, dim1=1, dim2=2).clamp(min=1e-300).sqrt()
+        s.div_(torch.mul(sd[:, :, None], sd[:, None, :], out=scratch))
+        yield k, s
 
 
 def full_factors(
@@ -139,9 +169,19 @@ def full_factors(
     blocks as `full_precisions`: a class gets the same bits alone or among others."""
     dtype = factor_dtype(settings, m2.shape[-1])
     refused: dict[int, torch.Tensor] = {}
+    cast = None  # S~ in `dtype`, reused by every block where that is not float64
     for k, s in _normalised(count, m2, settings):
-        chol, info = torch.linalg.cholesky_ex(s.to(dtype))
-        out[k] = chol
+        if s.dtype != dtype:
+            cast = torch.empty(s.shape, dtype=dtype, device=s.device) if cast is None else cast
+            a = cast[: len(s)].copy_(s)
+        else:
+            a = s
+        if a.dtype == out.dtype:  # straight into `out` (the same bits as through a new tensor)
+            info = torch.empty(len(a), dtype=torch.int32, device=a.device)
+            torch.linalg.cholesky_ex(a, out=(out[k], info))
+        else:
+            chol, info = torch.linalg.cholesky_ex(a)
+            out[k] = chol
         for j in torch.nonzero(info).flatten().tolist():
             out[k][j] = torch.eye(s.shape[-1], dtype=out.dtype, device=out.device)
             refused[k.start + j] = pseudo_inverse(s[j : j + 1])[0].float()
