@@ -178,9 +178,11 @@ class ScatterAccumulator:
         device: torch.device | str = "cpu",
         backend: str | None = None,
         precision: str = "ieee",
+        m2_out: torch.Tensor | None = None,
     ):
         self.n_classes, self.dim, self.backend, self.precision = n_classes, dim, backend, precision
         self.device = torch.device(device)
+        self.m2_out = m2_out  # the CPU path's M2 rows, when given (a caller's reused float64 array)
         self._acc: ClassMoments | None = None  # allocated by the first chunk (taken whole when it has every class)
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -208,7 +210,8 @@ class ScatterAccumulator:
             c, d, f64 = self.n_classes, self.dim, torch.float64
             self._acc = ClassMoments(torch.zeros(c, dtype=f64, device=self.device),
                                      torch.zeros(c, d, dtype=f64, device=self.device),
-                                     torch.empty(c, d, d, dtype=f64, device=self.device))  # fmt: skip
+                                     torch.empty(c, d, d, dtype=f64, device=self.device)
+                                     if self.m2_out is None else self.m2_out)  # fmt: skip
         acc, d = self._acc, self.dim
         piece = torch.empty(1, d, d, dtype=torch.float64, device=self.device)
         buf = torch.empty_like(piece)
@@ -240,9 +243,11 @@ def make_accumulator(
     device: torch.device | str = "cpu",
     backend: str | None = None,
     precision: str = "ieee",
+    m2_out: torch.Tensor | None = None,
 ) -> MomentAccumulator:
-    """The accumulator for a device (`backend` or CLPT_KERNEL_BACKEND forces torch or triton)."""
-    return ScatterAccumulator(n_classes, dim, device, backend, precision)
+    """The accumulator for a device (`backend` or CLPT_KERNEL_BACKEND forces torch or triton); `m2_out`
+    (n_classes, dim, dim) float64 on the device: where the CPU path writes M2 (the result's `m2` is it)."""
+    return ScatterAccumulator(n_classes, dim, device, backend, precision, m2_out)
 
 
 def merge_ranks(m: ClassMoments) -> ClassMoments:
@@ -266,12 +271,15 @@ def fit_class_stats(
     dim: int,
     device: torch.device | str = "cpu",
     precision: str = "ieee",
+    m2_out: torch.Tensor | None = None,
 ) -> ClassMoments:
     """Stream (features (n, d), labels (n,)) chunks; the moments (count, mean, M2) of `classes`.
 
     `precision`: the Triton kernel's products on a GPU (stats.kernel_precision); exact by default.
+    `m2_out`: a (len(classes), d, d) float64 array the CPU path writes M2 into, so that a caller fitting
+    one set of classes after another reuses one array instead of faulting in a fresh one each time.
     """
-    acc = make_accumulator(len(classes), dim, device, precision=precision)
+    acc = make_accumulator(len(classes), dim, device, precision=precision, m2_out=m2_out)
     for x, y in chunks:
         acc.update(x, y - classes.start)
     return acc.result()

@@ -202,3 +202,20 @@ def test_cpu_accumulator_reduces_each_class_in_place_as_the_chunk_formula_does()
         if ref_count[c] >= 2:
             cov = got.m2[c] / (ref_count[c] - 1)
             assert float((cov - ref_cov[c]).norm() / ref_cov[c].norm()) < 5e-6
+
+
+def test_fit_class_stats_writes_m2_into_a_given_array_with_the_same_bits():
+    """`m2_out` (a caller's reused float64 array, as FeCAM reuses one for every task): the result's M2 is
+    that array, holding exactly what a fresh one would; whatever was in it before is overwritten (rows of
+    a class absent from the chunks included)."""
+    from clpt.stats import fit_class_stats
+
+    x, _ = make(300, 24, 6, offset=20.0, seed=7)
+    x, y = x.cpu(), awkward_labels(300, 6, "cpu")
+    y[y == 2] = 3  # class 2 never appears
+    chunks = [(x[:120], y[:120]), (x[120:], y[120:])]
+    fresh = fit_class_stats(iter(chunks), range(6), 24)
+    work = torch.full((6, 24, 24), float("nan"), dtype=torch.float64)
+    got = fit_class_stats(iter(chunks), range(6), 24, m2_out=work)
+    assert got.m2.data_ptr() == work.data_ptr()
+    assert torch.equal(got.m2, fresh.m2) and torch.equal(got.mean, fresh.mean) and not got.m2[2].any()

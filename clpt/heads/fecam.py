@@ -383,9 +383,15 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
     if form == "full":  # written in place, task by task (no concatenation)
         full = torch.empty(ctx.tasks[ctx.task][1] - base, ctx.feature_dim(), ctx.feature_dim(), device=ctx.device)
     means, parts = [], []
+    # one float64 M2 array for every task's classes in turn (the full form's moments are consumed at once)
+    widest = max(ctx.tasks[i][1] - ctx.tasks[i][0] for i in range(first, ctx.task + 1))
+    d = ctx.feature_dim()
+    m2_work = torch.empty(widest, d, d, dtype=torch.float64, device=ctx.device) if form == "full" else None
     for i in range(first, ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
-        m = fit_class_stats(chunks, range(*ctx.tasks[i]), ctx.feature_dim(), ctx.device)
+        classes = range(*ctx.tasks[i])
+        work = None if m2_work is None else m2_work[: len(classes)]
+        m = fit_class_stats(chunks, classes, d, ctx.device, m2_out=work)
         if ctx.shard[1] > 1:  # every rank read its own rows: merge them exactly
             m = merge_ranks(m)
         means.append(m.mean)
