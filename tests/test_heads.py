@@ -305,6 +305,24 @@ def test_ranpac_validation_losses_equal_explicit_solves(n_fit, m):
     assert lam == lambdas[int(np.argmin(losses))]
 
 
+@pytest.mark.parametrize("n_fit,m", [(30, 60), (80, 20)])
+def test_ranpac_validation_on_the_task_s_own_columns_equals_the_mse_over_all_columns(n_fit, m):
+    """The fit passes task T's columns alone (`n_columns` = every seen class): the other columns are 0 in
+    the targets and, since they are 0 in Y_a, in every prediction; the MSEs equal those over all the
+    zero-padded columns within rounding, and the same lambda wins."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.relu(torch.randn(n_fit + 15, m, generator=g, dtype=torch.float64))
+    y = F.one_hot(torch.randint(0, 3, (n_fit + 15,), generator=g), 3).double()
+    padded = torch.cat([torch.zeros(n_fit + 15, 7, dtype=torch.float64), y], dim=1)  # 7 old classes first
+    lambdas = [10.0**k for k in range(-8, 9)]
+    lam_all, all_cols = choose_lambda(h[:n_fit], padded[:n_fit], h[n_fit:], padded[n_fit:], lambdas)
+    lam, own = choose_lambda(h[:n_fit], y[:n_fit], h[n_fit:], y[n_fit:], lambdas, n_columns=10)
+    assert lam == lam_all
+    np.testing.assert_allclose(own, all_cols, rtol=1e-12, atol=0)
+    _, unscaled = choose_lambda(h[:n_fit], y[:n_fit], h[n_fit:], y[n_fit:], lambdas)  # over 3 columns
+    np.testing.assert_allclose(np.array(unscaled) * 3 / 10, own, rtol=1e-12, atol=0)
+
+
 def test_ranpac_picks_the_lambda_the_data_call_for():
     g = torch.Generator().manual_seed(2)
     lambdas = [10.0**k for k in range(-8, 9)]
@@ -547,9 +565,9 @@ def test_ranpac_fits_lambda_on_int_of_80_percent_of_the_rows_as_the_authors(monk
     seen = []
     real = ranpac.choose_lambda
 
-    def spy(h_a, y_a, h_v, y_v, lambdas, dtype=torch.float64):
+    def spy(h_a, y_a, h_v, y_v, lambdas, dtype=torch.float64, **kw):
         seen.append((len(h_a), len(h_v)))
-        return real(h_a, y_a, h_v, y_v, lambdas, dtype)
+        return real(h_a, y_a, h_v, y_v, lambdas, dtype, **kw)
 
     monkeypatch.setattr(ranpac, "choose_lambda", spy)
     x, y = blobs(n_per_class=36, n_classes=5)  # task 1: classes 3-4, 72 rows; 0.8 * 72 = 57.6

@@ -9,7 +9,8 @@
   accumulates them (G and Q are never recomputed with a later backbone).
 - lambda: on task T's rows only, shuffled, fit on the first int(0.8 N),
   W_l = solve(H_a^T H_a + l I, H_a^T Y_a), validation MSE over all C columns on
-  the last 20 %, l in 1e-8 .. 1e8 (17 values), argmin (the first on ties).
+  the last 20 %, l in 1e-8 .. 1e8 (17 values), argmin (the first on ties). (Computed on
+  task T's own columns: the others are 0 in the targets and so in every prediction, and add 0.)
   One eigendecomposition serves the whole grid: of H_a H_a^T when the fit part
   has fewer rows than M (W_l = H_a^T (H_a H_a^T + l I)^-1 Y_a, the same
   solution), else of H_a^T H_a.
@@ -45,9 +46,15 @@ def project(x: torch.Tensor, w_rand: torch.Tensor) -> torch.Tensor:
     return torch.relu(x.float() @ w_rand)  # (N, M)
 
 
-def choose_lambda(h_a, y_a, h_v, y_v, lambdas: list[float], dtype=torch.float64) -> tuple[float, list[float]]:
-    """argmin over `lambdas` of the validation MSE of the ridge fitted on (h_a, y_a); and all the MSEs."""
+def choose_lambda(
+    h_a, y_a, h_v, y_v, lambdas: list[float], dtype=torch.float64, n_columns: int | None = None
+) -> tuple[float, list[float]]:
+    """argmin over `lambdas` of the validation MSE of the ridge fitted on (h_a, y_a); and all the MSEs.
+    `n_columns`: the MSE is over that many target columns, of which y_a and y_v hold the ones that can be
+    non-zero: a column that is 0 in Y_a is 0 in every prediction too, so the others add exactly 0 (task
+    T's rows give one-hot targets in its own classes' columns; the MSE still averages over all C)."""
     h_a, y_a, h_v, y_v = (t.to(dtype) for t in (h_a, y_a, h_v, y_v))
+    per = len(y_v) * (y_v.shape[1] if n_columns is None else n_columns)  # the entries averaged over
     n, m = h_a.shape
     if n <= m:  # dual: W = H_a^T (H_a H_a^T + l I)^-1 Y_a
         evals, u = torch.linalg.eigh(h_a @ h_a.T)  # (n,), (n, n)
@@ -64,7 +71,7 @@ def choose_lambda(h_a, y_a, h_v, y_v, lambdas: list[float], dtype=torch.float64)
         def predict(lam: float) -> torch.Tensor:
             return hv @ (uq / (evals + lam)[:, None])
 
-    losses = [float(((predict(lam) - y_v) ** 2).mean()) for lam in lambdas]
+    losses = [float(((predict(lam) - y_v) ** 2).sum() / per) for lam in lambdas]
     finite = [v if v == v else float("inf") for v in losses]  # NaN never wins
     best = min(range(len(lambdas)), key=lambda i: finite[i])
     return float(lambdas[best]), losses
@@ -152,12 +159,13 @@ def fit(ctx, settings: RanPACConfig) -> RanPACScores:
     perm = torch.randperm(len(y_t), generator=g)
     n_fit = int(len(perm) * (1 - settings.val_fraction))  # int(0.8 N), as the authors (not round)
     fit_rows, val_rows = perm[:n_fit], perm[n_fit:]
-    onehot = torch.nn.functional.one_hot(y_t, n_cls).float()
+    lo, hi = ctx.tasks[ctx.task]  # task T's rows: one-hot in its own classes' columns, 0 in the others
+    onehot = torch.nn.functional.one_hot(y_t - lo, hi - lo).float()
     h_t = project(x_t.to(ctx.device), w_rand)
     lam, losses = choose_lambda(
         h_t[fit_rows.to(ctx.device)], onehot[fit_rows].to(ctx.device),
         h_t[val_rows.to(ctx.device)], onehot[val_rows].to(ctx.device),
-        settings.lambdas, dtype,
+        settings.lambdas, dtype, n_columns=n_cls,
     )  # fmt: skip
     del h_t
     w_o = ridge_solution(gram, q, lam, dtype).float()  # (M, C)
