@@ -220,6 +220,25 @@ def test_fecam_keeps_cholesky_factors_and_scores_as_the_precisions_do():
     torch.testing.assert_close(state(q), legacy(q), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("a1,a2", [(1.0, 0.0), (10.0, 10.0)])
+def test_fecam_normalises_each_class_in_reused_arrays_with_the_bits_of_the_formula(a1, a2):
+    """`_normalised` computes covariance -> shrink -> correlation in two arrays every class reuses: each
+    S~ it yields equals `correlation(shrink(covariance(...)))` of the same moments bit for bit (a class of
+    one row included), and is consumed before the next overwrites it."""
+    from clpt.heads.fecam import _normalised, correlation, shrink
+    from clpt.stats import covariance, fit_class_stats
+
+    x, y = blobs(n_per_class=30)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[torch.nonzero(y == 2).flatten()[1:]] = False  # class 2: one row
+    m = fit_class_stats([(transform(x[keep], FeCAMConfig()), y[keep])], range(5), 12)
+    want = correlation(shrink(covariance(m.count, m.m2), a1, a2))
+    got = [(k, s.clone()) for k, s in _normalised(m.count, m.m2, FeCAMConfig(shrink1=a1, shrink2=a2))]
+    assert [k.start for k, _ in got] == list(range(5))  # one class a step on a CPU
+    for k, s in got:
+        assert torch.equal(s, want[k]), k
+
+
 def test_a_class_the_cholesky_factorisation_refuses_gets_its_pseudo_inverse():
     """A class whose rows are all alike has S = 0: the factorisation refuses it, its slot holds I and its
     distance is the formula's pinv(S~) = 0 (so it scores 0 everywhere); the other classes score as without
