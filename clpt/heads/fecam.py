@@ -49,27 +49,36 @@ def transform(x: torch.Tensor, settings: FeCAMConfig) -> torch.Tensor:
     return x
 
 
-def shrink(cov: torch.Tensor, a1: float, a2: float) -> torch.Tensor:
-    """(C, d, d): S + a1 mean(diag S) I + a2 mean(non-zero off-diag S) (1 - I), per class."""
-    d = cov.shape[-1]
-    diag = torch.diagonal(cov, dim1=1, dim2=2)
-    diag_mean = diag.mean(1)  # (C,)
-    if a2:
-        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-        off = cov * (1 - eye)
+def shrink_(s: torch.Tensor, a1: float, a2: float, scratch: torch.Tensor) -> torch.Tensor:
+    """In place on (C, d, d) S: S + a1 mean(diag S) I + a2 mean(non-zero off-diag S) (1 - I), per class;
+    `scratch` (as S) is overwritten (used only where a2 != 0)."""
+    diag = torch.diagonal(s, dim1=1, dim2=2)
+    new_diag = diag + a1 * diag.mean(1)[:, None]  # before S changes
+    if a2:  # a2 = 0 adds exactly 0 off the diagonal
+        off = scratch.copy_(s)
+        torch.diagonal(off, dim1=1, dim2=2).zero_()  # S (1 - I), for finite S
         nonzero = (off != 0).sum((1, 2)).clamp(min=1)
-        off_mean = off.sum((1, 2)) / nonzero  # (C,)
-        out = cov + a2 * off_mean[:, None, None]
-    else:
-        out = cov.clone()  # a2 = 0 adds exactly 0 off the diagonal
+        s.add_((a2 * (off.sum((1, 2)) / nonzero))[:, None, None])
     # the diagonal gets a1 mean(diag S) and no off-diagonal term (exactly as S + a1 m I + a2 om (1 - I))
-    torch.diagonal(out, dim1=1, dim2=2).copy_(diag + a1 * diag_mean[:, None])
-    return out
+    diag.copy_(new_diag)
+    return s
+
+
+def correlation_(s: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """In place on (C, d, d) S: S_ij / (sd_i sd_j), sd = sqrt(diag S) (exactly symmetric: one product
+    sd_i sd_j per entry); `scratch` (as S) is overwritten."""
+    sd = torch.diagonal(s, dim1=1, dim2=2).clamp(min=1e-300).sqrt()  # (C, d); a 1-row class has S = 0
+    return s.div_(torch.mul(sd[:, :, None], sd[:, None, :], out=scratch))
+
+
+def shrink(cov: torch.Tensor, a1: float, a2: float) -> torch.Tensor:
+    """`shrink_` on a copy of `cov`."""
+    return shrink_(cov.clone(), a1, a2, torch.empty_like(cov) if a2 else cov.new_empty(0))
 
 
 def correlation(cov: torch.Tensor) -> torch.Tensor:
-    sd = torch.diagonal(cov, dim1=1, dim2=2).clamp(min=1e-300).sqrt()  # (C, d); a 1-row class has S = 0
-    return cov / (sd[:, :, None] * sd[:, None, :])
+    """`correlation_` on a copy of `cov`."""
+    return correlation_(cov.clone(), torch.empty_like(cov))
 
 
 AUTO_FLOAT32_COND = 2000.0  # the largest condition-number bound `auto` factorises in float32
@@ -124,37 +133,22 @@ def precisions(s: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Ten
 def _normalised(count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig):
     """(block, S~) for each per-class block (`class_blocks`) of classes with moments (count, M2): their
     shrunk, correlation-normalised covariances, the matrices `full_factors` and `full_precisions` invert.
-    The arithmetic of `correlation(shrink(covariance(count, M2)))`, to the bit, in two float64 arrays of
-    a block that every block reuses (fresh (d, d) temporaries a class cost more in page faults than in
+    `correlation(shrink(covariance(count, M2)))`, in place in two float64 arrays of a block that every
+    block reuses (fresh (d, d) temporaries a class cost more in page faults than in
     arithmetic): consume each S~ before asking for the next."""
-    a1, a2 = settings.shrink1, settings.shrink2
     blocks = class_blocks(len(m2), m2.device)
     if not blocks:
         return
     work = torch.empty((len(m2[blocks[0]]), *m2.shape[1:]), dtype=m2.dtype, device=m2.device)
     buf = torch.empty_like(work)
-    off_eye = None
-    if a2:
-        eye = torch.eye(m2.shape[-1], dtype=m2.dtype, device=m2.device)
-        off_eye = 1 - eye
     n = count.to(m2.dtype)
     for k in blocks:
         b = len(m2[k])
         s, scratch = work[:b], buf[:b]
-        # covariance: M2 / (n - 1), 0 for a class of < 2 rows
+        # covariance: M2 / (n - 1), 0 for a class of < 2 rows (as `clpt.stats.covariance`)
         torch.div(m2[k], (n[k] - 1).clamp(min=1)[:, None, None], out=s)
         s[n[k] < 2] = 0
-        # shrink: S + a1 mean(diag S) I + a2 mean(non-zero off-diag S) (1 - I)
-        diag = torch.diagonal(s, dim1=1, dim2=2)
-        new_diag = diag + a1 * diag.mean(1)[:, None]
-        if off_eye is not None:
-            off = torch.mul(s, off_eye, out=scratch)
-            nonzero = (off != 0).sum((1, 2)).clamp(min=1)
-            s.add_((a2 * (off.sum((1, 2)) / nonzero))[:, None, None])
-        diag.copy_(new_diag)
-        # correlation: S'_ij / (sd_i sd_j)
-        sd = torch.diagonal(s, dim1=1, dim2=2).clamp(min=1e-300).sqrt()
-        s.div_(torch.mul(sd[:, :, None], sd[:, None, :], out=scratch))
+        correlation_(shrink_(s, settings.shrink1, settings.shrink2, scratch), scratch)
         yield k, s
 
 
