@@ -89,11 +89,14 @@ def merge_into(count, mean, m2, nb, mean_b, m2_b, buf) -> None:
     count.copy_(n)
 
 
-def covariance(count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """(C, d, d) unbiased covariance M2 / (n - 1) + ridge * I; classes with < 2 rows get ridge * I alone."""
+def covariance(
+    count: torch.Tensor, m2: torch.Tensor, ridge: float = 0.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(C, d, d) unbiased covariance M2 / (n - 1) + ridge * I; classes with < 2 rows get ridge * I alone.
+    Written into `out` (as m2) when given."""
     count = count.to(m2.dtype)
     denom = (count - 1).clamp(min=1)[:, None, None]
-    cov = m2 / denom
+    cov = torch.div(m2, denom, out=out) if out is not None else m2 / denom
     cov[count < 2] = 0  # in place: one pass over (C, d, d), not three
     if ridge:
         torch.diagonal(cov, dim1=1, dim2=2).add_(ridge)  # + ridge * I, on the diagonal alone

@@ -141,13 +141,10 @@ def _normalised(count: torch.Tensor, m2: torch.Tensor, settings: FeCAMConfig):
         return
     work = torch.empty((len(m2[blocks[0]]), *m2.shape[1:]), dtype=m2.dtype, device=m2.device)
     buf = torch.empty_like(work)
-    n = count.to(m2.dtype)
     for k in blocks:
         b = len(m2[k])
         s, scratch = work[:b], buf[:b]
-        # covariance: M2 / (n - 1), 0 for a class of < 2 rows (as `clpt.stats.covariance`)
-        torch.div(m2[k], (n[k] - 1).clamp(min=1)[:, None, None], out=s)
-        s[n[k] < 2] = 0
+        covariance(count[k], m2[k], out=s)
         correlation_(shrink_(s, settings.shrink1, settings.shrink2, scratch), scratch)
         yield k, s
 
@@ -377,10 +374,12 @@ def fit(ctx: HeadCache, settings: FeCAMConfig) -> FeCAMScores:
     if form == "full":  # written in place, task by task (no concatenation)
         full = torch.empty(ctx.tasks[ctx.task][1] - base, ctx.feature_dim(), ctx.feature_dim(), device=ctx.device)
     means, parts = [], []
-    # one float64 M2 array for every task's classes in turn (the full form's moments are consumed at once)
+    # on a CPU, one float64 M2 array for every task's classes in turn (each task's moments are consumed
+    # before the next; the GPU accumulator makes its own)
     widest = max(ctx.tasks[i][1] - ctx.tasks[i][0] for i in range(first, ctx.task + 1))
     d = ctx.feature_dim()
-    m2_work = torch.empty(widest, d, d, dtype=torch.float64, device=ctx.device) if form == "full" else None
+    cpu = torch.device(ctx.device).type == "cpu"
+    m2_work = torch.empty(widest, d, d, dtype=torch.float64, device=ctx.device) if cpu else None
     for i in range(first, ctx.task + 1):
         chunks = ((transform(x, settings), y) for x, y in ctx.train_chunks(i))
         classes = range(*ctx.tasks[i])
